@@ -1,0 +1,3 @@
+from VCMSynthesisLib.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""`vcm-synthesis` command line: one subcommand per front-end task.
+
+Each module in `SUBCOMMAND_MODULES` defines `register(subparsers)`, which adds its parser and
+sets `handler=callable(args) -> int` as a default. Errors a user can cause are printed as one
+line, without a traceback, with the exit codes of `VCMSynthesisLib.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from VCMSynthesisLib.errors import EXIT_USAGE, Cancelled, UserError
+
+SUBCOMMAND_MODULES = [
+    "VCMSynthesisLib.checkpoints",
+]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes in one line with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="vcm-synthesis", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except Cancelled as cancelled:
+        print("cancelled: nothing was written", file=sys.stderr)
+        return cancelled.exit_code
