@@ -1,0 +1,196 @@
+"""Axial super-resolution: a thick-slice scan in, an isotropic volume out, in the input's units.
+
+The thick-slice scan is the VCM condition; the frozen diffusion model supplies the anatomy
+between the slices. Around the sampler this module adds the geometry of the problem: which
+image axis holds the thick slices (the one with the largest spacing, whatever the direction
+matrix), the isotropic output grid covering the input's physical footprint with the input's
+directions, the slab-average forward model of a thick-slice acquisition, and a data-consistency
+step that makes the result reproduce the acquired slabs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from VCMSynthesisLib.errors import UserError
+
+#: Below this slice-to-in-plane spacing ratio a volume is not a thick-slice scan.
+MIN_THICKNESS_RATIO = 1.2
+#: Slabs this many times thicker than the thickest the model was trained on are refused.
+ABSURD_THICKNESS_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """How a thick-slice volume was acquired, read from its spacing.
+
+    Args:
+        axis: image (index) axis along which the slices are stacked, 0, 1 or 2.
+        thickness_mm: spacing along that axis; slabs are taken as contiguous (thickness = spacing).
+        in_plane_mm: the finest spacing of the two in-plane axes.
+    """
+
+    axis: int
+    thickness_mm: float
+    in_plane_mm: float
+
+    @property
+    def ratio(self) -> float:
+        return self.thickness_mm / self.in_plane_mm
+
+
+def slice_geometry(image: sitk.Image) -> SliceGeometry:
+    """The slice axis is the image axis with the largest spacing, in any orientation.
+
+    Raises UserError when no axis is clearly thicker than the others: such a volume has
+    nothing to super-resolve.
+    """
+    if image.GetDimension() != 3:
+        raise UserError(f"super-resolution needs a 3D volume, got a {image.GetDimension()}D image")
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    axis = int(np.argmax(spacing))
+    in_plane = float(np.min(np.delete(spacing, axis)))
+    geometry = SliceGeometry(axis=axis, thickness_mm=float(spacing[axis]), in_plane_mm=in_plane)
+    if geometry.ratio < MIN_THICKNESS_RATIO:
+        spacing_text = " x ".join(f"{value:g}" for value in spacing)
+        raise UserError(
+            f"the input is not a thick-slice volume (spacing {spacing_text} mm): super-resolution "
+            f"needs one axis at least {MIN_THICKNESS_RATIO:g} times coarser than the others"
+        )
+    return geometry
+
+
+def check_thickness(geometry: SliceGeometry, trained_range_mm: tuple[float, float]) -> str | None:
+    """Compare the slab thickness with the range the model was trained on.
+
+    Returns a warning (one line) when the thickness is outside that range, None when inside;
+    raises UserError when it is absurd (more than `ABSURD_THICKNESS_FACTOR` times the thickest).
+    """
+    low, high = trained_range_mm
+    thickness = geometry.thickness_mm
+    if thickness > ABSURD_THICKNESS_FACTOR * high:
+        raise UserError(
+            f"slices {thickness:g} mm thick are far beyond what this model was trained on "
+            f"({low:g}-{high:g} mm); use a model trained for such slabs"
+        )
+    if thickness < low or thickness > high:
+        return (
+            f"slices are {thickness:g} mm thick but the model was trained on {low:g}-{high:g} mm slabs; "
+            "expect a less faithful result"
+        )
+    return None
+
+
+def footprint_corners(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Physical positions of the outer corners of the first and last voxels (index -0.5, n-0.5)."""
+    size = np.asarray(image.GetSize(), dtype=float)
+    first = image.TransformContinuousIndexToPhysicalPoint([-0.5] * 3)
+    last = image.TransformContinuousIndexToPhysicalPoint((size - 0.5).tolist())
+    return np.asarray(first), np.asarray(last)
+
+
+def isotropic_grid(image: sitk.Image, spacing_mm: float | None = None) -> sitk.Image:
+    """An empty float32 image: the input's footprint on an isotropic grid with its directions.
+
+    The number of voxels per axis is the footprint length over the new spacing, rounded; the
+    grid is centred on the input's footprint, so each face moves by at most a quarter voxel.
+
+    Args:
+        image: the thick-slice volume.
+        spacing_mm: output spacing; default the input's finest in-plane spacing.
+    """
+    if spacing_mm is None:
+        spacing_mm = slice_geometry(image).in_plane_mm
+    if not math.isfinite(spacing_mm) or spacing_mm <= 0:
+        raise UserError(f"--spacing must be a positive number of millimetres, got {spacing_mm:g}")
+    extent = np.asarray(image.GetSize(), dtype=float) * np.asarray(image.GetSpacing(), dtype=float)
+    size = np.maximum(1, np.round(extent / spacing_mm)).astype(int)
+    if int(np.prod(size)) > 1024**3:
+        raise UserError(
+            f"an output grid of {' x '.join(map(str, size))} voxels at {spacing_mm:g} mm is too large; "
+            "pass a coarser --spacing"
+        )
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    centre = np.asarray(
+        image.TransformContinuousIndexToPhysicalPoint(((np.asarray(image.GetSize()) - 1) / 2.0).tolist())
+    )
+    origin = centre - direction @ ((size - 1) / 2.0 * spacing_mm)
+    grid = sitk.Image([int(n) for n in size], sitk.sitkFloat32)
+    grid.SetSpacing([float(spacing_mm)] * 3)
+    grid.SetDirection(image.GetDirection())
+    grid.SetOrigin(origin.tolist())
+    return grid
+
+
+def _subsample_count(fine: sitk.Image, thick: sitk.Image, axis: int) -> int:
+    """Samples per slab: at least 4, and at least two per fine voxel across the slab."""
+    finest = min(fine.GetSpacing())
+    return max(4, math.ceil(2.0 * thick.GetSpacing()[axis] / finest))
+
+
+def slab_average(fine: sitk.Image, thick: sitk.Image, axis: int) -> sitk.Image:
+    """Forward model of a thick-slice acquisition: average `fine` over each slab of `thick`.
+
+    Each voxel of `thick` is a slab: its in-plane position is point-sampled and the slice axis
+    is integrated over the voxel's full thickness (linear interpolation of `fine` at evenly
+    spaced points, nearest-neighbour outside `fine`). Works for any direction matrix.
+
+    Args:
+        fine: the volume to average (any grid overlapping `thick`).
+        thick: the thick-slice geometry (its pixel values are ignored).
+        axis: the slice axis of `thick`.
+
+    Returns:
+        a float32 image on `thick`'s grid.
+    """
+    count = _subsample_count(fine, thick, axis)
+    size = list(thick.GetSize())
+    spacing = list(thick.GetSpacing())
+    offset = np.zeros(3)
+    offset[axis] = -0.5 + 0.5 / count
+    origin = thick.TransformContinuousIndexToPhysicalPoint(offset.tolist())
+    size[axis] *= count
+    spacing[axis] /= count
+    sampled = sitk.Resample(
+        sitk.Cast(fine, sitk.sitkFloat32),
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        origin,
+        spacing,
+        thick.GetDirection(),
+        0.0,
+        sitk.sitkFloat32,
+        True,
+    )
+    array = sitk.GetArrayViewFromImage(sampled)
+    numpy_axis = 2 - axis
+    shape = list(array.shape)
+    shape[numpy_axis : numpy_axis + 1] = [thick.GetSize()[axis], count]
+    averaged = array.reshape(shape).mean(axis=numpy_axis + 1, dtype=np.float64).astype(np.float32)
+    result = sitk.GetImageFromArray(averaged)
+    result.CopyInformation(thick)
+    return result
+
+
+def enforce_consistency(
+    estimate: sitk.Image, thick: sitk.Image, axis: int, iterations: int = 5
+) -> sitk.Image:
+    """Iterative back-projection: correct `estimate` until its slab averages match `thick`.
+
+    The acquired slabs are the one thing known for certain; each iteration adds the slab
+    residual, linearly interpolated onto the estimate's grid. The correction is smooth along
+    the slice axis, so the anatomy the model drew between slices is kept.
+    """
+    corrected = sitk.Cast(estimate, sitk.sitkFloat32)
+    thick = sitk.Cast(thick, sitk.sitkFloat32)
+    for _ in range(iterations):
+        residual = thick - slab_average(corrected, thick, axis)
+        corrected = corrected + sitk.Resample(
+            residual, corrected, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True
+        )
+    return corrected
