@@ -1,0 +1,186 @@
+"""The modulated denoising loop: a frozen latent diffusion model steered by VCM.
+
+At every step the frozen base model predicts noise eps_t, VCM reads (z_t, eps_t, condition, t)
+and returns per-voxel (gamma_t, beta_t), and the scheduler steps with
+eps' = eps_t * (1 + gamma_t) + beta_t. The loop is written out in one function, as in
+diffusers, so that it can be read top to bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+from VCMSynthesisLib.errors import Cancelled, UserError
+from VCMSynthesisLib.model_folder import SAMPLING_SCHEDULERS, LoadedModel, NoiseSchedule
+
+
+@dataclass
+class SamplingStats:
+    """Seconds spent in each network's forward passes during one `sample` call.
+
+    The worker compares their sum with its wall time to measure its own overhead.
+    """
+
+    base_s: float = 0.0
+    adapter_s: float = 0.0
+    decoder_s: float = 0.0
+    steps: int = 0
+
+    @property
+    def model_s(self) -> float:
+        return self.base_s + self.adapter_s + self.decoder_s
+
+
+def build_scheduler(
+    schedule: NoiseSchedule, kind: str, steps: int
+) -> tuple[DDIMScheduler | DDPMScheduler, torch.Tensor]:
+    """Builds the sampling scheduler for `steps` steps.
+
+    Returns the scheduler and the timesteps the networks see at each step. MONAI's DDPM steps
+    from t to t - 1, so DDPM with fewer steps than training uses the respaced schedule (Nichol
+    and Dhariwal 2021): betas recomputed between the kept timesteps, the scheduler stepping over
+    indices while the networks see the original timesteps.
+    """
+    if kind not in SAMPLING_SCHEDULERS:
+        raise UserError(f"unknown scheduler {kind!r}; use one of {', '.join(SAMPLING_SCHEDULERS)}")
+    if not 1 <= steps <= schedule.num_train_timesteps:
+        raise UserError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
+    args = dict(num_train_timesteps=schedule.num_train_timesteps, schedule=schedule.schedule,
+                beta_start=schedule.beta_start, beta_end=schedule.beta_end, clip_sample=schedule.clip_sample)
+    if kind == "ddim":
+        scheduler = DDIMScheduler(**args)
+        scheduler.set_timesteps(steps)
+        return scheduler, scheduler.timesteps.clone()
+    trained = DDPMScheduler(**args)
+    trained.set_timesteps(steps)
+    model_timesteps = trained.timesteps.clone()
+    kept = trained.alphas_cumprod[model_timesteps.flip(0)]
+    scheduler = DDPMScheduler(**{**args, "num_train_timesteps": steps})
+    scheduler.alphas_cumprod = kept
+    scheduler.alphas = kept / torch.cat([kept.new_ones(1), kept[:-1]])
+    scheduler.betas = 1.0 - scheduler.alphas
+    scheduler.set_timesteps(steps)
+    return scheduler, model_timesteps
+
+
+class _Timer:
+    """Adds the wall time of a block to a `SamplingStats` field (synchronising CUDA first)."""
+
+    def __init__(self, stats: SamplingStats | None, device: torch.device):
+        self.stats = stats
+        self.sync = device.type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, field: str):
+        if self.stats is None:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        setattr(self.stats, field, getattr(self.stats, field) + time.perf_counter() - start)
+
+
+def _covariate_tensor(model: LoadedModel, covariates: Sequence[float] | None, device: torch.device):
+    spec = model.config.covariates
+    if spec is None:
+        if covariates is not None:
+            raise UserError(f"model {model.config.name!r} takes no covariates; leave them out")
+        return None
+    values = spec.default if covariates is None else tuple(covariates)
+    if len(values) != len(spec.names):
+        raise UserError(f"model {model.config.name!r} takes {len(spec.names)} covariates "
+                        f"({', '.join(spec.names)}), got {len(values)}")
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 1, -1)
+
+
+def sample(
+    model: LoadedModel,
+    condition: torch.Tensor | None,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    guided: bool = True,
+    covariates: Sequence[float] | None = None,
+    scheduler: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    stats: SamplingStats | None = None,
+) -> torch.Tensor:
+    """Samples one image, steered by `condition` through the model's adapter.
+
+    Args:
+        model: a loaded model folder; sampling runs on `model.device`.
+        condition: `(1, C, *grid.size)` float32 condition channels on the model grid, or None
+            for unguided sampling.
+        steps: denoising steps (default: the model's `sampling.steps`).
+        seed: the same seed gives the same image on the same device.
+        guided: False samples the frozen base model alone (for comparison).
+        covariates: the base model's covariates in config order (default: the config's).
+        scheduler: "ddim" or "ddpm" (default: the model's `sampling.scheduler`).
+        progress: called as `progress(step, total)` after each denoising step.
+        should_cancel: checked before each step and before decoding; True raises `Cancelled`.
+        stats: if given, receives the seconds spent in each network's forward passes.
+
+    Returns:
+        The decoded image `(1, 1, *grid.size)`, float32 on the CPU, clipped to the model's
+        intensity range.
+    """
+    config = model.config
+    device = model.device
+    use_adapter = guided and model.adapter is not None
+    if use_adapter:
+        expected = (1, len(config.condition_channel_names), *config.grid.size)
+        if condition is None or tuple(condition.shape) != expected:
+            got = None if condition is None else tuple(condition.shape)
+            raise ValueError(f"condition must have shape {expected} for model {config.name!r}, got {got}")
+        condition = condition.to(device=device, dtype=torch.float32)
+    steps = config.sampling_steps if steps is None else steps
+    noise_scheduler, model_timesteps = build_scheduler(
+        config.noise_schedule, scheduler or config.sampling_scheduler, steps)
+    context = _covariate_tensor(model, covariates, device)
+    adapter_reads_context = use_adapter and model.adapter.params.get("unet_cross_attention_dim") is not None
+    adapter_context = context if adapter_reads_context else None
+    generator = torch.Generator(device=device).manual_seed(seed)
+    timer = _Timer(stats, device)
+    autocast = (torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    with torch.inference_mode(), autocast:
+        latent = torch.randn((1, *config.latent_shape), generator=generator, device=device)
+        covariate_channels = None if context is None else context.view(1, -1, 1, 1, 1).expand(
+            -1, -1, *latent.shape[2:])
+        total = len(model_timesteps)
+        step_pairs = zip(noise_scheduler.timesteps, model_timesteps, strict=True)
+        for step, (scheduler_t, model_t) in enumerate(step_pairs, start=1):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled()
+            timesteps = torch.full((1,), int(model_t), device=device, dtype=torch.long)
+            base_input = latent if covariate_channels is None else torch.cat([latent, covariate_channels], 1)
+            with timer("base_s"):
+                noise = model.diffusion(base_input, timesteps, context=context).float()
+            if use_adapter:
+                with timer("adapter_s"):
+                    gamma, beta = model.adapter(torch.cat([latent, noise], 1), condition, timesteps,
+                                                context=adapter_context)
+                noise = noise * (1 + gamma.float()) + beta.float()
+            latent, _ = noise_scheduler.step(noise, int(scheduler_t), latent, generator=generator)
+            if stats is not None:
+                stats.steps += 1
+            if progress is not None:
+                progress(step, total)
+        if should_cancel is not None and should_cancel():
+            raise Cancelled()
+        with timer("decoder_s"):
+            image = model.autoencoder.decode(latent / config.scale_factor).float()
+    low, high = config.intensity_range
+    return image.clamp(low, high).cpu()
