@@ -1,0 +1,327 @@
+"""Background runs of the worker CLI: a job folder, a child process, its JSON-lines progress.
+
+Slicer must stay responsive while a model samples for minutes, and a crash or a Cancel must
+never touch the scene. So the GUI (and the batch script) write the conditions into a job
+folder, start `python -m VCMSynthesisLib <command> ... --progress json` as a separate process
+in its own process group, and read its stdout on a thread into a queue that a QTimer (or a
+plain loop) polls. Qt-free, so the same code runs in Slicer, in the batch script and in pytest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UserError
+
+LIB_PARENT = Path(__file__).resolve().parent.parent
+JOB_DESCRIPTION = "job.json"
+LOG_NAME = "worker.log"
+RESULT_NAME = "result.nrrd"
+TERMINATE_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """A worker command line and the folder that holds its inputs, result and log.
+
+    Args:
+        folder: job folder; the conditions are written here before the run.
+        arguments: the `vcm-synthesis` arguments after the program name, e.g.
+            `["synthesize", "--model", "demo", ...]`, without `--progress`.
+        output: the file the worker writes on success.
+    """
+
+    folder: Path
+    arguments: list[str]
+    output: Path
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / LOG_NAME
+
+    def write_description(self) -> Path:
+        """Write `job.json`, so that a failed run can be repeated by hand from the log folder."""
+        path = self.folder / JOB_DESCRIPTION
+        description = {"arguments": self.arguments, "output": str(self.output)}
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(description, indent=2))
+        os.replace(temporary, path)
+        return path
+
+
+def new_job_folder(parent: str | Path | None = None) -> Path:
+    """A fresh, empty job folder (under the system temp folder unless `parent` is given)."""
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="vcm-job-", dir=parent))
+
+
+def synthesis_job(
+    folder: Path,
+    *,
+    model: str,
+    segmentation: Path,
+    modalities: dict[str, Path] | None = None,
+    output: Path | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+) -> Job:
+    """The `vcm-synthesis synthesize` job for conditions already written into `folder`."""
+    output = Path(output) if output is not None else folder / RESULT_NAME
+    arguments = ["synthesize", "--model", str(model), "--segmentation", str(segmentation)]
+    for name, path in (modalities or {}).items():
+        arguments += ["--modality", f"{name}={path}"]
+    arguments += ["--output", str(output), "--device", device]
+    if steps is not None:
+        arguments += ["--steps", str(int(steps))]
+    if seed is not None:
+        arguments += ["--seed", str(int(seed))]
+    return Job(folder=Path(folder), arguments=arguments, output=output)
+
+
+def superres_job(
+    folder: Path,
+    *,
+    input_path: Path,
+    output: Path | None = None,
+    model: str | None = None,
+    spacing: float | None = None,
+    samples: int | None = None,
+    seed: int | None = None,
+) -> Job:
+    """The `vcm-synthesis superres` job (axial super-resolution of a thick-slice scan)."""
+    output = Path(output) if output is not None else folder / RESULT_NAME
+    arguments = ["superres", "--input", str(input_path), "--output", str(output)]
+    for flag, value in (("--model", model), ("--spacing", spacing), ("--samples", samples), ("--seed", seed)):
+        if value is not None:
+            arguments += [flag, str(value)]
+    return Job(folder=Path(folder), arguments=arguments, output=output)
+
+
+def default_python() -> str:
+    """Slicer's `PythonSlicer` when running inside Slicer, else this interpreter."""
+    slicer_python = shutil.which("PythonSlicer")
+    if slicer_python is None:
+        candidate = Path(sys.executable).with_name("PythonSlicer" + (".exe" if os.name == "nt" else ""))
+        slicer_python = str(candidate) if candidate.is_file() else None
+    return slicer_python or sys.executable
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One sampling step done: `step` of `total`, seconds elapsed and estimated remaining."""
+
+    step: int
+    total: int
+    elapsed_s: float
+    eta_s: float | None
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: `status` is "succeeded", "failed" or "cancelled"."""
+
+    status: str
+    result: Path | None = None
+    message: str = ""
+    log_path: Path | None = None
+    timings: dict = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+class WorkerRun:
+    """The worker process of one job; started on construction, polled without blocking.
+
+    Args:
+        job: the job to run; its description is written into the job folder first.
+        python: the Python executable with torch and monai (default: `default_python()`).
+    """
+
+    def __init__(self, job: Job, python: str | None = None):
+        self.job = job
+        self.python = python or default_python()
+        self._events: queue.Queue[Progress] = queue.Queue()
+        self._result_line: dict | None = None
+        self._error_line: str | None = None
+        self._cancel_requested = False
+        self._outcome: Outcome | None = None
+        job.folder.mkdir(parents=True, exist_ok=True)
+        job.write_description()
+        self._log = open(job.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
+        command = [self.python, "-u", "-m", "VCMSynthesisLib", *job.arguments, "--progress", "json"]
+        self._log.write("$ " + subprocess.list2cmdline(command) + "\n")
+        self._log.flush()
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [str(LIB_PARENT)] + ([environment["PYTHONPATH"]] if environment.get("PYTHONPATH") else [])
+        )
+        environment["PYTHONUNBUFFERED"] = "1"
+        group = (
+            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+            if os.name == "nt"
+            else {"start_new_session": True}
+        )
+        try:
+            self._process = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                stdin=subprocess.DEVNULL,
+                cwd=job.folder,
+                env=environment,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                **group,
+            )
+        except OSError as error:
+            self._log.close()
+            raise UserError(
+                f"cannot start the worker Python '{self.python}' ({error.strerror}); "
+                "choose a Python executable with torch and monai in the module settings"
+            ) from error
+        self._reader = threading.Thread(target=self._read_stdout, daemon=True)
+        self._reader.start()
+
+    def _read_stdout(self) -> None:
+        for line in self._process.stdout:
+            self._log.write(line)
+            self._log.flush()
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            if "error" in message:
+                self._error_line = str(message["error"])
+            elif "result" in message:
+                self._result_line = message
+            elif "step" in message and "total" in message:
+                self._events.put(
+                    Progress(
+                        step=int(message["step"]),
+                        total=int(message["total"]),
+                        elapsed_s=float(message.get("elapsed_s") or 0.0),
+                        eta_s=None if message.get("eta_s") is None else float(message["eta_s"]),
+                    )
+                )
+
+    def poll(self) -> list[Progress]:
+        """Progress reported since the last call (never blocks)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    @property
+    def running(self) -> bool:
+        return self._outcome is None and (self._process.poll() is None or self._reader.is_alive())
+
+    def outcome(self) -> Outcome | None:
+        """The outcome once the process has exited and its output is read, else None."""
+        if self._outcome is None and not self.running:
+            self._finish()
+        return self._outcome
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        """Block until the worker exits (raises `TimeoutError` after `timeout` seconds)."""
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired as expired:
+            raise TimeoutError(f"the worker is still running after {timeout} s") from expired
+        self._reader.join()
+        return self.outcome()
+
+    def cancel(self) -> None:
+        """Stop the worker and all its children: SIGTERM to the group, SIGKILL after a grace time."""
+        self._cancel_requested = True
+        if self._process.poll() is not None:
+            return
+        if os.name == "nt":
+            subprocess.run(
+                ["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True, check=False
+            )
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            self._process.wait(TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _finish(self) -> None:
+        code = self._process.returncode
+        self._log.write(f"exit code {code}\n")
+        self._log.close()
+        log_path = self.job.log_path
+        if self._cancel_requested or code in (EXIT_SIGINT, EXIT_SIGTERM, -signal.SIGTERM, -signal.SIGKILL):
+            self._outcome = Outcome("cancelled", message="cancelled", log_path=log_path, exit_code=code)
+        elif code == 0 and self.job.output.is_file():
+            timings = (self._result_line or {}).get("timings") or {}
+            self._outcome = Outcome(
+                "succeeded", result=self.job.output, log_path=log_path, timings=timings, exit_code=code
+            )
+        else:
+            message = (
+                self._error_line or _last_error_line(log_path) or f"the worker stopped with exit code {code}"
+            )
+            self._outcome = Outcome("failed", message=message, log_path=log_path, exit_code=code)
+
+
+def _last_error_line(log_path: Path) -> str | None:
+    """The worker's one-line `error: ...` message (or a traceback's last line) from its log."""
+    lines = [line.strip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("$ ", "{"))]
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return line[len("error: ") :]
+    return lines[-1] if lines else None
+
+
+def run_job(job: Job, python: str | None = None, on_progress=None, poll_interval_s: float = 0.2) -> Outcome:
+    """Run a job to the end in this thread (batch and tests); Ctrl+C cancels the worker too.
+
+    Returns the successful outcome; raises `UserError` (with the log path) on failure and
+    `Cancelled` on cancel.
+    """
+    run = WorkerRun(job, python=python)
+    try:
+        while run.running:
+            for progress in run.poll():
+                if on_progress is not None:
+                    on_progress(progress)
+            time.sleep(poll_interval_s)
+    except KeyboardInterrupt:
+        run.cancel()
+        run.wait()
+        raise Cancelled(EXIT_SIGINT) from None
+    for progress in run.poll():
+        if on_progress is not None:
+            on_progress(progress)
+    outcome = run.wait()
+    if outcome.status == "cancelled":
+        code = outcome.exit_code if outcome.exit_code in (EXIT_SIGINT, EXIT_SIGTERM) else EXIT_SIGTERM
+        raise Cancelled(code)
+    if outcome.status == "failed":
+        raise UserError(f"{outcome.message} (worker log: {outcome.log_path})")
+    return outcome

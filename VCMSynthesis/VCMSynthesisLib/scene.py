@@ -1,0 +1,276 @@
+"""Slicer scene glue: MRML nodes to condition files, and the worker's result back to a node.
+
+Only MRML and module-logic classes are used (no `slicer.app`, no Qt), so this runs in Slicer,
+in the batch script under plain Python with the `slicer-core` wheel, and in pytest.
+Geometry is carried by the nodes' IJK-to-RAS matrices and the files' NRRD headers, never
+re-derived, so oblique, sheared and anisotropic references come back exactly.
+Nothing here adds a node to the scene except `load_result` on success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import slicer
+import vtk
+
+from VCMSynthesisLib import jobs
+from VCMSynthesisLib.errors import UserError
+
+EXTENT_REFERENCE_GEOMETRY = 2  # vtkSegmentation::EXTENT_REFERENCE_GEOMETRY
+
+
+def _require_untransformed(node, role: str) -> None:
+    if node.GetParentTransformNode() is not None:
+        raise UserError(
+            f"the {role} '{node.GetName()}' is under a transform; harden the transform "
+            "(Data module, right-click > Harden transform) and try again"
+        )
+
+
+def default_label_mapping(segment_names: Mapping[str, str], label_table: Iterable[Mapping]) -> dict[str, int]:
+    """Segment ID -> model label value, matching segment names to label names (any case).
+
+    Segments whose name is no label name are left out; the panel shows them for the user to map.
+    """
+    value_of_name = {str(entry["name"]).strip().lower(): int(entry["value"]) for entry in label_table}
+    return {
+        segment_id: value_of_name[name.strip().lower()]
+        for segment_id, name in segment_names.items()
+        if name.strip().lower() in value_of_name
+    }
+
+
+def segment_names(segmentation_node) -> dict[str, str]:
+    """Segment ID -> segment name, in the segmentation's order."""
+    segmentation = segmentation_node.GetSegmentation()
+    return {
+        segmentation.GetNthSegmentID(index): segmentation.GetNthSegment(index).GetName()
+        for index in range(segmentation.GetNumberOfSegments())
+    }
+
+
+def _write_volume(image_data, ijk_to_ras: vtk.vtkMatrix4x4, path: Path, labelmap: bool) -> None:
+    """Write image data with an IJK-to-RAS matrix through a node that never enters a scene."""
+    node = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
+    node.SetAndObserveImageData(image_data)
+    node.SetIJKToRASMatrix(ijk_to_ras)
+    _write_node(node, path)
+
+
+def _write_node(node, path: Path) -> None:
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(True)
+    if not storage.WriteData(node):
+        raise UserError(f"cannot write '{path}'; check that the folder is writable and has free space")
+
+
+def export_segmentation(
+    segmentation_node,
+    label_of_segment: Mapping[str, int],
+    path: str | Path,
+    reference_volume_node=None,
+) -> Path:
+    """Write the mapped segments as one labelmap NRRD on the reference geometry.
+
+    Args:
+        segmentation_node: the input `vtkMRMLSegmentationNode`.
+        label_of_segment: segment ID -> model label value; later segments win where they overlap.
+        path: the `.nrrd` file to write (in the job folder).
+        reference_volume_node: the volume whose grid the labelmap (and so the result) takes;
+            None uses the segmentation's own reference geometry.
+    """
+    path = Path(path)
+    _require_untransformed(segmentation_node, "segmentation")
+    if reference_volume_node is not None:
+        _require_untransformed(reference_volume_node, "reference volume")
+        if reference_volume_node.GetImageData() is None:
+            raise UserError(f"the reference volume '{reference_volume_node.GetName()}' has no image data")
+    known = set(segment_names(segmentation_node))
+    unknown = [segment_id for segment_id in label_of_segment if segment_id not in known]
+    if unknown:
+        raise UserError(f"segment(s) {', '.join(unknown)} are not in '{segmentation_node.GetName()}'")
+    if not label_of_segment:
+        raise UserError(
+            "no segment is mapped to a model label; map at least one segment to a label (or name "
+            "the segments like the model's labels) and try again"
+        )
+    if reference_volume_node is None:
+        reference_volume_node = reference_geometry_volume(segmentation_node)
+    segment_ids = vtk.vtkStringArray()
+    label_values = vtk.vtkIntArray()
+    for segment_id, value in label_of_segment.items():
+        segment_ids.InsertNextValue(segment_id)
+        label_values.InsertNextValue(int(value))
+    merged = slicer.vtkOrientedImageData()
+    slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
+        segmentation_node, reference_volume_node, segment_ids, EXTENT_REFERENCE_GEOMETRY, merged, label_values
+    )
+    if merged.GetPointData().GetScalars() is None:
+        raise UserError(
+            f"the segments of '{segmentation_node.GetName()}' could not be turned into a labelmap"
+        )
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    merged.GetImageToWorldMatrix(ijk_to_ras)
+    # The merged image may start at a non-zero extent: move that offset into the origin.
+    extent = merged.GetExtent()
+    start = [extent[0], extent[2], extent[4], 1.0]
+    origin = ijk_to_ras.MultiplyPoint(start)
+    for row in range(3):
+        ijk_to_ras.SetElement(row, 3, origin[row])
+    image = vtk.vtkImageData()
+    image.DeepCopy(merged)
+    image.SetExtent(0, extent[1] - extent[0], 0, extent[3] - extent[2], 0, extent[5] - extent[4])
+    image.SetOrigin(0.0, 0.0, 0.0)
+    image.SetSpacing(1.0, 1.0, 1.0)
+    _write_volume(image, ijk_to_ras, path, labelmap=True)
+    return path
+
+
+def reference_geometry_volume(segmentation_node):
+    """An unattached volume node on the segmentation's reference geometry (full extent).
+
+    A `.seg.nrrd` stores its labelmap cropped to the segments but keeps the grid of the image it
+    was drawn on; that grid is where the result belongs.
+    """
+    geometry = segmentation_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    )
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    extent = [0, -1, 0, -1, 0, -1]
+    converter = slicer.vtkSegmentationConverter
+    if not geometry or not converter.DeserializeImageGeometry(geometry, ijk_to_ras, extent):
+        raise UserError(
+            f"the segmentation '{segmentation_node.GetName()}' has no reference geometry; "
+            "choose a reference volume"
+        )
+    origin = ijk_to_ras.MultiplyPoint([extent[0], extent[2], extent[4], 1.0])
+    for row in range(3):
+        ijk_to_ras.SetElement(row, 3, origin[row])
+    image = vtk.vtkImageData()
+    image.SetDimensions(extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    volume = slicer.vtkMRMLScalarVolumeNode()
+    volume.SetName(segmentation_node.GetName() + " reference")
+    volume.SetAndObserveImageData(image)
+    volume.SetIJKToRASMatrix(ijk_to_ras)
+    return volume
+
+
+def export_volume(volume_node, path: str | Path, role: str = "volume") -> Path:
+    """Write a scalar volume node to `path` with its own geometry (the worker resamples it)."""
+    path = Path(path)
+    _require_untransformed(volume_node, role)
+    if volume_node.GetImageData() is None:
+        raise UserError(
+            f"the {role} '{volume_node.GetName()}' has no image data; load or pick another volume"
+        )
+    _write_node(volume_node, path)
+    return path
+
+
+def write_synthesis_job(
+    folder: str | Path,
+    segmentation_node,
+    label_of_segment: Mapping[str, int],
+    *,
+    model: str,
+    reference_volume_node=None,
+    modality_nodes: Mapping[str, object] | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    output: str | Path | None = None,
+) -> jobs.Job:
+    """Export the conditions into `folder` and describe the `synthesize` run on them.
+
+    The result is written on the labelmap's grid, i.e. the reference geometry. `output`
+    defaults to `result.nrrd` in the job folder (the panel loads it from there).
+    """
+    folder = Path(folder)
+    segmentation_path = export_segmentation(
+        segmentation_node, label_of_segment, folder / "segmentation.nrrd", reference_volume_node
+    )
+    modality_paths = {
+        name: export_volume(node, folder / f"modality-{index}.nrrd", role=f"{name} volume")
+        for index, (name, node) in enumerate((modality_nodes or {}).items())
+    }
+    return jobs.synthesis_job(
+        folder, model=model, segmentation=segmentation_path, modalities=modality_paths,
+        output=output, steps=steps, seed=seed, device=device,
+    )
+
+
+def write_superres_job(folder: str | Path, volume_node, **options) -> jobs.Job:
+    """Export a thick-slice volume into `folder` and describe the `superres` run on it."""
+    folder = Path(folder)
+    input_path = export_volume(volume_node, folder / "thick-slices.nrrd", role="thick-slice volume")
+    return jobs.superres_job(folder, input_path=input_path, **options)
+
+
+def read_volume_file(path: str | Path, node=None):
+    """Read a volume file into `node` (a new, unattached scalar volume node by default)."""
+    path = Path(path)
+    node = node if node is not None else slicer.vtkMRMLScalarVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not path.is_file() or not storage.ReadData(node) or node.GetImageData() is None:
+        raise UserError(f"cannot read the volume '{path}'; check that it exists and is NRRD or NIfTI")
+    return node
+
+
+def load_result(result_path: str | Path, scene, *, output_node=None, name: str = "Synthesized", next_to=None):
+    """Put the worker's result into the scene with the file's exact IJK-to-RAS.
+
+    Args:
+        result_path: the worker's output file.
+        scene: the `vtkMRMLScene`.
+        output_node: an existing scalar volume node to update, or None for a new node.
+        name: base name of a new node (made unique in the scene).
+        next_to: a node whose subject-hierarchy folder (patient, study) also receives the result.
+
+    The file is read completely before the scene is touched, so a bad file changes nothing.
+    """
+    loaded = read_volume_file(result_path)
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    loaded.GetIJKToRASMatrix(ijk_to_ras)
+    if output_node is None:
+        output_node = loaded
+        output_node.SetName(scene.GenerateUniqueName(name))
+        scene.AddNode(output_node)
+        output_node.CreateDefaultDisplayNodes()
+    else:
+        was_modifying = output_node.StartModify()
+        output_node.SetIJKToRASMatrix(ijk_to_ras)
+        output_node.SetAndObserveImageData(loaded.GetImageData())
+        output_node.EndModify(was_modifying)
+        if output_node.GetDisplayNode() is None:
+            output_node.CreateDefaultDisplayNodes()
+    display = output_node.GetDisplayNode()
+    if display is not None:
+        display.AutoWindowLevelOn()
+    if next_to is not None:
+        place_next_to(output_node, next_to)
+    return output_node
+
+
+def place_next_to(node, neighbour) -> None:
+    """Move `node` into the subject-hierarchy folder (patient/study) that holds `neighbour`."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    if hierarchy is None:
+        return
+    neighbour_item = hierarchy.GetItemByDataNode(neighbour)
+    node_item = hierarchy.GetItemByDataNode(node)
+    if neighbour_item and node_item:
+        hierarchy.SetItemParent(node_item, hierarchy.GetItemParent(neighbour_item))
+
+
+def show_in_slice_views(volume_node) -> bool:
+    """Show the volume as background in all slice views; False where there are none (headless)."""
+    application = getattr(slicer, "app", None)
+    if application is None or application.layoutManager() is None:
+        return False
+    slicer.util.setSliceViewerLayers(background=volume_node, fit=True)
+    return True
