@@ -1,0 +1,348 @@
+"""Reading and atomically writing 3D volumes (NRRD, NIfTI, MHA; Slicer `.seg.nrrd`).
+
+Every file a user hands us goes through `read_volume` or `read_segmentation`, which check the
+header before reading any voxel data, so that a wrong file fails in one line and a header that
+claims a huge volume never allocates it. `write_volume_atomic` writes to a temporary name in the
+output's folder and renames it into place, so a crash or a Cancel never leaves half a file.
+Given the reference file, it copies the reference's geometry header verbatim (pynrrd for NRRD,
+nibabel for NIfTI): SimpleITK's own writer re-derives the header from spacing and direction and
+can move them by one unit in the last place, which would break voxel-for-voxel alignment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from VCMSynthesisLib.errors import UserError
+
+# Larger than any scan this tool is meant for (1024 x 1024 x 512); a header claiming more is
+# either corrupt or needs cropping before synthesis.
+MAX_VOXELS = 1024 * 1024 * 512
+
+WRITABLE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+_NRRD_GEOMETRY_KEYS = ("space", "space origin", "space units")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A segment of a Slicer `.seg.nrrd`: its name and the label value it has in its layer."""
+
+    name: str
+    label_value: int
+
+
+@dataclass
+class Segmentation:
+    """A labelmap and, for `.seg.nrrd` files, which segment each of its values is.
+
+    Args:
+        labelmap: scalar int32 image; 0 is background.
+        segments: labelmap value -> segment metadata; empty for a plain labelmap file, whose
+            values are label values as they stand.
+        path: the file it was read from.
+    """
+
+    labelmap: sitk.Image
+    path: Path
+    segments: dict[int, Segment] = field(default_factory=dict)
+
+
+def output_suffix(path: str | os.PathLike) -> str:
+    """The format suffix of an output path (`.nii.gz` counts as one), or a UserError."""
+    name = Path(path).name.lower()
+    for suffix in WRITABLE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    raise UserError(
+        f"cannot write '{path}': unsupported output format; name it *.nrrd, *.nii.gz, *.nii or *.mha"
+    )
+
+
+def check_output_writable(path: str | os.PathLike) -> Path:
+    """Fail now, before any compute, if `path` cannot be written; returns it as a Path.
+
+    Creates and removes a probe file in the output folder, since permission bits alone do
+    not tell (root, read-only mounts, ACLs).
+    """
+    path = Path(path)
+    suffix = output_suffix(path)
+    if path.is_dir():
+        raise UserError(f"cannot write '{path}': it is a folder; give a file name ending in {suffix}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write '{path}': folder '{folder}' does not exist; create it first")
+    probe = _temporary_name(path, suffix)
+    try:
+        with open(probe, "xb"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write '{path}': {error.strerror}; choose a folder you can write to"
+        ) from None
+    probe.unlink()
+    return path
+
+
+def read_image_information(path: str | os.PathLike, *, allow_layers: bool = False) -> sitk.ImageFileReader:
+    """Read and check only the header: an existing 3D scalar image of a sane size.
+
+    Args:
+        path: the image file.
+        allow_layers: accept several components per voxel (the layers of a `.seg.nrrd`).
+
+    Returns:
+        the reader, with its image information read, ready to `Execute()`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"'{path}' does not exist; check the path")
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder, not an image file; give a NRRD or NIfTI file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise UserError(
+            f"'{path}' is not an image file that can be read (or its header is corrupt); "
+            "give a NRRD, NIfTI or MHA volume"
+        ) from None
+    size = reader.GetSize()
+    if reader.GetDimension() < 3 or min(size) < 2:
+        raise UserError(f"'{path}' is a 2D image (size {_format_size(size)}); give a 3D volume")
+    if reader.GetDimension() > 3:
+        raise UserError(
+            f"'{path}' is a {reader.GetDimension()}D image (size {_format_size(size)}); "
+            "give a single 3D volume (split the series into 3D volumes first)"
+        )
+    if reader.GetNumberOfComponents() != 1 and not allow_layers:
+        raise UserError(
+            f"'{path}' has {reader.GetNumberOfComponents()} values per voxel (a vector or colour "
+            "image); give a scalar 3D volume"
+        )
+    voxels = int(np.prod(size, dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        raise UserError(
+            f"'{path}' claims a {_format_size(size)} volume ({voxels:.3g} voxels, more than "
+            f"{MAX_VOXELS:.3g}); crop or downsample it first (Slicer: Crop Volume)"
+        )
+    return reader
+
+
+def read_volume(path: str | os.PathLike) -> sitk.Image:
+    """Read a scalar 3D volume with every check a user-supplied file needs.
+
+    Returns:
+        the image, with its pixel type as stored and its geometry in LPS (SimpleITK's).
+    """
+    reader = read_image_information(path)
+    image = _execute(reader, path)
+    _check_finite(image, path)
+    return image
+
+
+def read_segmentation(path: str | os.PathLike) -> Segmentation:
+    """Read a labelmap (NRRD, NIfTI) or a Slicer `.seg.nrrd`, flattened to one int32 labelmap.
+
+    In a `.seg.nrrd` each segment is label value `Segment{i}_LabelValue` in layer
+    `Segment{i}_Layer`; overlapping segments live on different layers. Segments are painted
+    in file order (a later one wins where they overlap); each keeps its label value unless
+    that value is already taken by a segment of another layer, in which case it gets the next
+    free one. `Segmentation.segments` says which segment each value is.
+    """
+    path = Path(path)
+    reader = read_image_information(path, allow_layers=True)
+    segment_table = _seg_nrrd_segments(path)
+    if reader.GetNumberOfComponents() != 1 and segment_table is None:
+        raise UserError(
+            f"'{path}' has {reader.GetNumberOfComponents()} values per voxel; give a labelmap "
+            "(one value per voxel) or a Slicer .seg.nrrd"
+        )
+    image = _execute(reader, path)
+    _check_finite(image, path)
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise UserError(
+            f"'{path}' has non-integer values, so it is not a labelmap; give a segmentation "
+            "whose voxels are label values"
+        )
+    if segment_table is None:
+        labelmap = sitk.Cast(image, sitk.sitkInt32)
+        return Segmentation(labelmap=labelmap, path=path)
+    layers = array.reshape(array.shape[:3] + (-1,)).astype(np.int64, copy=False)
+    flat = np.zeros(layers.shape[:3], dtype=np.int32)
+    segments: dict[int, Segment] = {}
+    for layer, segment in segment_table:
+        if layer >= layers.shape[3]:
+            raise UserError(
+                f"'{path}' names layer {layer} for segment '{segment.name}' but has "
+                f"{layers.shape[3]} layers; save the segmentation again from Slicer"
+            )
+        value = segment.label_value
+        while value in segments or value == 0:
+            value += 1
+        segments[value] = segment
+        flat[layers[..., layer] == segment.label_value] = value
+    labelmap = sitk.GetImageFromArray(flat)
+    labelmap.SetOrigin(image.GetOrigin())
+    labelmap.SetSpacing(image.GetSpacing())
+    labelmap.SetDirection(image.GetDirection())
+    return Segmentation(labelmap=labelmap, path=path, segments=segments)
+
+
+def write_volume_atomic(
+    image: sitk.Image, path: str | os.PathLike, reference: str | os.PathLike | None = None
+) -> Path:
+    """Write `image` to `path` through a temporary file in the same folder and a rename.
+
+    Args:
+        image: a scalar 3D image.
+        path: the output file; its suffix picks the format (see `WRITABLE_SUFFIXES`).
+        reference: the file whose geometry `image` carries (as `read_volume` returned it). When
+            output and reference are both NRRD or both NIfTI, the reference's geometry header
+            is copied verbatim, so reading the output gives back the reference's size, spacing,
+            origin and direction bit for bit.
+    """
+    path = Path(path)
+    suffix = output_suffix(path)
+    temporary = _temporary_name(path, suffix)
+    try:
+        family = _format_family(suffix)
+        copy_header = reference is not None and family == _format_family(_input_suffix(reference))
+        if copy_header:
+            _check_same_geometry(image, reference)
+        if copy_header and family == "nrrd":
+            copy_header = _write_nrrd_with_reference_header(image, temporary, reference)
+        elif copy_header:
+            _write_nifti_with_reference_header(image, temporary, reference)
+        if not copy_header:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
+    """Exact equality of size, spacing, origin and direction (no tolerance)."""
+    return (
+        a.GetSize() == b.GetSize()
+        and a.GetSpacing() == b.GetSpacing()
+        and a.GetOrigin() == b.GetOrigin()
+        and a.GetDirection() == b.GetDirection()
+    )
+
+
+def _format_size(size) -> str:
+    return "x".join(str(s) for s in size)
+
+
+def _execute(reader: sitk.ImageFileReader, path) -> sitk.Image:
+    try:
+        return reader.Execute()
+    except RuntimeError:
+        raise UserError(
+            f"'{path}' is truncated or corrupt (its voxel data cannot be read); export or copy it again"
+        ) from None
+
+
+def _check_finite(image: sitk.Image, path) -> None:
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        count = int(array.size - np.isfinite(array).sum())
+        raise UserError(
+            f"'{path}' has {count} NaN or infinite voxels; replace them (e.g. with 0) and try again"
+        )
+
+
+def _seg_nrrd_segments(path: Path) -> list[tuple[int, Segment]] | None:
+    """(layer, segment) for each `Segment{i}_*` entry of a NRRD header, or None if it has none."""
+    if not path.name.lower().endswith(".nrrd"):
+        return None
+    import nrrd
+
+    try:
+        header = nrrd.read_header(str(path))
+    except (nrrd.NRRDError, OSError, ValueError):
+        return None
+    table = []
+    index = 0
+    while f"Segment{index}_LabelValue" in header or f"Segment{index}_ID" in header:
+        try:
+            name = header.get(f"Segment{index}_Name", f"Segment {index}")
+            value = int(header.get(f"Segment{index}_LabelValue", 1))
+            layer = int(header.get(f"Segment{index}_Layer", 0))
+        except ValueError:
+            raise UserError(
+                f"'{path}' has a malformed Segment{index} entry; save the segmentation again from Slicer"
+            ) from None
+        table.append((layer, Segment(name=name, label_value=value)))
+        index += 1
+    return table or None
+
+
+def _temporary_name(path: Path, suffix: str) -> Path:
+    stem = path.name[: len(path.name) - len(suffix)]
+    return path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
+
+
+def _input_suffix(path) -> str:
+    name = Path(path).name.lower()
+    for suffix in (".nrrd", ".nhdr", ".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return suffix
+    return Path(path).suffix.lower()
+
+
+def _format_family(suffix: str) -> str:
+    return {".nrrd": "nrrd", ".nii.gz": "nifti", ".nii": "nifti"}.get(suffix, suffix)
+
+
+def _check_same_geometry(image: sitk.Image, reference) -> None:
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(reference))
+    info.ReadImageInformation()
+    if (
+        image.GetSize() != info.GetSize()
+        or image.GetSpacing() != info.GetSpacing()
+        or image.GetOrigin() != info.GetOrigin()
+        or image.GetDirection() != info.GetDirection()
+    ):
+        raise ValueError(f"image geometry differs from its reference '{reference}'")
+
+
+def _xyz_array(image: sitk.Image) -> np.ndarray:
+    """Voxels indexed [i, j, k] (file order), where SimpleITK's arrays are [k, j, i]."""
+    return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+
+
+def _write_nrrd_with_reference_header(image: sitk.Image, temporary: Path, reference) -> bool:
+    """Write with the reference's space fields; False (nothing written) if it has none."""
+    import nrrd
+
+    source = nrrd.read_header(str(reference))
+    if "space directions" not in source:
+        return False
+    header = {key: source[key] for key in _NRRD_GEOMETRY_KEYS if key in source}
+    directions = np.asarray(source["space directions"], dtype=np.float64)
+    header["space directions"] = directions[~np.isnan(directions).any(axis=1)]
+    header["kinds"] = ["domain"] * 3
+    header["encoding"] = "gzip"
+    nrrd.write(str(temporary), _xyz_array(image), header, index_order="F")
+    return True
+
+
+def _write_nifti_with_reference_header(image: sitk.Image, temporary: Path, reference) -> None:
+    import nibabel
+
+    header = nibabel.load(str(reference)).header.copy()
+    array = _xyz_array(image)
+    header.set_data_dtype(array.dtype)
+    header.set_slope_inter(1.0, 0.0)
+    nibabel.save(nibabel.Nifti1Image(array, None, header), str(temporary))
