@@ -109,7 +109,15 @@ def tiny_networks(config: ModelConfig, seed: int = 0):
         autoencoder = AutoencoderKL(**config.autoencoder.params)
         diffusion = DiffusionModelUNet(**config.diffusion.params)
         adapter = VCM(**config.adapter.params) if config.adapter is not None else None
-    return autoencoder, diffusion, adapter
+        networks = (autoencoder, diffusion, adapter)
+        # MONAI zero-initialises U-Net output convolutions, so an untrained U-Net predicts 0
+        # whatever its input; filling all-zero weights makes every input matter in tests.
+        with torch.no_grad():
+            for network in filter(None, networks):
+                for parameter in network.parameters():
+                    if not parameter.any():
+                        parameter.normal_(0.0, 0.1)
+    return networks
 
 
 def make_tiny_model_folder(

@@ -1,0 +1,135 @@
+"""The modulated sampler on tiny random models: determinism, exact unguided equivalence, schedulers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.schedulers import DDPMScheduler
+from tiny_models import TINY_STEPS, make_tiny_model_folder
+from VCMSynthesisLib.errors import Cancelled, UserError
+from VCMSynthesisLib.model_folder import NoiseSchedule, load_model_folder
+from VCMSynthesisLib.sampler import SamplingStats, build_scheduler, sample
+
+COVARIATES = ("sex", "age", "ventricular_volume", "brain_volume")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model_folder(make_tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def condition():
+    return torch.rand(1, 5, 16, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+def test_full_tiny_run_reports_progress_and_timings(model, condition):
+    calls = []
+    stats = SamplingStats()
+    image = sample(model, condition, seed=0, stats=stats,
+                   progress=lambda step, total: calls.append((step, total)))
+    assert image.shape == (1, 1, 16, 16, 16) and image.dtype == torch.float32 and image.device.type == "cpu"
+    assert torch.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
+    assert image.std() > 0
+    assert calls == [(step, TINY_STEPS) for step in range(1, TINY_STEPS + 1)]
+    assert stats.steps == TINY_STEPS
+    assert stats.base_s > 0 and stats.adapter_s > 0 and stats.decoder_s > 0
+    assert stats.model_s == pytest.approx(stats.base_s + stats.adapter_s + stats.decoder_s)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_fixed_seed_gives_identical_output(model, condition, scheduler):
+    first = sample(model, condition, steps=4, seed=11, scheduler=scheduler)
+    again = sample(model, condition, steps=4, seed=11, scheduler=scheduler)
+    other = sample(model, condition, steps=4, seed=12, scheduler=scheduler)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_ddpm_and_ddim_take_different_paths(model, condition):
+    ddim = sample(model, condition, steps=4, seed=5, scheduler="ddim")
+    ddpm = sample(model, condition, steps=4, seed=5, scheduler="ddpm")
+    assert not torch.equal(ddim, ddpm)
+
+
+def test_guidance_changes_the_sample(model, condition):
+    guided = sample(model, condition, seed=3)
+    unguided = sample(model, None, seed=3, guided=False)
+    assert not torch.equal(guided, unguided)
+
+
+def test_zeroed_heads_reproduce_unguided_sampling_exactly(tmp_path, condition):
+    model = load_model_folder(make_tiny_model_folder(tmp_path / "zeroed", seed=4))
+    with torch.no_grad():
+        for head in (model.adapter.gamma_head, model.adapter.beta_head):
+            for parameter in head.parameters():
+                parameter.zero_()
+    for scheduler in ("ddim", "ddpm"):
+        guided = sample(model, condition, steps=4, seed=9, scheduler=scheduler)
+        unguided = sample(model, None, steps=4, seed=9, scheduler=scheduler, guided=False)
+        assert torch.equal(guided, unguided)
+
+
+def test_full_length_ddpm_is_monai_ddpm():
+    settings = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta",
+                "beta_start": 0.0015, "beta_end": 0.0205, "clip_sample": False}
+    scheduler, timesteps = build_scheduler(NoiseSchedule(**settings), "ddpm", 1000)
+    reference = DDPMScheduler(**settings)
+    assert torch.equal(timesteps, torch.arange(999, -1, -1))
+    torch.testing.assert_close(scheduler.alphas_cumprod, reference.alphas_cumprod, rtol=0, atol=1e-6)
+    torch.testing.assert_close(scheduler.betas, reference.betas, rtol=0, atol=1e-6)
+
+
+def test_respaced_ddpm_keeps_the_trained_noise_levels():
+    schedule = NoiseSchedule(1000, "scaled_linear_beta", 0.0015, 0.0205, False)
+    scheduler, timesteps = build_scheduler(schedule, "ddpm", 10)
+    trained = DDPMScheduler(1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0205)
+    assert timesteps[0] == 999 and timesteps[-1] == 0 and len(timesteps) == 10
+    torch.testing.assert_close(scheduler.alphas_cumprod, trained.alphas_cumprod[timesteps.flip(0)])
+
+
+def test_cancel_between_steps(model, condition):
+    calls = []
+    checks = iter([False, False, True])
+    with pytest.raises(Cancelled):
+        sample(model, condition, steps=TINY_STEPS, progress=lambda s, t: calls.append(s),
+               should_cancel=lambda: next(checks))
+    assert calls == [1, 2]
+
+
+def test_bad_arguments(model, condition):
+    with pytest.raises(UserError, match="steps must be between 1 and 1000, got 0"):
+        sample(model, condition, steps=0)
+    with pytest.raises(UserError, match="unknown scheduler 'euler'"):
+        sample(model, condition, scheduler="euler")
+    with pytest.raises(ValueError, match=r"condition must have shape \(1, 5, 16, 16, 16\)"):
+        sample(model, condition[:, :4])
+    with pytest.raises(UserError, match="takes no covariates"):
+        sample(model, condition, covariates=[1.0])
+
+
+def test_base_covariates_go_to_channels_and_context(tmp_path, condition):
+    model = load_model_folder(make_tiny_model_folder(tmp_path / "cov", covariates=COVARIATES))
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0].clone(), kwargs["context"].clone()))
+
+    handle = model.diffusion.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        covariates = [1.0, 0.6, 0.2, 0.8]
+        first = sample(model, condition, steps=2, seed=1, covariates=covariates)
+    finally:
+        handle.remove()
+    assert len(seen) == 2
+    for base_input, context in seen:
+        assert base_input.shape == (1, 3 + 4, 4, 4, 4)
+        assert torch.equal(base_input[0, 3:, 1, 2, 3], torch.tensor(covariates))
+        assert torch.equal(base_input[0, 3:].amax((1, 2, 3)), base_input[0, 3:].amin((1, 2, 3)))
+        assert torch.equal(context, torch.tensor(covariates).view(1, 1, 4))
+
+    assert torch.equal(first, sample(model, condition, steps=2, seed=1, covariates=covariates))
+    assert not torch.equal(first, sample(model, condition, steps=2, seed=1, covariates=[0.0, 0.3, 0.5, 0.5]))
+    assert sample(model, condition, steps=2, seed=1).shape == first.shape  # config defaults
+    with pytest.raises(UserError, match="takes 4 covariates"):
+        sample(model, condition, covariates=[1.0, 2.0])
