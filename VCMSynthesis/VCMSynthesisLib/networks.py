@@ -163,7 +163,8 @@ class VCM(nn.Module):
     """Volumetric Conditioning Module: per-voxel (gamma, beta) that modulate a frozen model's noise.
 
     The condition encoder brings `y` to the latent grid; a time-conditioned MONAI
-    `DiffusionModelUNet` reads cat(z_t, eps_t, encoded condition); a shared convolution
+    `DiffusionModelUNet` (attention without output projection, as in the reference) reads
+    cat(z_t, eps_t, encoded condition); a shared convolution
     (LeakyReLU) feeds two convolution heads for gamma and beta. As in the reference, both heads
     end in an affine-free instance normalisation (MONAI `Convolution`'s default norm), so a
     fresh VCM does not start at gamma = beta = 0.
@@ -239,6 +240,9 @@ class VCM(nn.Module):
             with_conditioning=unet_cross_attention_dim is not None,
             cross_attention_dim=unet_cross_attention_dim,
             upcast_attention=True,
+            # The reference's GenerativeModels attention never applied its output projection
+            # (MONAI issue #7991); the released weights need it left out.
+            include_fc=False,
             use_flash_attention=use_flash_attention,
         )
         self.shared = Convolution(
