@@ -119,6 +119,77 @@ def default_python() -> str:
     return slicer_python or sys.executable
 
 
+# Import name -> pip requirement of what the worker needs beyond the standard library. Ranges, not
+# pins, so that they accept the torch build of Slicer's PyTorch extension (see pyproject.toml).
+WORKER_REQUIREMENTS = {
+    "torch": "torch>=2.4",
+    "monai": "monai>=1.4",
+    "einops": "einops>=0.6",
+    "numpy": "numpy>=1.24",
+    "SimpleITK": "SimpleITK>=2.3",
+    "nrrd": "pynrrd>=1.0",
+    "nibabel": "nibabel>=5.0",
+    "safetensors": "safetensors>=0.4",
+}
+
+_PROBE = """
+import importlib.util, json, sys
+missing = [name for name in sys.argv[1:] if importlib.util.find_spec(name) is None]
+found = {"missing": missing, "torch": None, "cuda": False, "gpu": None}
+if "torch" not in missing:
+    import torch
+    found["torch"] = torch.__version__
+    found["cuda"] = bool(torch.cuda.is_available())
+    found["gpu"] = torch.cuda.get_device_name(0) if found["cuda"] else None
+print(json.dumps(found))
+"""
+
+
+@dataclass(frozen=True)
+class WorkerEnvironment:
+    """What a worker Python has: missing requirements, the torch version and whether CUDA works."""
+
+    python: str
+    missing: list[str]
+    torch_version: str | None
+    cuda: bool
+    gpu: str | None
+
+    @property
+    def missing_requirements(self) -> list[str]:
+        return [WORKER_REQUIREMENTS[name] for name in self.missing]
+
+    def summary(self) -> str:
+        """One line for the panel and the batch log."""
+        if self.missing:
+            return f"missing in '{self.python}': {', '.join(self.missing_requirements)}"
+        if self.cuda:
+            return f"ready: torch {self.torch_version} with CUDA on {self.gpu}"
+        return (
+            f"ready: torch {self.torch_version}, CPU only (no CUDA GPU visible): synthesis works but "
+            "takes minutes per volume"
+        )
+
+
+def probe_worker_python(python: str | None = None, timeout_s: float = 120.0) -> WorkerEnvironment:
+    """Ask a Python executable (in a child process, so Slicer never imports torch) what it has."""
+    python = python or default_python()
+    try:
+        completed = subprocess.run(
+            [python, "-c", _PROBE, *WORKER_REQUIREMENTS], capture_output=True, text=True, timeout=timeout_s,
+            check=False,
+        )
+        found = json.loads(completed.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as error:
+        raise UserError(
+            f"the worker Python '{python}' does not run ({error}); choose another one in the module's Set-up"
+        ) from error
+    return WorkerEnvironment(
+        python=python, missing=found["missing"], torch_version=found["torch"], cuda=found["cuda"],
+        gpu=found["gpu"],
+    )
+
+
 @dataclass(frozen=True)
 class Progress:
     """One sampling step done: `step` of `total`, seconds elapsed and estimated remaining."""

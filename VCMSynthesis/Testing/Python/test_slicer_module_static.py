@@ -1,0 +1,114 @@
+"""Static checks of the Slicer module that need no Slicer: .ui names, parameter names, build lists.
+
+The widget itself only runs inside Slicer (its self-test, `VCMSynthesisTest`); these checks catch
+the mistakes that would otherwise only show there: a renamed widget, a file missing from the
+extension package, a parameter bound to nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+MODULE_DIR = Path(__file__).resolve().parents[2]
+REPO_DIR = MODULE_DIR.parent
+MODULE_FILE = MODULE_DIR / "VCMSynthesis.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "VCMSynthesis.ui"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+
+
+def ui_object_names() -> set[str]:
+    root = ElementTree.parse(UI_FILE).getroot()
+    return {widget.get("name") for widget in root.iter("widget")}
+
+
+def ui_parameter_bindings() -> dict[str, str]:
+    """Widget name -> SlicerParameterName dynamic property from the .ui file."""
+    bindings = {}
+    for widget in ElementTree.parse(UI_FILE).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bindings[widget.get("name")] = prop.find("string").text
+    return bindings
+
+
+def module_tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+
+
+def parameter_node_fields() -> set[str]:
+    for node in module_tree().body:
+        if isinstance(node, ast.ClassDef) and node.name == "VCMSynthesisParameterNode":
+            return {item.target.id for item in node.body if isinstance(item, ast.AnnAssign)}
+    raise AssertionError("VCMSynthesisParameterNode is not defined in VCMSynthesis.py")
+
+
+def cmake_listed_files() -> set[str]:
+    text = MODULE_CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "VCMSynthesis")
+    return set(re.findall(r"^\s+((?:VCMSynthesis|Resources)[\w./ -]*\.\w+)\s*$", text, flags=re.MULTILINE))
+
+
+def package_files() -> set[str]:
+    """Lib scripts, module scripts and resources that the extension package must contain."""
+    files = {"VCMSynthesis.py", "VCMSynthesisBatch.py"}
+    library = MODULE_DIR / "VCMSynthesisLib"
+    files |= {path.relative_to(MODULE_DIR).as_posix() for path in library.glob("*.py")}
+    files |= {
+        path.relative_to(MODULE_DIR).as_posix()
+        for path in (MODULE_DIR / "Resources").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and not path.name.startswith(".")
+    }
+    return files
+
+
+def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
+    assert used, "the module names no widgets: the regular expression or the module changed"
+    missing = used - ui_object_names()
+    assert not missing, f"VCMSynthesis.py uses widgets missing from {UI_FILE.name}: {sorted(missing)}"
+
+
+def test_ui_parameter_names_are_parameter_node_fields():
+    bindings = ui_parameter_bindings()
+    assert {"segmentationSelector", "outputVolumeSelector", "stepsSpinBox"} <= set(bindings)
+    unknown = {widget: name for widget, name in bindings.items() if name not in parameter_node_fields()}
+    assert not unknown, f"SlicerParameterName values that are no parameter-node field: {unknown}"
+
+
+def test_ui_custom_widgets_are_declared():
+    root = ElementTree.parse(UI_FILE).getroot()
+    declared = {widget.findtext("class") for widget in root.iter("customwidget")}
+    used = {widget.get("class") for widget in root.iter("widget")}
+    slicer_classes = {name for name in used if name.startswith(("ctk", "qMRML", "qSlicer"))}
+    assert slicer_classes <= declared, f"undeclared custom widgets: {sorted(slicer_classes - declared)}"
+
+
+def test_module_defines_the_scripted_module_classes():
+    classes = {node.name for node in module_tree().body if isinstance(node, ast.ClassDef)}
+    expected = {"VCMSynthesis", "VCMSynthesisParameterNode", "VCMSynthesisWidget", "VCMSynthesisLogic",
+                "VCMSynthesisTest"}
+    assert expected <= classes
+
+
+def test_every_lib_script_and_resource_is_listed_in_cmake():
+    listed, present = cmake_listed_files(), package_files()
+    assert not present - listed, f"missing from {MODULE_CMAKE}: {sorted(present - listed)}"
+    assert not listed - present, f"listed in {MODULE_CMAKE} but absent: {sorted(listed - present)}"
+
+
+def test_extension_build_files_and_catalog_entry():
+    top = (REPO_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS",
+                     "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_DEPENDS"):
+        assert re.search(rf"set\({variable} ", top), variable
+    assert "find_package(Slicer REQUIRED)" in top
+    assert "add_subdirectory(VCMSynthesis)" in top
+    module_cmake = MODULE_CMAKE.read_text(encoding="utf-8")
+    assert "slicerMacroBuildScriptedModule" in module_cmake and "WITH_GENERIC_TESTS" in module_cmake
+    catalog = json.loads((REPO_DIR / "VCMSynthesis.json").read_text(encoding="utf-8"))
+    assert {"scm_url", "scm_revision", "build_subdirectory", "category"} <= set(catalog)
+    category = re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', top).group(1)
+    assert catalog["category"] == category

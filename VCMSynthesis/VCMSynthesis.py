@@ -1,0 +1,649 @@
+"""VCM Synthesis: controllable 3D image synthesis from segmentations in 3D Slicer.
+
+Thin Slicer front end. The scene glue (`VCMSynthesisLib.scene`) and the background worker runs
+(`VCMSynthesisLib.jobs`) are Qt-free and tested with the slicer-core wheel; this file holds the
+panel, the parameter node, the logic that ties them together and the self-test.
+"""
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+from VCMSynthesisLib import jobs, scene
+from VCMSynthesisLib.errors import UserError
+
+MODULE_DIR = Path(__file__).resolve().parent
+SAMPLE_DATA_DIR = MODULE_DIR / "Resources" / "SampleData"
+ICON_PATH = MODULE_DIR / "Resources" / "Icons" / "VCMSynthesis.png"
+DEVICES = ("auto", "cpu", "cuda")
+NOT_USED = "(not used)"
+POLL_INTERVAL_MS = 200
+
+
+#
+# VCMSynthesis
+#
+
+
+class VCMSynthesis(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("VCM Synthesis")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Synthesis")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["VCMSynthesis contributors"]
+        self.parent.helpText = _(
+            "Synthesize a 3D image from a segmentation (and optional modality volumes) with a "
+            "Volumetric Conditioning Module steering a frozen 3D latent diffusion model, or "
+            "restore thin slices from a thick-slice scan (axial super-resolution). The synthesis "
+            "runs in a background process: the application stays responsive and Cancel stops it. "
+            "See the <a href=\"https://github.com/vcm-synthesis/SlicerVCMSynthesis\">documentation</a>."
+        )
+        self.parent.acknowledgementText = _(
+            "Based on: S. Ahn et al., \"Volumetric Conditioning Module to Control Pretrained "
+            "Diffusion Models for 3D Medical Images\", WACV 2025 (arXiv:2410.21826). Base model: "
+            "BrainLDM (Pinaya et al., 2022) from the MONAI model zoo. Built with MONAI."
+        )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Offer the shipped demo conditions in the Sample Data module (two clicks to a first run)."""
+    import SampleData
+
+    for path in sorted(SAMPLE_DATA_DIR.glob("*.seg.nrrd")):
+        name = path.name[: -len(".seg.nrrd")]
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(
+            category="VCM Synthesis",
+            sampleName=name,
+            thumbnailFileName=str(ICON_PATH),
+            uris=path.as_uri(),
+            fileNames=path.name,
+            nodeNames=name,
+            loadFileType="SegmentationFile",
+        )
+
+
+#
+# VCMSynthesisParameterNode
+#
+
+
+@parameterNodeWrapper
+class VCMSynthesisParameterNode:
+    """The panel's state, saved with the scene.
+
+    inputSegmentation - segments that become the label condition.
+    referenceVolume - grid of the result; None: the segmentation's reference geometry.
+    outputVolume - volume replaced by the result on success; None: a new volume.
+    superResolutionInput - thick-slice volume for axial super-resolution.
+    """
+
+    inputSegmentation: vtkMRMLSegmentationNode
+    referenceVolume: vtkMRMLScalarVolumeNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    superResolutionInput: vtkMRMLScalarVolumeNode
+    model: str = "demo"
+    steps: Annotated[int, WithinRange(1, 1000)] = 50
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    device: str = "auto"
+
+
+#
+# VCMSynthesisWidget
+#
+
+
+class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._lastLogPath = None
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollRun)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/VCMSynthesis.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = VCMSynthesisLogic()
+
+        self.ui.deviceComboBox.addItems(list(DEVICES))
+        self.ui.pythonExecutablePathLineEdit.currentPath = self.logic.configuredWorkerPython()
+        self.populateModels()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.superResolutionButton.connect("clicked(bool)", self.onSuperResolutionButton)
+        self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
+        self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSegmentMapping)
+        self.ui.pythonExecutablePathLineEdit.connect(
+            "currentPathChanged(QString)", self.logic.setWorkerPython
+        )
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.logic.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.ui.deviceComboBox.currentText = self._parameterNode.device
+            modelIndex = self.ui.modelComboBox.findData(self._parameterNode.model)
+            if modelIndex >= 0:
+                self.ui.modelComboBox.currentIndex = modelIndex
+            self.updateSegmentMapping()
+            self.updateButtons()
+
+    # Models and condition tables
+
+    def populateModels(self) -> None:
+        self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        try:
+            for entry in self.logic.models():
+                self.ui.modelComboBox.addItem(f"{entry.name} ({entry.task})", entry.name)
+        except UserError as error:
+            self.ui.modelDescriptionLabel.text = str(error)
+        self.ui.modelComboBox.blockSignals(False)
+        self.onModelChanged()
+
+    def currentModel(self):
+        name = self.ui.modelComboBox.currentData
+        return self.logic.modelEntry(name) if name else None
+
+    def onModelChanged(self, index=None) -> None:
+        entry = self.currentModel()
+        if entry is None:
+            return
+        if self._parameterNode:
+            self._parameterNode.model = entry.name
+        self.ui.modelDescriptionLabel.text = entry.description
+        self.updateSegmentMapping()
+        self.updateModalityTable()
+
+    def onDeviceChanged(self, index) -> None:
+        if self._parameterNode:
+            self._parameterNode.device = self.ui.deviceComboBox.currentText
+
+    def updateSegmentMapping(self, node=None) -> None:
+        """One row per segment; its combobox picks the model label (name matches preselected)."""
+        table = self.ui.segmentMappingTable
+        table.setRowCount(0)
+        segmentationNode = self.ui.segmentationSelector.currentNode()
+        entry = self.currentModel()
+        if segmentationNode is None or entry is None:
+            return
+        names = scene.segment_names(segmentationNode)
+        labels = [label for label in entry.labels if label["value"] != 0]
+        preselected = scene.default_label_mapping(names, labels)
+        table.setRowCount(len(names))
+        for row, (segmentId, name) in enumerate(names.items()):
+            item = qt.QTableWidgetItem(name)
+            item.setData(qt.Qt.UserRole, segmentId)
+            item.setFlags(qt.Qt.ItemIsEnabled)
+            table.setItem(row, 0, item)
+            comboBox = qt.QComboBox()
+            comboBox.addItem(NOT_USED, -1)
+            for label in labels:
+                comboBox.addItem(f"{label['value']}: {label['name']}", label["value"])
+            if segmentId in preselected:
+                comboBox.currentIndex = comboBox.findData(preselected[segmentId])
+            comboBox.connect("currentIndexChanged(int)", self.updateButtons)
+            table.setCellWidget(row, 1, comboBox)
+        self.updateButtons()
+
+    def segmentMapping(self) -> dict:
+        table = self.ui.segmentMappingTable
+        mapping = {}
+        for row in range(table.rowCount):
+            value = table.cellWidget(row, 1).currentData
+            if value is not None and int(value) >= 0:
+                mapping[table.item(row, 0).data(qt.Qt.UserRole)] = int(value)
+        return mapping
+
+    def updateModalityTable(self) -> None:
+        table = self.ui.modalityTable
+        table.setRowCount(0)
+        entry = self.currentModel()
+        modalities = entry.modalities if entry else []
+        table.setRowCount(len(modalities))
+        for row, name in enumerate(modalities):
+            item = qt.QTableWidgetItem(name)
+            item.setFlags(qt.Qt.ItemIsEnabled)
+            table.setItem(row, 0, item)
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.noneEnabled = True
+            selector.addEnabled = False
+            selector.removeEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.setCurrentNode(None)
+            table.setCellWidget(row, 1, selector)
+        table.setVisible(bool(modalities))
+
+    def modalityNodes(self) -> dict:
+        table = self.ui.modalityTable
+        nodes = {}
+        for row in range(table.rowCount):
+            node = table.cellWidget(row, 1).currentNode()
+            if node is not None:
+                nodes[table.item(row, 0).text()] = node
+        return nodes
+
+    # Running
+
+    def updateButtons(self, *args) -> None:
+        running = self.logic is not None and self.logic.isRunning()
+        synthesizing = running and self.logic.activeTask == "synthesis"
+        superResolving = running and self.logic.activeTask == "superres"
+        self.ui.applyButton.text = _("Cancel") if synthesizing else _("Synthesize")
+        self.ui.superResolutionButton.text = _("Cancel") if superResolving else _("Axial super-resolution")
+        ready = bool(self._parameterNode and self._parameterNode.inputSegmentation and self.segmentMapping())
+        self.ui.applyButton.enabled = synthesizing or (not running and ready)
+        superResolutionReady = bool(self._parameterNode and self._parameterNode.superResolutionInput)
+        self.ui.superResolutionButton.enabled = superResolving or (not running and superResolutionReady)
+        self.ui.showLogButton.enabled = self._lastLogPath is not None
+
+    def onApplyButton(self) -> None:
+        if self.logic.isRunning():
+            self.logic.cancel()
+            return
+        parameters = self._parameterNode
+        self.startRun(
+            lambda: self.logic.startSynthesis(
+                parameters.inputSegmentation,
+                self.segmentMapping(),
+                model=parameters.model,
+                referenceVolumeNode=parameters.referenceVolume,
+                modalityNodes=self.modalityNodes(),
+                steps=parameters.steps,
+                seed=parameters.seed,
+                device=parameters.device,
+                outputVolumeNode=parameters.outputVolume,
+            )
+        )
+
+    def onSuperResolutionButton(self) -> None:
+        if self.logic.isRunning():
+            self.logic.cancel()
+            return
+        parameters = self._parameterNode
+        self.startRun(
+            lambda: self.logic.startSuperResolution(parameters.superResolutionInput, seed=parameters.seed)
+        )
+
+    def startRun(self, start) -> None:
+        if not self.logic.workerHasDependencies(askToInstall=True):
+            return
+        try:
+            run = start()
+        except UserError as error:
+            self.showStatus(str(error), error=True)
+            return
+        self._lastLogPath = run.job.log_path
+        self.ui.progressBar.visible = True
+        self.ui.progressBar.value = 0
+        self.showStatus(_("Starting the worker (loading the model)..."))
+        self._pollTimer.start()
+        self.updateButtons()
+
+    def onPollRun(self) -> None:
+        for progress in self.logic.poll():
+            self.ui.progressBar.value = int(100 * progress.fraction)
+            status = _("Step {step} of {total}").format(step=progress.step, total=progress.total)
+            if progress.eta_s is not None:
+                status += _(", about {seconds} s left").format(seconds=round(progress.eta_s))
+            self.showStatus(status)
+        if self.logic.isRunning():
+            return
+        self._pollTimer.stop()
+        self.ui.progressBar.visible = False
+        try:
+            node, outcome = self.logic.finish()
+        except UserError as error:
+            self.showStatus(str(error), error=True)
+        else:
+            if node is None:
+                self.showStatus(_("Cancelled: the scene is unchanged."))
+            else:
+                seconds = sum(value for value in outcome.timings.values() if isinstance(value, (int, float)))
+                self.showStatus(
+                    _("Done: '{name}' ({seconds:.0f} s).").format(name=node.GetName(), seconds=seconds)
+                )
+                if self._parameterNode.outputVolume is None and self.logic.lastTask == "synthesis":
+                    self._parameterNode.outputVolume = node
+        self.updateButtons()
+
+    def showStatus(self, text: str, error: bool = False) -> None:
+        self.ui.statusLabel.text = text
+        self.ui.statusLabel.setStyleSheet("color: #c0392b" if error else "")
+        if error:
+            logging.error(text)
+
+    def onShowLog(self) -> None:
+        if self._lastLogPath is not None:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self._lastLogPath)))
+
+    def onCheckDependencies(self) -> None:
+        self.logic.workerHasDependencies(askToInstall=True)
+        self.ui.dependencyStatusLabel.text = self.logic.lastEnvironmentSummary
+
+
+#
+# VCMSynthesisLogic
+#
+
+
+class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
+    """Runs synthesis and super-resolution jobs on scene nodes; usable without the widget.
+
+    Start a run with `startSynthesis` or `startSuperResolution`, `poll()` it (from a QTimer),
+    then `finish()` puts the result into the scene. `process` does all three, blocking.
+    """
+
+    PYTHON_SETTING = "VCMSynthesis/PythonExecutable"
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._run = None
+        self._target = None
+        self.activeTask = None
+        self.lastTask = None
+        self.lastEnvironmentSummary = ""
+
+    def getParameterNode(self):
+        return VCMSynthesisParameterNode(super().getParameterNode())
+
+    # Worker Python and its dependencies
+
+    def configuredWorkerPython(self) -> str:
+        return str(qt.QSettings().value(self.PYTHON_SETTING, "") or "")
+
+    def setWorkerPython(self, path: str) -> None:
+        qt.QSettings().setValue(self.PYTHON_SETTING, path or "")
+
+    def workerPython(self) -> str:
+        return self.configuredWorkerPython() or jobs.default_python()
+
+    def workerHasDependencies(self, askToInstall: bool = True) -> bool:
+        """Check the worker Python; for Slicer's own Python offer a one-confirmation install."""
+        with slicer.util.WaitCursor():
+            try:
+                environment = jobs.probe_worker_python(self.workerPython())
+            except UserError as error:
+                self.lastEnvironmentSummary = str(error)
+                slicer.util.errorDisplay(str(error))
+                return False
+        self.lastEnvironmentSummary = environment.summary()
+        if not environment.missing:
+            return True
+        if self.configuredWorkerPython():
+            slicer.util.errorDisplay(
+                _("The worker Python is missing {requirements}. Install them into it, or clear the "
+                  "Worker Python setting to use Slicer's own Python.").format(
+                    requirements=", ".join(environment.missing_requirements))
+            )
+            return False
+        if not askToInstall or not slicer.util.confirmOkCancelDisplay(
+            _("VCM Synthesis needs {requirements} in Slicer's Python. Install them now? This downloads "
+              "about 1-3 GB and takes a few minutes.").format(
+                requirements=", ".join(environment.missing_requirements))
+        ):
+            return False
+        self.installDependencies(environment.missing)
+        environment = jobs.probe_worker_python(self.workerPython())
+        self.lastEnvironmentSummary = environment.summary()
+        if environment.missing:
+            slicer.util.errorDisplay(self.lastEnvironmentSummary)
+            return False
+        if not environment.cuda:
+            slicer.util.infoDisplay(self.lastEnvironmentSummary)
+        return True
+
+    @staticmethod
+    def installDependencies(missing) -> None:
+        """torch through the PyTorch extension when it is installed (it picks the CUDA build)."""
+        others = [jobs.WORKER_REQUIREMENTS[name] for name in missing if name != "torch"]
+        with slicer.util.WaitCursor():
+            if "torch" in missing:
+                if hasattr(slicer.modules, "pytorchutils"):
+                    import PyTorchUtils
+
+                    torchRange = jobs.WORKER_REQUIREMENTS["torch"][len("torch"):]
+                    PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                        askConfirmation=False, torchVersionRequirement=torchRange
+                    )
+                else:
+                    slicer.util.pip_install(jobs.WORKER_REQUIREMENTS["torch"])
+            if others:
+                slicer.util.pip_install(others)
+
+    # Models
+
+    def models(self):
+        from VCMSynthesisLib import registry
+
+        return registry.list_models()
+
+    def modelEntry(self, name: str):
+        for entry in self.models():
+            if entry.name == name:
+                return entry
+        return None
+
+    # Runs
+
+    def isRunning(self) -> bool:
+        return self._run is not None and self._run.running
+
+    def startSynthesis(
+        self,
+        segmentationNode,
+        labelOfSegment: dict,
+        *,
+        model: str,
+        referenceVolumeNode=None,
+        modalityNodes=None,
+        steps=None,
+        seed=None,
+        device: str = "auto",
+        outputVolumeNode=None,
+    ):
+        """Export the conditions and start the worker; the scene is not touched until `finish`."""
+        if self.isRunning():
+            raise UserError(_("a run is already in progress; wait for it or cancel it"))
+        if segmentationNode is None:
+            raise UserError(_("no segmentation selected; pick or draw one"))
+        job = scene.write_synthesis_job(
+            jobs.new_job_folder(), segmentationNode, labelOfSegment, model=model,
+            reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps, seed=seed,
+            device=device,
+        )
+        return self._start(job, "synthesis", outputVolumeNode, segmentationNode.GetName() + " synthesized",
+                           segmentationNode)
+
+    def startSuperResolution(self, volumeNode, *, model=None, spacing=None, samples=None, seed=None,
+                             outputVolumeNode=None):
+        if self.isRunning():
+            raise UserError(_("a run is already in progress; wait for it or cancel it"))
+        if volumeNode is None:
+            raise UserError(_("no thick-slice volume selected; pick one"))
+        job = scene.write_superres_job(
+            jobs.new_job_folder(), volumeNode, model=model, spacing=spacing, samples=samples, seed=seed
+        )
+        name = volumeNode.GetName() + " super-resolved"
+        return self._start(job, "superres", outputVolumeNode, name, volumeNode)
+
+    def _start(self, job, task, outputVolumeNode, name, nextTo):
+        self._run = jobs.WorkerRun(job, python=self.workerPython())
+        self._target = (outputVolumeNode, name, nextTo)
+        self.activeTask = task
+        return self._run
+
+    def poll(self):
+        return self._run.poll() if self._run is not None else []
+
+    def cancel(self) -> None:
+        if self.isRunning():
+            self._run.cancel()
+
+    def finish(self):
+        """Put a successful result into the scene: returns (node or None if cancelled, outcome)."""
+        outcome = self._run.wait()
+        outputVolumeNode, name, nextTo = self._target
+        self.lastTask, self.activeTask = self.activeTask, None
+        self._run = self._target = None
+        if outcome.status == "cancelled":
+            return None, outcome
+        if outcome.status == "failed":
+            raise UserError(f"{outcome.message} (log: {outcome.log_path})")
+        node = scene.load_result(
+            outcome.result, slicer.mrmlScene, output_node=outputVolumeNode, name=name, next_to=nextTo
+        )
+        scene.show_in_slice_views(node)
+        return node, outcome
+
+    def process(self, segmentationNode, labelOfSegment: dict, **options):
+        """Synthesize and wait (Python console, self-test): returns the output volume node."""
+        self.startSynthesis(segmentationNode, labelOfSegment, **options)
+        node, _outcome = self.finish()
+        return node
+
+
+#
+# VCMSynthesisTest
+#
+
+
+class VCMSynthesisTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: a small segmentation -> synthesis with the shipped demo model -> output
+    volume on the reference geometry, then a Cancel that leaves the scene as it was."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SynthesisGeometry()
+        self.setUp()
+        self.test_CancelLeavesSceneUnchanged()
+
+    def _smallCase(self):
+        import numpy as np
+
+        reference = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "reference")
+        slicer.util.updateVolumeFromArray(reference, np.zeros((24, 28, 20), dtype=np.float32))
+        ijkToRas = vtk.vtkMatrix4x4()
+        for row, values in enumerate([[0.0, 1.2, 0.1, -20.0], [1.1, 0.0, 0.0, 5.0], [0.0, 0.2, 2.5, 3.0]]):
+            for column, value in enumerate(values):
+                ijkToRas.SetElement(row, column, value)
+        reference.SetIJKToRASMatrix(ijkToRas)
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "condition")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        labelmap = np.zeros((24, 28, 20), dtype=np.uint8)
+        labelmap[4:20, 6:22, 4:16] = 1
+        labelmap[8:16, 10:18, 6:14] = 2
+        segmentIds = []
+        for value in (1, 2):
+            segmentId = segmentation.GetSegmentation().AddEmptySegment(f"segment {value}")
+            slicer.util.updateSegmentBinaryLabelmapFromArray(
+                (labelmap == value).astype(np.uint8), segmentation, segmentId, reference
+            )
+            segmentIds.append(segmentId)
+        entry = VCMSynthesisLogic().modelEntry("demo")
+        self.assertIsNotNone(entry, "the shipped demo model is not in the registry")
+        labels = [label["value"] for label in entry.labels if label["value"] != 0]
+        return reference, segmentation, {segmentIds[0]: labels[0], segmentIds[1]: labels[-1]}
+
+    @staticmethod
+    def _nodeIds():
+        scene_ = slicer.mrmlScene
+        return [scene_.GetNthNode(index).GetID() for index in range(scene_.GetNumberOfNodes())]
+
+    def test_SynthesisGeometry(self):
+        self.delayDisplay("Synthesis onto an oblique, anisotropic reference")
+        reference, segmentation, mapping = self._smallCase()
+        logic = VCMSynthesisLogic()
+        self.assertTrue(logic.workerHasDependencies(askToInstall=False), logic.lastEnvironmentSummary)
+        output = logic.process(
+            segmentation, mapping, model="demo", referenceVolumeNode=reference, steps=2, seed=1
+        )
+        self.assertIsNotNone(output)
+        self.assertEqual(output.GetImageData().GetDimensions(), reference.GetImageData().GetDimensions())
+        expected, actual = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        reference.GetIJKToRASMatrix(expected)
+        output.GetIJKToRASMatrix(actual)
+        for row in range(4):
+            for column in range(4):
+                self.assertAlmostEqual(
+                    actual.GetElement(row, column), expected.GetElement(row, column), places=5
+                )
+        self.delayDisplay("Test passed")
+
+    def test_CancelLeavesSceneUnchanged(self):
+        self.delayDisplay("Cancel leaves the scene unchanged")
+        reference, segmentation, mapping = self._smallCase()
+        before = self._nodeIds()
+        logic = VCMSynthesisLogic()
+        logic.startSynthesis(segmentation, mapping, model="demo", referenceVolumeNode=reference, steps=1000)
+        logic.cancel()
+        node, outcome = logic.finish()
+        self.assertIsNone(node)
+        self.assertEqual(outcome.status, "cancelled")
+        after = self._nodeIds()
+        self.assertEqual(before, after)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,323 @@
+"""Headless VCM synthesis: the module's scene glue and worker, driven from the command line.
+
+    Slicer --no-main-window --python-script VCMSynthesisBatch.py --segmentation case.seg.nrrd --output t1.nrrd
+    python VCMSynthesisBatch.py --segmentation case.seg.nrrd --output t1.nrrd      (with slicer-core)
+    python VCMSynthesisBatch.py --cases cases.csv --output-dir out/
+    python VCMSynthesisBatch.py --superres thick.nrrd --output thin.nrrd
+
+A `.seg.nrrd` is loaded into an MRML scene and exported on its reference geometry (or on
+`--reference`), exactly as the panel does; a plain labelmap goes to the worker as it is. The
+result always has the geometry of that labelmap. Errors are one line on stderr; exit codes:
+0 done, 1 bad input or a failed case, 2 bad command line, 130/143 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from VCMSynthesisLib import jobs  # noqa: E402
+from VCMSynthesisLib.errors import EXIT_USAGE, Cancelled, UsageError, UserError  # noqa: E402
+
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+OUTPUT_SUFFIX = "_synthesized.nrrd"
+
+
+@dataclass
+class Case:
+    """One synthesis: a segmentation file, optional reference and modality files, the output."""
+
+    segmentation: Path
+    output: Path
+    reference: Path | None = None
+    modalities: dict[str, Path] = field(default_factory=dict)
+
+
+def parse_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        name, separator, right = value.partition("=")
+        if not separator or not name or not right:
+            raise UsageError(f"{flag} takes NAME=VALUE, got '{value}'")
+        pairs[name] = right
+    return pairs
+
+
+def _has_suffix(path: Path, suffixes) -> bool:
+    return path.name.lower().endswith(tuple(suffixes))
+
+
+def cases_from_folder(folder: Path, output_dir: Path) -> list[Case]:
+    """Every segmentation (`.seg.nrrd`, else labelmap) file in a folder, one case each."""
+    files = sorted(
+        path for path in folder.iterdir() if path.is_file() and _has_suffix(path, LABELMAP_SUFFIXES)
+    )
+    if not files:
+        raise UserError(f"'{folder}' holds no .seg.nrrd, .nrrd or .nii.gz files; point --cases at the cases")
+    cases = []
+    for path in files:
+        stem = path.name
+        for suffix in (SEGMENTATION_SUFFIX, *LABELMAP_SUFFIXES):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        cases.append(Case(segmentation=path, output=output_dir / (stem + OUTPUT_SUFFIX)))
+    return cases
+
+
+def cases_from_csv(table: Path, output_dir: Path) -> list[Case]:
+    """A CSV with a `segmentation` column and optional `output`, `reference` and modality columns.
+
+    Every other column is a modality, named by its header. Relative paths are relative to the CSV.
+    """
+    with open(table, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "segmentation" not in rows[0]:
+        raise UserError(f"'{table}' needs a header row with a 'segmentation' column (and rows below it)")
+
+    def resolve(value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else table.parent / path
+
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        if not row.get("segmentation"):
+            raise UserError(f"'{table}' line {number} has no segmentation; fill it in or delete the line")
+        segmentation = resolve(row["segmentation"])
+        output = row.get("output") or segmentation.name.split(".")[0] + OUTPUT_SUFFIX
+        output = Path(output) if Path(output).is_absolute() else output_dir / output
+        modalities = {
+            name: resolve(value)
+            for name, value in row.items()
+            if name not in ("segmentation", "output", "reference") and value
+        }
+        reference = resolve(row["reference"]) if row.get("reference") else None
+        cases.append(
+            Case(segmentation=segmentation, output=output, reference=reference, modalities=modalities)
+        )
+    return cases
+
+
+def model_label_table(model: str) -> list[dict]:
+    """The model's label table (value, name), for mapping segment names to label values."""
+    from VCMSynthesisLib import registry
+    from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig
+
+    config = ModelConfig.load(Path(registry.resolve_model(model)) / CONFIG_NAME)
+    return [{"value": label.value, "name": label.name} for label in config.labels]
+
+
+def segmentation_job(
+    case: Case, folder: Path, arguments: argparse.Namespace, labels: dict[str, str]
+) -> jobs.Job:
+    """The worker job of one case; a `.seg.nrrd` goes through the MRML scene glue first."""
+    options = {
+        "model": arguments.model,
+        "steps": arguments.steps,
+        "seed": arguments.seed,
+        "device": arguments.device,
+        "output": case.output,
+    }
+    modalities = {**case.modalities, **{name: Path(path) for name, path in arguments.modality.items()}}
+    for name, path in modalities.items():
+        if not path.is_file():
+            raise UserError(f"the {name} volume '{path}' does not exist; check the path")
+    if not case.segmentation.is_file():
+        raise UserError(f"the segmentation '{case.segmentation}' does not exist; check the path")
+    if not _has_suffix(case.segmentation, (SEGMENTATION_SUFFIX,)):
+        if case.reference is not None:
+            raise UserError(
+                f"a reference geometry needs a .seg.nrrd input, and '{case.segmentation}' is a labelmap; "
+                "its own grid is the output grid"
+            )
+        return jobs.synthesis_job(folder, segmentation=case.segmentation, modalities=modalities, **options)
+
+    import slicer
+    from VCMSynthesisLib import scene
+
+    mrml_scene = slicer.vtkMRMLScene()
+    segmentation_node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(case.segmentation))
+    if not storage.ReadData(segmentation_node):
+        raise UserError(
+            f"cannot read '{case.segmentation}' as a Slicer segmentation; save it again from Slicer"
+        )
+    reference_node = None
+    if case.reference is not None:
+        reference_node = scene.read_volume_file(case.reference)
+        mrml_scene.AddNode(reference_node)
+    names = scene.segment_names(segmentation_node)
+    label_of_segment = _label_mapping(names, labels, model_label_table(arguments.model), case.segmentation)
+    labelmap = scene.export_segmentation(
+        segmentation_node, label_of_segment, folder / "segmentation.nrrd", reference_node
+    )
+    # Modality files go on as they are: the worker resamples them from their own geometry.
+    return jobs.synthesis_job(folder, segmentation=labelmap, modalities=modalities, **options)
+
+
+def _label_mapping(
+    names: dict[str, str], labels: dict[str, str], table: list[dict], path: Path
+) -> dict[str, int]:
+    """Segment ID -> label value: `--label NAME=VALUE` first, then segment names equal to label names."""
+    from VCMSynthesisLib import scene
+
+    by_name = {name: segment_id for segment_id, name in names.items()}
+    unknown = [name for name in labels if name not in by_name]
+    if unknown:
+        raise UserError(
+            f"--label names segment(s) {', '.join(unknown)} that '{path}' does not have "
+            f"(it has: {', '.join(names.values())})"
+        )
+    mapping = scene.default_label_mapping(names, table)
+    for name, value in labels.items():
+        try:
+            mapping[by_name[name]] = int(value)
+        except ValueError:
+            raise UsageError(f"--label {name}={value}: the value must be an integer label value") from None
+    mapping = {segment_id: value for segment_id, value in mapping.items() if value != 0}
+    unmatched = [names[segment_id] for segment_id in names if segment_id not in mapping]
+    if unmatched:
+        label_names = ", ".join(f"{entry['value']}={entry['name']}" for entry in table)
+        raise UserError(
+            f"segment(s) {', '.join(unmatched)} of '{path}' match no model label ({label_names}); rename "
+            "them or pass --label 'SEGMENT=VALUE' (VALUE 0 leaves a segment out)"
+        )
+    return mapping
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="VCMSynthesisBatch", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--segmentation", type=Path, help=".seg.nrrd or labelmap file (one case)")
+    source.add_argument("--cases", type=Path, help="folder of segmentation files, or CSV (see README)")
+    source.add_argument("--superres", type=Path, metavar="VOLUME", help="thick-slice volume to super-resolve")
+    parser.add_argument("--output", type=Path, help="result file (one case, --superres)")
+    parser.add_argument("--output-dir", type=Path, help="folder of the results (--cases)")
+    parser.add_argument("--reference", type=Path, help="volume whose grid the result takes (.seg.nrrd input)")
+    parser.add_argument(
+        "--model", help="registry model name or model folder (default: demo; superres: its own)"
+    )
+    parser.add_argument("--modality", action="append", metavar="NAME=FILE", help="modality condition volume")
+    parser.add_argument(
+        "--label", action="append", metavar="SEGMENT=VALUE", help="segment name -> model label"
+    )
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--spacing", type=float, help="superres: output spacing in mm")
+    parser.add_argument("--samples", type=int, help="superres: samples to average")
+    parser.add_argument(
+        "--python", help="Python executable for the worker (default: this one / PythonSlicer)"
+    )
+    parser.add_argument("--skip-existing", action="store_true", help="--cases: keep outputs that exist")
+    parser.add_argument(
+        "--keep-job-folders", action="store_true", help="keep job folders of successful cases"
+    )
+    return parser
+
+
+def _print_progress(label: str):
+    def report(progress: jobs.Progress) -> None:
+        eta = "" if progress.eta_s is None else f", about {progress.eta_s:.0f} s left"
+        print(f"{label}: step {progress.step}/{progress.total}{eta}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def run(argv: list[str] | None = None) -> int:
+    try:
+        arguments = build_parser().parse_args(argv)
+    except SystemExit as stop:
+        return EXIT_USAGE if stop.code not in (0, None) else 0
+    try:
+        return _run(arguments)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except Cancelled as cancelled:
+        print("cancelled: nothing was written", file=sys.stderr)
+        return cancelled.exit_code
+
+
+def _run(arguments: argparse.Namespace) -> int:
+    arguments.modality = parse_pairs(arguments.modality, "--modality")
+    labels = parse_pairs(arguments.label, "--label")
+    if arguments.cases is None and arguments.output is None:
+        raise UsageError("--output FILE is needed with --segmentation and --superres")
+    if arguments.cases is not None and arguments.output_dir is None:
+        raise UsageError("--output-dir FOLDER is needed with --cases")
+    work = Path(tempfile.mkdtemp(prefix="vcm-batch-"))
+    if arguments.superres is not None:
+        if not arguments.superres.is_file():
+            raise UserError(f"the volume '{arguments.superres}' does not exist; check the path")
+        job = jobs.superres_job(
+            jobs.new_job_folder(work),
+            input_path=arguments.superres,
+            output=arguments.output,
+            model=arguments.model,
+            spacing=arguments.spacing,
+            samples=arguments.samples,
+            seed=arguments.seed,
+        )
+        jobs.run_job(job, python=arguments.python, on_progress=_print_progress(arguments.superres.name))
+        if not arguments.keep_job_folders:
+            shutil.rmtree(job.folder, ignore_errors=True)
+        print(arguments.output)
+        return 0
+    arguments.model = arguments.model or "demo"
+    if arguments.cases is None:
+        cases = [
+            Case(segmentation=arguments.segmentation, output=arguments.output, reference=arguments.reference)
+        ]
+    elif arguments.cases.is_dir():
+        cases = cases_from_folder(arguments.cases, arguments.output_dir)
+    elif arguments.cases.is_file():
+        cases = cases_from_csv(arguments.cases, arguments.output_dir)
+    else:
+        raise UserError(f"--cases '{arguments.cases}' is neither a folder nor a CSV file; check the path")
+    failures = 0
+    for number, case in enumerate(cases, start=1):
+        label = f"case {number}/{len(cases)} ({case.segmentation.name})"
+        if arguments.skip_existing and case.output.exists():
+            print(f"{label}: {case.output} exists, skipped", file=sys.stderr)
+            continue
+        case.output.parent.mkdir(parents=True, exist_ok=True)
+        folder = jobs.new_job_folder(work)
+        try:
+            job = segmentation_job(case, folder, arguments, labels)
+            jobs.run_job(job, python=arguments.python, on_progress=_print_progress(label))
+        except UserError as error:
+            if len(cases) == 1:
+                raise
+            failures += 1
+            print(f"error: {label}: {error}", file=sys.stderr)
+            continue
+        if not arguments.keep_job_folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        print(case.output)
+    if failures:
+        print(f"error: {failures} of {len(cases)} cases failed (see above)", file=sys.stderr)
+        return UserError.exit_code
+    return 0
+
+
+def main() -> None:
+    status = run(sys.argv[1:])
+    slicer = sys.modules.get("slicer")
+    if getattr(slicer, "app", None) is not None:
+        slicer.util.exit(status)  # inside Slicer: sys.exit would leave the application running
+    else:
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
