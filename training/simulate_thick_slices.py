@@ -8,10 +8,10 @@ closest to superior-inferior (axial). In-plane voxels keep the true volume's gri
     python training/simulate_thick_slices.py --manifest training/data/manifest.csv \
         --out training/data/thick --per-case 4
 
-writes `<out>/<case>_thick-<k>.nii.gz` and `<out>/manifest.csv`: the input manifest's columns
-plus `thick` (path relative to the new manifest), `thickness_mm` and `offset_mm`; `image` and
-the other paths are rewritten relative to the new manifest, so the adapter trainer reads it as
-any other manifest with a `thick` modality column.
+writes `<out>/<case>-thick<k>.nii.gz` and `<out>/manifest.csv`: the input manifest's rows (of
+`--split`, default train) with paths rewritten relative to the new manifest, one row per version
+(case `<case>-thick<k>`) and a `thick` column, so the adapter trainer reads it as any manifest
+with a `thick` modality. `<out>/simulation.csv` records each version's thickness and offset.
 """
 
 from __future__ import annotations
@@ -86,20 +86,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-case", type=int, default=4, help="thick-slice versions per case")
     parser.add_argument("--min-mm", type=float, default=3.0)
     parser.add_argument("--max-mm", type=float, default=7.0)
+    parser.add_argument("--split", default="train", help="simulate the cases of this split only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     with open(args.manifest, newline="") as handle:
-        cases = list(csv.DictReader(handle))
+        cases = [row for row in csv.DictReader(handle) if row.get("split", "train") == args.split]
     args.out.mkdir(parents=True, exist_ok=True)
     source_dir = args.manifest.resolve().parent
-    rows = []
+    rows, simulation = [], []
     for case_index, case in enumerate(cases):
         image = sitk.ReadImage(str(source_dir / case["image"]), sitk.sitkFloat32)
         rng = np.random.default_rng([args.seed, case_index])
         for version in range(args.per_case):
             thick, thickness, offset = random_thick_slices(image, rng, (args.min_mm, args.max_mm))
-            path = args.out / f"{case['case']}_thick-{version}.nii.gz"
+            name = f"{case['case']}-thick{version}"
+            path = args.out / f"{name}.nii.gz"
             temporary = path.with_name(".tmp-" + path.name)
             sitk.WriteImage(thick, str(temporary), useCompression=True)
             os.replace(temporary, path)
@@ -107,17 +109,23 @@ def main(argv: list[str] | None = None) -> None:
             for column in PATH_COLUMNS:
                 if row.get(column):
                     row[column] = os.path.relpath(source_dir / row[column], args.out.resolve())
-            row.update(thick=path.name, thickness_mm=f"{thickness:.3f}", offset_mm=f"{offset:.3f}")
+            row.update(case=name, thick=path.name)
             rows.append(row)
+            simulation.append({"case": name, "thickness_mm": f"{thickness:.3f}",
+                               "offset_mm": f"{offset:.3f}"})
         print(f"{case['case']}: {args.per_case} thick-slice versions", flush=True)
-    manifest = args.out / "manifest.csv"
-    temporary = manifest.with_name(".tmp-manifest.csv")
+    write_csv(args.out / "simulation.csv", simulation)
+    write_csv(args.out / "manifest.csv", rows)
+    print(f"wrote {len(rows)} rows to {args.out / 'manifest.csv'}")
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    temporary = path.with_name(".tmp-" + path.name)
     with open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(temporary, manifest)
-    print(f"wrote {len(rows)} rows to {manifest}")
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":
