@@ -262,9 +262,14 @@ def place_next_to(node, neighbour) -> None:
     if hierarchy is None:
         return
     neighbour_item = hierarchy.GetItemByDataNode(neighbour)
+    if not neighbour_item:
+        return
+    parent = hierarchy.GetItemParent(neighbour_item)
     node_item = hierarchy.GetItemByDataNode(node)
-    if neighbour_item and node_item:
-        hierarchy.SetItemParent(node_item, hierarchy.GetItemParent(neighbour_item))
+    if node_item:
+        hierarchy.SetItemParent(node_item, parent)
+    else:  # no subject-hierarchy plugins (slicer-core) to create the item on AddNode
+        hierarchy.CreateItem(parent, node)
 
 
 def show_in_slice_views(volume_node) -> bool:
