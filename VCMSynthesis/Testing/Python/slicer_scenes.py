@@ -89,7 +89,9 @@ def blob_labelmap() -> np.ndarray:
     return labelmap
 
 
-def add_segmentation(scene, reference, labelmap: np.ndarray, names: dict[int, str], name: str = "condition"):
+def add_segmentation(
+    scene, reference, labelmap: np.ndarray, names: dict[int, str], name: str = "condition"
+):
     """A segmentation node whose segments are the labelmap's values, drawn on `reference`."""
     segmentation = slicer.vtkMRMLSegmentationNode()
     segmentation.SetName(name)

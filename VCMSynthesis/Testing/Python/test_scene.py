@@ -21,7 +21,11 @@ from VCMSynthesisLib import scene
 from VCMSynthesisLib.errors import UserError
 
 NAMES = {1: "grey matter", 2: "White Matter", 3: "lesion"}
-TABLE = [{"value": 0, "name": "background"}, {"value": 5, "name": "grey matter"}, {"value": 7, "name": "white matter"}]
+TABLE = [
+    {"value": 0, "name": "background"},
+    {"value": 5, "name": "grey matter"},
+    {"value": 7, "name": "white matter"},
+]
 
 
 def ids_by_name(segmentation) -> dict[str, str]:
@@ -69,7 +73,8 @@ def test_export_on_reference_keeps_geometry_and_maps_labels(tmp_path, geometry):
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     direction = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
     np.testing.assert_allclose(lps_to_ras @ direction, matrix_of(reference)[:3, :3], atol=1e-9)
-    np.testing.assert_allclose(lps_to_ras @ np.array(image.GetOrigin()), matrix_of(reference)[:3, 3], atol=1e-9)
+    origin = lps_to_ras @ np.array(image.GetOrigin())
+    np.testing.assert_allclose(origin, matrix_of(reference)[:3, 3], atol=1e-9)
 
 
 def test_later_segments_win_where_they_overlap(tmp_path, case):
