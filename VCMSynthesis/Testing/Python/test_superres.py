@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from tiny_models import TINY_STEPS, make_tiny_model_folder, tiny_config, tiny_networks
 from VCMSynthesisLib import superres
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
+from VCMSynthesisLib.volumes import same_geometry
 
 # An oblique direction (rotations about two axes) with a left-handed flip, as scanners write.
 _ROTATION = sitk.Euler3DTransform([0, 0, 0], 0.3, -0.2, 0.5)
@@ -116,3 +121,66 @@ def test_consistency_reproduces_the_slabs_and_improves_the_estimate():
         return float(np.sqrt(np.mean(sitk.GetArrayFromImage(image - truth)[4:36] ** 2)))
 
     assert error(corrected) < 0.9 * error(estimate)
+
+
+@pytest.fixture(scope="module")
+def tiny_superres_model(tmp_path_factory):
+    """A tiny random super-resolution model trained (nominally) on 3-7 mm slabs."""
+    config = dataclasses.replace(
+        tiny_config(labels=None, modalities=("thick",), task="superres", name="tiny-superres"),
+        metadata={"superres": {"thickness_mm": [3.0, 7.0]}},
+    )
+    folder = tmp_path_factory.mktemp("models") / "tiny-superres"
+    return save_model_folder(folder, config, *tiny_networks(config))
+
+
+def thick_scan(direction=AXIAL, scale=100.0, offset=0.0) -> sitk.Image:
+    """A 1.5 x 1.5 x 5 mm scan of smooth random anatomy with a dark background."""
+    array = smooth_random((6, 20, 22), seed=3, sigma=1.0)
+    array = np.pad(array - array.min(), ((0, 0), (2, 2), (2, 2)))
+    return make_volume(array * scale + offset, [1.5, 1.5, 5.0], direction)
+
+
+@pytest.mark.parametrize("direction", [AXIAL, OBLIQUE], ids=["axial", "oblique"])
+def test_super_resolve_output_is_on_the_grid_and_reproduces_the_slabs(tiny_superres_model, direction):
+    model = load_model_folder(tiny_superres_model)
+    thick = thick_scan(direction)
+    grid = superres.isotropic_grid(thick)
+    mean, std = superres.super_resolve(model, thick, grid)
+    assert same_geometry(mean, grid) and same_geometry(std, grid)
+    assert np.all(sitk.GetArrayViewFromImage(std) == 0)  # one sample: no spread
+    # In the input's units: the result's slab averages give back the acquired slices.
+    slabs = sitk.GetArrayFromImage(superres.slab_average(mean, thick, 2))
+    acquired = sitk.GetArrayFromImage(thick)
+    assert np.abs(slabs - acquired).max() < 0.05 * np.ptp(acquired)
+
+
+def test_intensity_units_follow_an_affine_change_of_the_input(tiny_superres_model):
+    """Sampling sees the same normalized condition, so a*input+b gives a*output+b."""
+    model = load_model_folder(tiny_superres_model)
+    thick = thick_scan()
+    grid = superres.isotropic_grid(thick)
+    mean, _ = superres.super_resolve(model, thick, grid, seed=7)
+    scaled, _ = superres.super_resolve(model, thick_scan(scale=250.0, offset=-40.0), grid, seed=7)
+    expected = sitk.GetArrayFromImage(mean) * 2.5 - 40.0
+    np.testing.assert_allclose(sitk.GetArrayFromImage(scaled), expected, atol=1e-3 * 250)
+
+
+def test_several_samples_give_a_mean_and_a_spread(tiny_superres_model):
+    model = load_model_folder(tiny_superres_model)
+    thick = thick_scan()
+    grid = superres.isotropic_grid(thick, 2.5)
+    calls = []
+    mean, std = superres.super_resolve(model, thick, grid, samples=3, progress=lambda *a: calls.append(a))
+    one, _ = superres.super_resolve(model, thick, grid, samples=1)
+    spread = sitk.GetArrayFromImage(std)
+    assert spread.shape == sitk.GetArrayViewFromImage(mean).shape
+    assert spread.min() >= 0 and spread.max() > 0
+    assert calls[-1] == (3 * TINY_STEPS, 3 * TINY_STEPS) and len(calls) == 3 * TINY_STEPS
+    assert not np.allclose(sitk.GetArrayFromImage(mean), sitk.GetArrayFromImage(one))
+
+
+def test_a_model_for_another_task_is_refused(tmp_path):
+    model = load_model_folder(make_tiny_model_folder(tmp_path / "synthesis"))
+    with pytest.raises(UserError, match="superres model"):
+        superres.super_resolve(model, thick_scan(), superres.isotropic_grid(thick_scan()))
