@@ -143,7 +143,10 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path
 
 
 def _to_current_layout(
-    network: DiffusionModelUNet | AutoencoderKL, state: dict[str, torch.Tensor], source: Path
+    network: DiffusionModelUNet | AutoencoderKL,
+    state: dict[str, torch.Tensor],
+    source: Path,
+    prefix: str = "",
 ) -> dict[str, torch.Tensor]:
     """Renames a GenerativeModels-layout state dict for `network` with MONAI's `load_old_state_dict`.
 
@@ -151,6 +154,7 @@ def _to_current_layout(
     drops tensors it does not place; it is run here against a capturing `load_state_dict` so that
     the result can be checked strictly instead. A state dict already in the current layout comes
     back unchanged; tensors the converter did not place come back under their own names.
+    `prefix` is the network's name inside the checkpoint, for error messages.
     """
     own = network.state_dict()
     if all(name in state for name in own):
@@ -162,7 +166,7 @@ def _to_current_layout(
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
             network.load_old_state_dict(remaining)
     except KeyError as error:
-        raise UserError(f"checkpoint {source} lacks tensor '{error.args[0]}'; "
+        raise UserError(f"checkpoint {source} lacks tensor '{prefix}{error.args[0]}'; "
                         f"it is not the expected network") from None
     finally:
         del network.load_state_dict
@@ -212,7 +216,7 @@ def load_reference_vcm(path: str | Path, params: dict[str, Any] | None = None) -
             for pattern, replacement in _REFERENCE_RENAMES:
                 name = re.sub(pattern, replacement, name)
             renamed[name] = tensor
-    for name, tensor in _to_current_layout(vcm.time_unet, unet_state, path).items():
+    for name, tensor in _to_current_layout(vcm.time_unet, unet_state, path, _TIME_UNET_PREFIX).items():
         renamed[_TIME_UNET_PREFIX + name] = tensor
     _load_strict(vcm, renamed, path)
     return vcm.eval()
