@@ -15,6 +15,9 @@ from VCMSynthesisLib.errors import EXIT_USAGE, Cancelled, UserError
 
 SUBCOMMAND_MODULES = [
     "VCMSynthesisLib.checkpoints",
+    "VCMSynthesisLib.registry",
+    "VCMSynthesisLib.worker",
+    "VCMSynthesisLib.superres",
 ]
 
 

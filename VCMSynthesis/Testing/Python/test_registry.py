@@ -1,0 +1,214 @@
+"""Model registry: Models.json against its schema, names, user models, checked downloads."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import jsonschema
+import pytest
+from test_checkpoints import write_import_inputs
+from tiny_models import make_tiny_model_folder
+from VCMSynthesisLib import cli, registry
+from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_folder import load_model_folder
+from VCMSynthesisLib.registry import download_model, list_models, resolve_model
+
+SCHEMA = json.loads((registry.RESOURCES / "Models.schema.json").read_text())
+ROLES = {"vcm_wegith_complexSemantics.pt": "adapter", "autoencoder.pth": "autoencoder",
+         "diffusion_model.pth": "diffusion"}
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own user model folder."""
+    path = tmp_path / "home"
+    monkeypatch.setenv(registry.HOME_VARIABLE, str(path))
+    return path
+
+
+def test_models_json_follows_its_schema():
+    data = json.loads(registry.REGISTRY_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.Draft202012Validator(SCHEMA).validate(data)
+    names = [entry["name"] for entry in data["models"]]
+    assert len(set(names)) == len(names)
+    assert {"demo", "demo-t2-to-t1", "demo-superres", "brainldm-vcm-semantics"} <= set(names)
+    reference = next(entry for entry in data["models"] if entry["name"] == "brainldm-vcm-semantics")
+    assert {file["role"] for file in reference["files"]} == {"adapter", "autoencoder", "diffusion"}
+
+
+@pytest.mark.parametrize("edit", [
+    lambda entry: entry.update(files=[]),  # a shipped folder and files at once
+    lambda entry: entry.pop("folder"),  # neither
+    lambda entry: entry.update(task="painting"),
+    lambda entry: entry.update(name="Has Spaces"),
+])
+def test_schema_refuses_malformed_entries(edit):
+    data = json.loads(registry.REGISTRY_PATH.read_text())
+    edit(data["models"][0])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(SCHEMA).validate(data)
+
+
+def test_schema_refuses_a_malformed_checksum():
+    data = json.loads(registry.REGISTRY_PATH.read_text())
+    data["models"][-1]["files"][0]["sha256"] = "abc"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(SCHEMA).validate(data)
+
+
+def test_user_models_are_listed_after_registered_ones(home):
+    make_tiny_model_folder(home / "models" / "mine", task="translation", labels=None)
+    (home / "models" / "broken").mkdir()
+    (home / "models" / "broken" / "config.json").write_text("{")
+    entries = list_models()
+    names = [entry.name for entry in entries]
+    assert names[:4] == ["demo", "demo-t2-to-t1", "demo-superres", "brainldm-vcm-semantics"]
+    assert names[-1] == "mine" and "broken" not in names
+    mine = entries[-1]
+    assert (mine.source, mine.task, mine.conditions, mine.available) == ("user", "translation", "T2", True)
+    reference = entries[3]
+    assert reference.source == "download" and not reference.available
+    assert reference.folder == home / "models" / "brainldm-vcm-semantics"
+
+
+def test_resolve_names_and_folders(home, tmp_path, monkeypatch):
+    folder = make_tiny_model_folder(home / "models" / "mine")
+    assert resolve_model("mine") == folder
+    assert resolve_model(str(folder)) == folder
+    assert resolve_model(folder) == folder
+    monkeypatch.setattr(registry, "SHIPPED_MODELS", tmp_path / "shipped")
+    shipped = make_tiny_model_folder(tmp_path / "shipped" / "demo")
+    assert resolve_model("demo") == shipped
+    with pytest.raises(UserError, match="shipped model 'demo-superres' is missing from this installation"):
+        resolve_model("demo-superres")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nonsense", "unknown model 'nonsense'; known models: demo, demo-t2-to-t1, demo-superres, "
+                 "brainldm-vcm-semantics; or give the path of a model folder"),
+    ("./not/here", "model folder not/here does not exist"),
+    ("brainldm-vcm-semantics", "model 'brainldm-vcm-semantics' is not downloaded yet; run "
+                               "`vcm-synthesis download-model brainldm-vcm-semantics`"),
+])
+def test_resolve_errors_say_what_to_do(name, message):
+    with pytest.raises(UserError) as raised:
+        resolve_model(name)
+    assert message in str(raised.value)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def release(tmp_path):
+    """Tiny checkpoints in the released formats, and a registry entry pointing at them."""
+    source = tmp_path / "release"
+    source.mkdir()
+    write_import_inputs(source)
+    sizes = json.loads((source / "sizes.json").read_text())
+    files = [{"role": role, "name": name, "url": (source / name).as_uri(), "sha256": _sha256(source / name),
+              "size": (source / name).stat().st_size} for name, role in ROLES.items()]
+    entry = {"name": "paper-tiny", "task": "synthesis", "description": "tiny release",
+             "conditions": "8 labels", "import": "reference", "import_params": sizes, "files": files}
+    return source, entry
+
+
+def _write_registry(tmp_path: Path, entry: dict) -> Path:
+    data = {"format_version": 1, "models": [entry]}
+    jsonschema.Draft202012Validator(SCHEMA).validate(data)
+    path = tmp_path / "Models.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def http_root(release):
+    """Serves the release folder on 127.0.0.1."""
+    source, _ = release
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(source))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_over_http_checks_and_imports(home, tmp_path, release, http_root):
+    _, entry = release
+    for file in entry["files"]:
+        file["url"] = f"{http_root}/{file['name']}"
+        del file["size"]  # taken from Content-Length
+    registry_path = _write_registry(tmp_path, entry)
+    seen = []
+    folder = download_model("paper-tiny", progress=lambda *args: seen.append(args), registry=registry_path)
+
+    assert folder == home / "models" / "paper-tiny"
+    model = load_model_folder(folder)
+    assert model.config.name == "paper-tiny" and len(model.config.labels) == 8
+    assert resolve_model("paper-tiny", registry=registry_path) == folder
+    final = {name: (done, total) for name, done, total in seen}
+    assert set(final) == set(ROLES)
+    assert all(done == total and done > 0 for done, total in final.values())
+    assert list((home / "downloads" / "paper-tiny").iterdir()) == []  # converted, then removed
+    assert download_model("paper-tiny", registry=registry_path) == folder  # already there
+
+
+def test_wrong_checksum_leaves_nothing_behind(home, tmp_path, release):
+    _, entry = release
+    entry["files"][1]["sha256"] = "0" * 64
+    registry_path = _write_registry(tmp_path, entry)
+    with pytest.raises(UserError, match="autoencoder.pth from file://.* does not match its checksum"):
+        download_model("paper-tiny", registry=registry_path)
+    assert not (home / "models" / "paper-tiny").exists()
+    leftovers = sorted(path.name for path in (home / "downloads" / "paper-tiny").iterdir())
+    assert leftovers == ["vcm_wegith_complexSemantics.pt"]  # only the file that was verified
+
+
+def test_missing_checksum_needs_the_users_value(home, tmp_path, release):
+    source, entry = release
+    entry["files"][0]["sha256"] = None
+    registry_path = _write_registry(tmp_path, entry)
+    with pytest.raises(UserError, match="has no registered sha256 to check it against; pass --sha256"):
+        download_model("paper-tiny", registry=registry_path)
+    assert not home.exists()
+    name = entry["files"][0]["name"]
+    given = {name: _sha256(source / name).upper()}
+    folder = download_model("paper-tiny", sha256=given, registry=registry_path)
+    assert load_model_folder(folder).adapter is not None
+
+
+def test_files_placed_by_hand_are_checked_and_used(home, tmp_path, release):
+    source, entry = release
+    downloads = home / "downloads" / "paper-tiny"
+    downloads.mkdir(parents=True)
+    for file in entry["files"]:
+        (downloads / file["name"]).write_bytes((source / file["name"]).read_bytes())
+        file["url"] = (tmp_path / "unreachable" / file["name"]).as_uri()
+    registry_path = _write_registry(tmp_path, entry)
+    assert load_model_folder(download_model("paper-tiny", registry=registry_path)).config.name == "paper-tiny"
+
+
+def test_unreachable_url_says_where_to_place_the_file(home, tmp_path, release):
+    _, entry = release
+    entry["files"][0]["url"] = (tmp_path / "gone.pt").as_uri()
+    registry_path = _write_registry(tmp_path, entry)
+    with pytest.raises(UserError, match="cannot download vcm_wegith_complexSemantics.pt .* place the file"):
+        download_model("paper-tiny", registry=registry_path)
+    assert not (home / "models" / "paper-tiny").exists()
+
+
+def test_download_cli_errors(home, capsys):
+    assert cli.main(["download-model", "brainldm-vcm-semantics"]) == 1
+    assert "has no registered sha256" in capsys.readouterr().err
+    assert cli.main(["download-model", "brainldm-vcm-semantics", "--sha256", "autoencoder.pth=xyz"]) == 2
+    assert "must be FILE=<64 hex digits>" in capsys.readouterr().err
+    assert not home.exists()
