@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from VCMSynthesisLib.checkpoints import BRAINLDM_NOISE_SCHEDULE
 from VCMSynthesisLib.model_folder import ModelConfig, save_model_folder
 from VCMSynthesisLib.networks import VCM
 
@@ -90,8 +91,7 @@ def tiny_config(
         },
         "adapter": {"weights": "adapter.safetensors", "params": adapter_params} if with_adapter else None,
         "latent": {"channels": LATENT_CHANNELS, "scale_factor": 0.9},
-        "scheduler": {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta",
-                      "beta_start": 0.0015, "beta_end": 0.0205, "clip_sample": False},
+        "scheduler": BRAINLDM_NOISE_SCHEDULE,
         "sampling": {"scheduler": "ddim", "steps": TINY_STEPS},
         "conditions": {
             "labels": {"table": [{"value": v, "name": _label_name(v)} for v in labels]} if labels else None,
