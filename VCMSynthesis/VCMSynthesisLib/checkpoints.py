@@ -370,11 +370,13 @@ def _read_params_file(path: Path | None) -> dict[str, dict[str, Any]]:
 
 def _run_import_reference(args: argparse.Namespace) -> int:
     print("importing the reference checkpoints (loading and checking every tensor) ...", file=sys.stderr)
+    params = _read_params_file(args.params)
     try:
-        folder = import_reference(args.vcm, args.autoencoder, args.diffusion, args.output, args.name,
-                                  _read_params_file(args.params))
-    except (TypeError, ValueError) as error:  # kwargs from --params that do not build a network
-        raise UserError(f"the network sizes do not build ({error}); fix the --params file") from None
+        folder = import_reference(args.vcm, args.autoencoder, args.diffusion, args.output, args.name, params)
+    except (TypeError, ValueError) as error:
+        if not params:
+            raise
+        raise UserError(f"the --params sizes do not build a network ({error}); fix {args.params}") from None
     print(folder)
     return 0
 

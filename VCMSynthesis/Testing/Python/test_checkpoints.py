@@ -253,3 +253,17 @@ def test_import_reference_cli_reports_a_missing_file_in_one_line(tmp_path, capsy
     assert cli.main([*arguments, "--output", str(output)]) == 1
     assert_one_error_line(capsys.readouterr().err, "nope.pt does not exist")
     assert not output.exists()
+
+
+@pytest.mark.parametrize(("params_text", "message"), [
+    ("{not json", "cannot read --params file"),
+    ('{"vae": {}}', "keys are among adapter, autoencoder, diffusion"),
+    ('{"adapter": {"latent_channels": 3}}', "the --params sizes do not build a network"),
+])
+def test_import_reference_cli_reports_bad_params_in_one_line(tmp_path, capsys, params_text, message):
+    arguments, _, _ = write_import_inputs(tmp_path)
+    (tmp_path / "sizes.json").write_text(params_text)
+    output = tmp_path / "out"
+    assert cli.main([*arguments, "--output", str(output)]) == 1
+    assert_one_error_line(capsys.readouterr().err, message)
+    assert not output.exists()
