@@ -210,7 +210,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._parameterNode:
             self._parameterNode.model = entry.name
-        self.ui.modelDescriptionLabel.text = entry.description
+        description = entry.description
+        if not entry.available:
+            description += " " + _("(not downloaded yet: see Set-up in the documentation)")
+        self.ui.modelDescriptionLabel.text = description
         self.updateSegmentMapping()
         self.updateModalityTable()
 
@@ -223,11 +226,11 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = self.ui.segmentMappingTable
         table.setRowCount(0)
         segmentationNode = self.ui.segmentationSelector.currentNode()
-        entry = self.currentModel()
-        if segmentationNode is None or entry is None:
+        name = self.ui.modelComboBox.currentData
+        if segmentationNode is None or not name:
             return
         names = scene.segment_names(segmentationNode)
-        labels = [label for label in entry.labels if label["value"] != 0]
+        labels = [label for label in self.logic.labelTable(name) if label["value"] != 0]
         preselected = scene.default_label_mapping(names, labels)
         table.setRowCount(len(names))
         for row, (segmentId, name) in enumerate(names.items()):
@@ -257,8 +260,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateModalityTable(self) -> None:
         table = self.ui.modalityTable
         table.setRowCount(0)
-        entry = self.currentModel()
-        modalities = entry.modalities if entry else []
+        config = self.logic.modelConfig(self.ui.modelComboBox.currentData)
+        modalities = [modality.name for modality in config.modalities] if config else []
         table.setRowCount(len(modalities))
         for row, name in enumerate(modalities):
             item = qt.QTableWidgetItem(name)
@@ -474,15 +477,31 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
     # Models
 
     def models(self):
-        from VCMSynthesisLib import registry
-
+        """Registry entries (shipped, downloadable, the user's own)."""
+        try:
+            from VCMSynthesisLib import registry
+        except ImportError as error:
+            raise UserError(
+                _("cannot list models ({error}); press Check dependencies in Set-up").format(error=error)
+            ) from error
         return registry.list_models()
 
     def modelEntry(self, name: str):
-        for entry in self.models():
-            if entry.name == name:
-                return entry
-        return None
+        return next((entry for entry in self.models() if entry.name == name), None)
+
+    def modelConfig(self, name: str):
+        """The model's checked config.json, or None while it is not downloaded."""
+        entry = self.modelEntry(name) if name else None
+        if entry is None or not entry.available:
+            return None
+        from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig
+
+        return ModelConfig.load(entry.folder / CONFIG_NAME)
+
+    def labelTable(self, name: str) -> list:
+        """[{"value", "name"}] of the model's labels; empty while it is not downloaded."""
+        entry = self.modelEntry(name) if name else None
+        return scene.model_label_table(name) if entry is not None and entry.available else []
 
     # Runs
 
@@ -546,14 +565,11 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         outputVolumeNode, name, nextTo = self._target
         self.lastTask, self.activeTask = self.activeTask, None
         self._run = self._target = None
-        if outcome.status == "cancelled":
-            return None, outcome
-        if outcome.status == "failed":
-            raise UserError(f"{outcome.message} (log: {outcome.log_path})")
-        node = scene.load_result(
-            outcome.result, slicer.mrmlScene, output_node=outputVolumeNode, name=name, next_to=nextTo
+        node = scene.apply_outcome(
+            outcome, slicer.mrmlScene, output_node=outputVolumeNode, name=name, next_to=nextTo
         )
-        scene.show_in_slice_views(node)
+        if node is not None:
+            scene.show_in_slice_views(node)
         return node, outcome
 
     def process(self, segmentationNode, labelOfSegment: dict, **options):
@@ -604,9 +620,8 @@ class VCMSynthesisTest(ScriptedLoadableModuleTest):
                 (labelmap == value).astype(np.uint8), segmentation, segmentId, reference
             )
             segmentIds.append(segmentId)
-        entry = VCMSynthesisLogic().modelEntry("demo")
-        self.assertIsNotNone(entry, "the shipped demo model is not in the registry")
-        labels = [label["value"] for label in entry.labels if label["value"] != 0]
+        labels = [label["value"] for label in VCMSynthesisLogic().labelTable("demo") if label["value"] != 0]
+        self.assertTrue(labels, "the shipped demo model is missing or has no labels")
         return reference, segmentation, {segmentIds[0]: labels[0], segmentIds[1]: labels[-1]}
 
     @staticmethod

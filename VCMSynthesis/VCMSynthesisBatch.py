@@ -106,15 +106,6 @@ def cases_from_csv(table: Path, output_dir: Path) -> list[Case]:
     return cases
 
 
-def model_label_table(model: str) -> list[dict]:
-    """The model's label table (value, name), for mapping segment names to label values."""
-    from VCMSynthesisLib import registry
-    from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig
-
-    config = ModelConfig.load(Path(registry.resolve_model(model)) / CONFIG_NAME)
-    return [{"value": label.value, "name": label.name} for label in config.labels]
-
-
 def segmentation_job(
     case: Case, folder: Path, arguments: argparse.Namespace, labels: dict[str, str]
 ) -> jobs.Job:
@@ -156,7 +147,8 @@ def segmentation_job(
         reference_node = scene.read_volume_file(case.reference)
         mrml_scene.AddNode(reference_node)
     names = scene.segment_names(segmentation_node)
-    label_of_segment = _label_mapping(names, labels, model_label_table(arguments.model), case.segmentation)
+    table = scene.model_label_table(arguments.model)
+    label_of_segment = _label_mapping(names, labels, table, case.segmentation)
     labelmap = scene.export_segmentation(
         segmentation_node, label_of_segment, folder / "segmentation.nrrd", reference_node
     )

@@ -304,6 +304,11 @@ class WorkerRun:
                 return events
 
     @property
+    def pid(self) -> int:
+        """The worker's process ID, which is also its process group ID (POSIX)."""
+        return self._process.pid
+
+    @property
     def running(self) -> bool:
         return self._outcome is None and (self._process.poll() is None or self._reader.is_alive())
 

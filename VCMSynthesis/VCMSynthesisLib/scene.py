@@ -42,6 +42,15 @@ def default_label_mapping(segment_names: Mapping[str, str], label_table: Iterabl
     }
 
 
+def model_label_table(model: str) -> list[dict]:
+    """[{"value", "name"}] of a model's labels, for `default_label_mapping` (model name or folder)."""
+    from VCMSynthesisLib import registry
+    from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig
+
+    config = ModelConfig.load(Path(registry.resolve_model(model)) / CONFIG_NAME)
+    return [{"value": label.value, "name": label.name} for label in config.labels]
+
+
 def segment_names(segmentation_node) -> dict[str, str]:
     """Segment ID -> segment name, in the segmentation's order."""
     segmentation = segmentation_node.GetSegmentation()
@@ -254,6 +263,19 @@ def load_result(result_path: str | Path, scene, *, output_node=None, name: str =
     if next_to is not None:
         place_next_to(output_node, next_to)
     return output_node
+
+
+def apply_outcome(outcome: jobs.Outcome, scene, *, output_node=None, name: str, next_to=None):
+    """The end of every run: the result into the scene on success, nothing at all otherwise.
+
+    Returns the output node, or None when the run was cancelled; raises `UserError` with the
+    worker's one-line message and its log path when it failed.
+    """
+    if outcome.status == "cancelled":
+        return None
+    if outcome.status == "failed":
+        raise UserError(f"{outcome.message} (log: {outcome.log_path})")
+    return load_result(outcome.result, scene, output_node=output_node, name=name, next_to=next_to)
 
 
 def place_next_to(node, neighbour) -> None:

@@ -1,0 +1,150 @@
+"""Segmentation node -> job folder -> real worker process (tiny MONAI model) -> result node.
+
+Everything is real: slicer-core's scene and nodes, the `vcm-synthesis synthesize` worker started
+as a child process in its own process group, its JSON-lines progress, Cancel by signal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+from slicer_scenes import (
+    GEOMETRIES,
+    SHAPE_KJI,
+    add_segmentation,
+    add_volume,
+    array_of,
+    blob_labelmap,
+    matrix_of,
+    new_scene,
+    node_ids,
+)
+from tiny_models import make_tiny_model_folder
+from VCMSynthesisLib import jobs, scene
+from VCMSynthesisLib.errors import UserError
+
+SEGMENT_NAMES = {1: "label 1", 2: "label 2", 3: "label 3"}  # tiny models name label k "label k"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny", modalities=None)
+
+
+def scene_case(geometry: str):
+    mrml = new_scene()
+    reference = add_volume(mrml, GEOMETRIES[geometry])
+    segmentation = add_segmentation(mrml, reference, blob_labelmap(), SEGMENT_NAMES)
+    return mrml, reference, segmentation
+
+
+def write_job(tmp_path, tiny_model, segmentation, reference, steps: int):
+    table = scene.model_label_table(tiny_model)
+    mapping = scene.default_label_mapping(scene.segment_names(segmentation), table)
+    assert len(mapping) == 3
+    return scene.write_synthesis_job(
+        tmp_path / "job", segmentation, mapping, model=str(tiny_model), reference_volume_node=reference,
+        steps=steps, seed=3, device="cpu",
+    )
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_segmentation_node_to_result_node_with_the_reference_geometry(tmp_path, tiny_model, geometry):
+    mrml, reference, segmentation = scene_case(geometry)
+    job = write_job(tmp_path, tiny_model, segmentation, reference, steps=1)
+    progress = []
+
+    outcome = jobs.run_job(job, python=sys.executable, on_progress=progress.append)
+    node = scene.apply_outcome(outcome, mrml, name="condition synthesized", next_to=segmentation)
+
+    assert [(p.step, p.total) for p in progress] == [(1, 1)]
+    assert outcome.timings["total_s"] > 0
+    assert node.GetScene() is mrml and node.GetName() == "condition synthesized"
+    assert array_of(node).shape == SHAPE_KJI
+    np.testing.assert_allclose(matrix_of(node), matrix_of(reference), rtol=0, atol=1e-9)
+    assert np.isfinite(array_of(node)).all() and np.ptp(array_of(node)) > 0
+    assert json.loads((job.folder / jobs.JOB_DESCRIPTION).read_text())["arguments"][0] == "synthesize"
+
+
+def test_cancel_kills_the_worker_group_and_leaves_the_scene_unchanged(tmp_path, tiny_model):
+    mrml, reference, segmentation = scene_case("oblique")
+    output = add_volume(mrml, GEOMETRIES["anisotropic"], name="previous result")
+    kept = array_of(output).copy()
+    before = node_ids(mrml)
+    job = write_job(tmp_path, tiny_model, segmentation, reference, steps=1000)
+    run = jobs.WorkerRun(job, python=sys.executable)
+    while not run.poll():  # sampling has started
+        assert run.running, job.log_path.read_text()
+        time.sleep(0.1)
+
+    run.cancel()
+    outcome = run.wait(timeout=30)
+
+    assert outcome.status == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.pid, 0)
+    assert scene.apply_outcome(outcome, mrml, output_node=output, name="x", next_to=segmentation) is None
+    assert node_ids(mrml) == before
+    np.testing.assert_array_equal(array_of(output), kept)
+    assert not job.output.exists()
+
+
+def test_worker_failure_is_one_line_with_the_log_and_the_scene_is_unchanged(tmp_path):
+    mrml, reference, segmentation = scene_case("sheared")
+    output = add_volume(mrml, GEOMETRIES["oblique"], name="previous result")
+    kept_matrix = matrix_of(output)
+    before = node_ids(mrml)
+    job = scene.write_synthesis_job(
+        tmp_path / "job", segmentation, {scene.segment_names(segmentation).popitem()[0]: 1},
+        model="no-such-model", reference_volume_node=reference, steps=1,
+    )
+
+    outcome = jobs.WorkerRun(job, python=sys.executable).wait(timeout=120)
+
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    assert "no-such-model" in outcome.message and "\n" not in outcome.message
+    with pytest.raises(UserError, match=r"unknown model .* \(log: .*worker\.log\)"):
+        scene.apply_outcome(outcome, mrml, output_node=output, name="x", next_to=segmentation)
+    assert node_ids(mrml) == before
+    np.testing.assert_array_equal(matrix_of(output), kept_matrix)
+
+
+def test_a_worker_python_that_cannot_start_is_a_user_error(tmp_path):
+    job = jobs.synthesis_job(tmp_path, model="demo", segmentation=tmp_path / "s.nrrd")
+    with pytest.raises(UserError, match="cannot start the worker Python"):
+        jobs.WorkerRun(job, python=str(tmp_path / "no-python"))
+    with pytest.raises(UserError, match="does not run"):
+        jobs.probe_worker_python(str(tmp_path / "no-python"))
+
+
+def test_probe_reports_what_the_worker_python_has():
+    environment = jobs.probe_worker_python(sys.executable)
+    assert environment.missing == []
+    assert environment.torch_version
+    assert environment.summary().startswith("ready: torch")
+
+
+def test_job_command_lines():
+    folder = jobs.new_job_folder()
+    try:
+        job = jobs.synthesis_job(
+            folder, model="demo", segmentation=folder / "s.nrrd", modalities={"T2": folder / "t2.nrrd"},
+            seed=4,
+        )
+        assert job.arguments == [
+            "synthesize", "--model", "demo", "--segmentation", str(folder / "s.nrrd"),
+            "--modality", f"T2={folder / 't2.nrrd'}", "--output", str(folder / "result.nrrd"),
+            "--device", "auto", "--seed", "4",
+        ]
+        job = jobs.superres_job(folder, input_path=folder / "thick.nrrd", spacing=1.0)
+        assert job.arguments == [
+            "superres", "--input", str(folder / "thick.nrrd"), "--output", str(folder / "result.nrrd"),
+            "--spacing", "1.0",
+        ]
+    finally:
+        os.rmdir(folder)
