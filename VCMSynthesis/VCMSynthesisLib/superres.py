@@ -10,18 +10,25 @@ step that makes the result reproduce the acquired slabs.
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from VCMSynthesisLib import conditions
-from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig
-from VCMSynthesisLib.sampler import SamplingStats, sample
+from VCMSynthesisLib.errors import Cancelled, UsageError, UserError
+
+if TYPE_CHECKING:  # torch and the networks load only when a run starts (fast --help)
+    from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig
+    from VCMSynthesisLib.sampler import SamplingStats
+
+DEFAULT_MODEL = "demo-superres"
 
 #: Below this slice-to-in-plane spacing ratio a volume is not a thick-slice scan.
 MIN_THICKNESS_RATIO = 1.2
@@ -281,7 +288,14 @@ def super_resolve(
         (mean, std) float32 images on `output_grid`; std is the per-voxel standard deviation
         across samples (all zeros for one sample).
     """
+    import torch
+
+    from VCMSynthesisLib import conditions
+    from VCMSynthesisLib.sampler import sample
+
     check_superres_model(model.config)
+    if samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {samples}")
     axis = slice_geometry(thick).axis
     thick = sitk.Cast(thick, sitk.sitkFloat32)
     modality = model.config.modalities[0].name
@@ -292,7 +306,8 @@ def super_resolve(
         conditions.image_from_array(np.ones(condition.grid.GetSize(), np.float32), condition.grid),
         output_grid, labels=False, default_value=0.0,
     )
-    in_view = sitk.GetArrayFromImage(in_view) > 0.5
+    # Only voxels whose interpolation stays wholly inside the model grid (no blend with the fill).
+    in_view = sitk.GetArrayFromImage(in_view) > 1.0 - 1e-6
     interpolated = sitk.GetArrayFromImage(
         sitk.Resample(thick, output_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
     )
@@ -323,3 +338,120 @@ def super_resolve(
     mean.CopyInformation(output_grid)
     std.CopyInformation(output_grid)
     return mean, std
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _positive_mm(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of millimetres, got '{text}'") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of millimetres, got '{text}'")
+    return value
+
+
+def register(subparsers) -> None:
+    from VCMSynthesisLib.worker import DEVICES, _positive_int
+
+    parser = subparsers.add_parser(
+        "superres", help="super-resolve a thick-slice volume to an isotropic one",
+        description="Axial super-resolution: a thick-slice scan in, the same physical extent out on an "
+                    "isotropic grid with the same directions, in the input's intensity units.")
+    parser.add_argument("--input", type=Path, required=True, help="thick-slice volume (.nrrd, .nii.gz, .mha)")
+    parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"superres model name or folder "
+                                                               f"(default {DEFAULT_MODEL})")
+    parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
+                                                             "finest in-plane spacing)")
+    parser.add_argument("--samples", type=_positive_int, default=1,
+                        help="samples to average (posterior mean; default 1)")
+    parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
+                                                         "across samples (needs --samples 2 or more)")
+    parser.add_argument("--steps", type=_positive_int,
+                        help="denoising steps per sample (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
+    parser.add_argument("--progress", choices=("text", "json"), default="text",
+                        help="progress bar on stderr, or JSON lines on stdout")
+    parser.set_defaults(handler=run_superres_command)
+
+
+def run_superres_command(args: argparse.Namespace) -> int:
+    from VCMSynthesisLib.worker import SignalCancellation, emit_json
+
+    json_mode = args.progress == "json"
+    try:
+        with SignalCancellation() as cancellation:
+            return _run_superres(args, cancellation, json_mode)
+    except (UserError, Cancelled) as error:
+        if json_mode:
+            message = str(error) if isinstance(error, UserError) else "cancelled; nothing was written"
+            emit_json({"error": message})
+        raise
+    except Exception as error:
+        if json_mode:
+            emit_json({"error": f"internal error: {type(error).__name__}: {error}".splitlines()[0]})
+        raise
+
+
+def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
+    from VCMSynthesisLib.memory import check_memory
+    from VCMSynthesisLib.sampler import SamplingStats
+    from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volume_atomic
+    from VCMSynthesisLib.worker import JsonProgress, TextProgress, emit_json, load_model, process_age_s
+
+    started = process_age_s()
+    if args.uncertainty is not None:
+        if args.samples < 2:
+            raise UsageError("--uncertainty needs --samples 2 or more (one sample has no spread)")
+        if args.uncertainty.resolve() == args.output.resolve():
+            raise UsageError("--uncertainty and --output name the same file; give two different files")
+        check_output_writable(args.uncertainty)
+    check_output_writable(args.output)
+    thick = read_volume(args.input)
+    geometry = slice_geometry(thick)
+    grid = isotropic_grid(thick, args.spacing)
+
+    start = time.perf_counter()
+    model = load_model(args.model, args.device)
+    load_s = time.perf_counter() - start
+    trained = check_superres_model(model.config)
+    warning = None if trained is None else check_thickness(geometry, trained)
+    if warning is not None:
+        if json_mode:
+            emit_json({"warning": warning})
+        else:
+            print(f"warning: {warning}", file=sys.stderr)
+    check_memory(model.config, model.folder, model.device)
+
+    stats = SamplingStats()
+    start = time.perf_counter()
+    with cancellation.deferred():
+        cancellation.raise_if_requested()
+        mean, std = super_resolve(
+            model, thick, grid, samples=args.samples, steps=args.steps, seed=args.seed,
+            progress=JsonProgress() if json_mode else TextProgress(),
+            should_cancel=cancellation.should_cancel, stats=stats,
+        )
+        superres_s = time.perf_counter() - start
+        cancellation.raise_if_requested()
+        # The uncertainty first: the main output appears only once everything is written.
+        if args.uncertainty is not None:
+            write_volume_atomic(std, args.uncertainty)
+        output = write_volume_atomic(mean, args.output)
+    timings = {"startup_s": started, "load_s": load_s, "superres_s": superres_s, "model_s": stats.model_s,
+               "total_s": process_age_s()}
+    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
+    if json_mode:
+        result = {"result": str(output), "timings": timings}
+        if args.uncertainty is not None:
+            result["uncertainty"] = str(args.uncertainty)
+        emit_json(result)
+    else:
+        size = " x ".join(map(str, grid.GetSize()))
+        print(f"wrote {output} ({size} voxels at {grid.GetSpacing()[0]:g} mm; {superres_s:.1f} s "
+              f"super-resolution, {timings.get('total_s', 0):.1f} s in all)")
+    return 0

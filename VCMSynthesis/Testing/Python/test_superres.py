@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from tiny_models import TINY_STEPS, make_tiny_model_folder, tiny_config, tiny_networks
-from VCMSynthesisLib import superres
-from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib import cli, superres
+from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
 from VCMSynthesisLib.volumes import same_geometry
 
@@ -184,3 +185,80 @@ def test_a_model_for_another_task_is_refused(tmp_path):
     model = load_model_folder(make_tiny_model_folder(tmp_path / "synthesis"))
     with pytest.raises(UserError, match="superres model"):
         superres.super_resolve(model, thick_scan(), superres.isotropic_grid(thick_scan()))
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def run_cli(capsys, *arguments) -> tuple[int, list[dict], str]:
+    """`vcm-synthesis superres ... --progress json` in-process: (exit code, JSON lines, stderr)."""
+    code = cli.main(["superres", *map(str, arguments), "--progress", "json", "--device", "cpu"])
+    captured = capsys.readouterr()
+    return code, [json.loads(line) for line in captured.out.splitlines()], captured.err
+
+
+def write_scan(path, image: sitk.Image):
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_cli_writes_the_mean_and_the_uncertainty(tmp_path, capsys, tiny_superres_model):
+    scan = write_scan(tmp_path / "thick.nrrd", thick_scan(OBLIQUE))
+    output, spread = tmp_path / "thin.nii.gz", tmp_path / "std.nrrd"
+    code, lines, _ = run_cli(capsys, "--input", scan, "--output", output, "--model", tiny_superres_model,
+                             "--samples", 2, "--uncertainty", spread, "--spacing", 2.0)
+    assert code == 0
+    assert [line["step"] for line in lines[:-1]] == list(range(1, 2 * TINY_STEPS + 1))
+    assert lines[-1]["result"] == str(output) and lines[-1]["uncertainty"] == str(spread)
+    grid = superres.isotropic_grid(thick_scan(OBLIQUE), 2.0)
+    for path in (output, spread):
+        written = sitk.ReadImage(str(path))
+        assert written.GetSize() == grid.GetSize()
+        assert written.GetSpacing() == pytest.approx(grid.GetSpacing())
+        assert written.GetOrigin() == pytest.approx(grid.GetOrigin(), abs=1e-4)
+        assert written.GetDirection() == pytest.approx(grid.GetDirection(), abs=1e-6)
+    assert sitk.GetArrayViewFromImage(sitk.ReadImage(str(spread))).min() >= 0
+
+
+def test_cli_warns_about_a_thickness_outside_the_trained_range(tmp_path, capsys, tiny_superres_model):
+    scan = write_scan(tmp_path / "thick.nrrd", make_volume(smooth_random((5, 12, 12)) + 5, [1.5, 1.5, 9.0]))
+    code, lines, _ = run_cli(capsys, "--input", scan, "--output", tmp_path / "thin.nrrd",
+                             "--model", tiny_superres_model)
+    assert code == 0
+    assert "trained on 3-7 mm" in lines[0]["warning"]
+
+
+@pytest.mark.parametrize(
+    ("spacing", "size_zyx", "message"),
+    [
+        ([1.0, 1.0, 1.1], (8, 12, 12), "not a thick-slice volume"),
+        ([1.0, 1.0, 30.0], (4, 12, 12), "far beyond"),
+        ([1.0, 1.0, 5.0], (1, 12, 12), "2D image"),
+    ],
+    ids=["isotropic", "absurd-thickness", "2d"],
+)
+def test_cli_refuses_bad_inputs_in_one_line_and_writes_nothing(tmp_path, capsys, tiny_superres_model,
+                                                                spacing, size_zyx, message):
+    array = np.random.default_rng(1).random(size_zyx) + 5
+    scan = write_scan(tmp_path / "scan.nrrd", make_volume(array, spacing))
+    output = tmp_path / "thin.nrrd"
+    code, lines, _ = run_cli(capsys, "--input", scan, "--output", output, "--model", tiny_superres_model)
+    assert code == 1
+    assert message in lines[-1]["error"] and "\n" not in lines[-1]["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nrrd"]
+
+
+def test_cli_refuses_an_uncertainty_map_from_one_sample(tmp_path, capsys, tiny_superres_model):
+    scan = write_scan(tmp_path / "thick.nrrd", thick_scan())
+    code, lines, _ = run_cli(capsys, "--input", scan, "--output", tmp_path / "thin.nrrd",
+                             "--model", tiny_superres_model, "--uncertainty", tmp_path / "std.nrrd")
+    assert code == 2
+    assert "--samples 2 or more" in lines[-1]["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thick.nrrd"]
+
+
+def test_cancelling_between_steps_raises_and_leaves_nothing(tiny_superres_model):
+    model = load_model_folder(tiny_superres_model)
+    with pytest.raises(Cancelled):
+        superres.super_resolve(model, thick_scan(), superres.isotropic_grid(thick_scan()),
+                               should_cancel=lambda: True)
