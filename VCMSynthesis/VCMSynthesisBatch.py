@@ -176,7 +176,9 @@ def _label_mapping(
         except ValueError:
             raise UsageError(f"--label {name}={value}: the value must be an integer label value") from None
     mapping = {segment_id: value for segment_id, value in mapping.items() if value != 0}
-    unmatched = [names[segment_id] for segment_id in names if segment_id not in mapping]
+    unmatched = [
+        name for segment_id, name in names.items() if segment_id not in mapping and name not in labels
+    ]
     if unmatched:
         label_names = ", ".join(f"{entry['value']}={entry['name']}" for entry in table)
         raise UserError(

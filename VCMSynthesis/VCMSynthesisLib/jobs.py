@@ -215,6 +215,13 @@ class Outcome:
     timings: dict = field(default_factory=dict)
     exit_code: int | None = None
 
+    def raise_for_status(self) -> None:
+        """`UserError` (the worker's one line and its log path) on failure, `Cancelled` on cancel."""
+        if self.status == "failed":
+            raise UserError(f"{self.message} (worker log: {self.log_path})")
+        if self.status == "cancelled":
+            raise Cancelled(self.exit_code if self.exit_code in (EXIT_SIGINT, EXIT_SIGTERM) else EXIT_SIGTERM)
+
 
 class WorkerRun:
     """The worker process of one job; started on construction, polled without blocking.
@@ -395,9 +402,5 @@ def run_job(job: Job, python: str | None = None, on_progress=None, poll_interval
         if on_progress is not None:
             on_progress(progress)
     outcome = run.wait()
-    if outcome.status == "cancelled":
-        code = outcome.exit_code if outcome.exit_code in (EXIT_SIGINT, EXIT_SIGTERM) else EXIT_SIGTERM
-        raise Cancelled(code)
-    if outcome.status == "failed":
-        raise UserError(f"{outcome.message} (worker log: {outcome.log_path})")
+    outcome.raise_for_status()
     return outcome

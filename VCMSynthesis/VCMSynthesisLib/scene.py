@@ -273,8 +273,7 @@ def apply_outcome(outcome: jobs.Outcome, scene, *, output_node=None, name: str, 
     """
     if outcome.status == "cancelled":
         return None
-    if outcome.status == "failed":
-        raise UserError(f"{outcome.message} (log: {outcome.log_path})")
+    outcome.raise_for_status()
     return load_result(outcome.result, scene, output_node=output_node, name=name, next_to=next_to)
 
 

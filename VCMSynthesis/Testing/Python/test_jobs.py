@@ -108,7 +108,7 @@ def test_worker_failure_is_one_line_with_the_log_and_the_scene_is_unchanged(tmp_
 
     assert outcome.status == "failed" and outcome.exit_code == 1
     assert "no-such-model" in outcome.message and "\n" not in outcome.message
-    with pytest.raises(UserError, match=r"unknown model .* \(log: .*worker\.log\)"):
+    with pytest.raises(UserError, match=r"unknown model .* \(worker log: .*worker\.log\)"):
         scene.apply_outcome(outcome, mrml, output_node=output, name="x", next_to=segmentation)
     assert node_ids(mrml) == before
     np.testing.assert_array_equal(matrix_of(output), kept_matrix)

@@ -1,0 +1,141 @@
+"""`python VCMSynthesis/VCMSynthesisBatch.py ...` run as a subprocess, as a researcher runs it."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicer
+from slicer_scenes import (
+    GEOMETRIES,
+    SHAPE_KJI,
+    add_segmentation,
+    add_volume,
+    array_of,
+    blob_labelmap,
+    matrix_of,
+)
+from slicer_scenes import new_scene as new_mrml_scene
+from tiny_models import make_tiny_model_folder
+from VCMSynthesisLib import scene
+
+SCRIPT = Path(__file__).resolve().parents[2] / "VCMSynthesisBatch.py"
+
+
+def run_batch(*arguments, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )
+
+
+def load_batch_module():
+    spec = importlib.util.spec_from_file_location("VCMSynthesisBatch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_seg_nrrd(path: Path, names: dict[int, str]):
+    """A `.seg.nrrd` saved by slicer-core's storage node, drawn on a sheared reference."""
+    mrml = new_mrml_scene()
+    reference = add_volume(mrml, GEOMETRIES["sheared"])
+    segmentation = add_segmentation(mrml, reference, blob_labelmap(), names)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(segmentation)
+    return reference
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny", modalities=None)
+
+
+def test_seg_nrrd_to_a_volume_on_its_reference_geometry(tmp_path, tiny_model):
+    reference = write_seg_nrrd(tmp_path / "case.seg.nrrd", {1: "label 1", 2: "Label 2", 3: "lesion"})
+    output = tmp_path / "out" / "t1.nrrd"
+
+    completed = run_batch(
+        "--segmentation", tmp_path / "case.seg.nrrd", "--output", output, "--model", tiny_model,
+        "--label", "lesion=3", "--steps", "1", "--device", "cpu",
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == str(output)
+    assert "step 1/1" in completed.stderr
+    result = scene.read_volume_file(output)
+    # The .seg.nrrd stores a cropped labelmap; the result covers the full reference grid.
+    assert array_of(result).shape == SHAPE_KJI
+    np.testing.assert_allclose(matrix_of(result), matrix_of(reference), rtol=0, atol=1e-9)
+    assert [path.name for path in output.parent.iterdir()] == ["t1.nrrd"]
+
+
+def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path, tiny_model):
+    write_seg_nrrd(tmp_path / "a.seg.nrrd", {1: "label 1", 2: "label 2", 3: "tumour"})
+    labelmap = tmp_path / "b.nrrd"
+    mrml = new_mrml_scene()
+    scene.export_volume(add_volume(mrml, GEOMETRIES["oblique"], blob_labelmap().astype(np.int16)), labelmap)
+    table = tmp_path / "cases.csv"
+    table.write_text(
+        "segmentation,output,reference\n"
+        "a.seg.nrrd,a-out.nrrd,\n"
+        "b.nrrd,b-out.nrrd,b.nrrd\n"
+        "missing.seg.nrrd,,\n"
+    )
+
+    completed = run_batch("--cases", table, "--output-dir", tmp_path / "out", "--model", tiny_model)
+
+    assert completed.returncode == 1
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4, completed.stderr
+    assert "case 1/3 (a.seg.nrrd): segment(s) tumour of" in errors[0]
+    assert "case 2/3 (b.nrrd): a reference geometry needs a .seg.nrrd input" in errors[1]
+    assert "missing.seg.nrrd' does not exist" in errors[2]
+    assert errors[3] == "error: 3 of 3 cases failed (see above)"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code", "message"),
+    [
+        (["--segmentation", "x.seg.nrrd"], 2, "--output FILE is needed"),
+        (["--cases", "cases.csv"], 2, "--output-dir FOLDER is needed"),
+        (["--segmentation", "missing.seg.nrrd", "--output", "o.nrrd"], 1, "does not exist; check the path"),
+        (["--segmentation", "x.seg.nrrd", "--output", "o.nrrd", "--modality", "T2"], 2, "NAME=VALUE"),
+        (["--output", "o.nrrd"], 2, "one of the arguments"),
+    ],
+)
+def test_command_line_mistakes_are_one_line_errors(tmp_path, arguments, code, message):
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert completed.returncode == code
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_unmatched_segment_names_say_how_to_map_them(tmp_path, tiny_model):
+    batch = load_batch_module()
+    names = {"S1": "label 1", "S2": "tumour"}
+    table = scene.model_label_table(tiny_model)
+    with pytest.raises(batch.UserError, match=r"segment\(s\) tumour .* --label 'SEGMENT=VALUE'"):
+        batch._label_mapping(names, {}, table, tmp_path / "c.seg.nrrd")
+    assert batch._label_mapping(names, {"tumour": "3"}, table, tmp_path / "c.seg.nrrd") == {"S1": 1, "S2": 3}
+    assert batch._label_mapping(names, {"tumour": "0"}, table, tmp_path / "c.seg.nrrd") == {"S1": 1}
+
+
+def test_a_folder_of_cases(tmp_path):
+    batch = load_batch_module()
+    for name in ("b.seg.nrrd", "a.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    cases = batch.cases_from_folder(tmp_path, tmp_path / "out")
+    assert [(case.segmentation.name, case.output.name) for case in cases] == [
+        ("a.nii.gz", "a_synthesized.nrrd"),
+        ("b.seg.nrrd", "b_synthesized.nrrd"),
+    ]
