@@ -101,7 +101,8 @@ def add_segmentation(
     scene.AddNode(labelmap_node)
     labelmap_node.SetAndObserveImageData(image_from_array(labelmap))
     labelmap_node.SetIJKToRASMatrix(vtk_matrix(matrix_of(reference)))
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap_node, segmentation)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert logic.ImportLabelmapToSegmentationNode(labelmap_node, segmentation)
     scene.RemoveNode(labelmap_node)
     segments = segmentation.GetSegmentation()
     for index in range(segments.GetNumberOfSegments()):
