@@ -325,7 +325,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         parameters = self._parameterNode
         self.startRun(
-            lambda: self.logic.startSuperResolution(parameters.superResolutionInput, seed=parameters.seed)
+            lambda: self.logic.startSuperResolution(
+                parameters.superResolutionInput, steps=parameters.steps, seed=parameters.seed,
+                device=parameters.device,
+            )
         )
 
     def startRun(self, start) -> None:
@@ -534,14 +537,16 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         return self._start(job, "synthesis", outputVolumeNode, segmentationNode.GetName() + " synthesized",
                            segmentationNode)
 
-    def startSuperResolution(self, volumeNode, *, model=None, spacing=None, samples=None, seed=None,
-                             outputVolumeNode=None):
+    def startSuperResolution(self, volumeNode, *, model=None, spacing=None, samples=None, steps=None,
+                             seed=None, device="auto", outputVolumeNode=None):
+        """Export the thick-slice volume and start `vcm-synthesis superres` on it."""
         if self.isRunning():
             raise UserError(_("a run is already in progress; wait for it or cancel it"))
         if volumeNode is None:
             raise UserError(_("no thick-slice volume selected; pick one"))
         job = scene.write_superres_job(
-            jobs.new_job_folder(), volumeNode, model=model, spacing=spacing, samples=samples, seed=seed
+            jobs.new_job_folder(), volumeNode, model=model, spacing=spacing, samples=samples, steps=steps,
+            seed=seed, device=device,
         )
         name = volumeNode.GetName() + " super-resolved"
         return self._start(job, "superres", outputVolumeNode, name, volumeNode)

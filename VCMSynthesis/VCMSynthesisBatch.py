@@ -260,7 +260,9 @@ def _run(arguments: argparse.Namespace) -> int:
             model=arguments.model,
             spacing=arguments.spacing,
             samples=arguments.samples,
+            steps=arguments.steps,
             seed=arguments.seed,
+            device=arguments.device,
         )
         jobs.run_job(job, python=arguments.python, on_progress=_print_progress(arguments.superres.name))
         if not arguments.keep_job_folders:

@@ -99,12 +99,16 @@ def superres_job(
     model: str | None = None,
     spacing: float | None = None,
     samples: int | None = None,
+    steps: int | None = None,
     seed: int | None = None,
+    device: str = "auto",
 ) -> Job:
     """The `vcm-synthesis superres` job (axial super-resolution of a thick-slice scan)."""
     output = Path(output) if output is not None else folder / RESULT_NAME
-    arguments = ["superres", "--input", str(input_path), "--output", str(output)]
-    for flag, value in (("--model", model), ("--spacing", spacing), ("--samples", samples), ("--seed", seed)):
+    arguments = ["superres", "--input", str(input_path), "--output", str(output), "--device", device]
+    options = (("--model", model), ("--spacing", spacing), ("--samples", samples), ("--steps", steps),
+               ("--seed", seed))
+    for flag, value in options:
         if value is not None:
             arguments += [flag, str(value)]
     return Job(folder=Path(folder), arguments=arguments, output=output)

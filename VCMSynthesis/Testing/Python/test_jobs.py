@@ -6,6 +6,7 @@ as a child process in its own process group, its JSON-lines progress, Cancel by 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -24,9 +25,10 @@ from slicer_scenes import (
     new_scene,
     node_ids,
 )
-from tiny_models import make_tiny_model_folder
+from tiny_models import make_tiny_model_folder, tiny_config, tiny_networks
 from VCMSynthesisLib import jobs, scene
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_folder import save_model_folder
 
 SEGMENT_NAMES = {1: "label 1", 2: "label 2", 3: "label 3"}  # tiny models name label k "label k"
 
@@ -69,6 +71,30 @@ def test_segmentation_node_to_result_node_with_the_reference_geometry(tmp_path, 
     np.testing.assert_allclose(matrix_of(node), matrix_of(reference), rtol=0, atol=1e-9)
     assert np.isfinite(array_of(node)).all() and np.ptp(array_of(node)) > 0
     assert json.loads((job.folder / jobs.JOB_DESCRIPTION).read_text())["arguments"][0] == "synthesize"
+
+
+def test_superres_button_path_puts_an_isotropic_volume_next_to_the_input(tmp_path):
+    config = dataclasses.replace(
+        tiny_config(labels=None, modalities=("thick",), task="superres", name="tiny-superres"),
+        metadata={"superres": {"thickness_mm": [3.0, 7.0]}},
+    )
+    model = save_model_folder(tmp_path / "tiny-superres", config, *tiny_networks(config))
+    mrml = new_scene()
+    directions = GEOMETRIES["oblique"][:3, :3] / 1.5
+    thick_affine = np.eye(4)
+    thick_affine[:3, :3] = directions @ np.diag([1.5, 1.5, 5.0])
+    thick_affine[:3, 3] = (10.0, -20.0, 5.0)
+    smooth = np.fromfunction(lambda k, j, i: np.sin(i / 3.0) + np.cos(j / 4.0) + k / 3.0, (6, 20, 22))
+    thick = add_volume(mrml, thick_affine, (100.0 * smooth).astype(np.float32), name="thick T1")
+    job = scene.write_superres_job(tmp_path / "job", thick, model=str(model), device="cpu", steps=1)
+
+    node = scene.apply_outcome(jobs.run_job(job, python=sys.executable), mrml, name="thin T1", next_to=thick)
+
+    result = matrix_of(node)
+    spacing = np.linalg.norm(result[:3, :3], axis=0)
+    np.testing.assert_allclose(spacing, spacing[0], rtol=1e-6)  # isotropic
+    np.testing.assert_allclose(result[:3, :3] / spacing, directions, atol=1e-6)  # same directions
+    assert np.isfinite(array_of(node)).all()
 
 
 def test_cancel_kills_the_worker_group_and_leaves_the_scene_unchanged(tmp_path, tiny_model):
@@ -141,10 +167,10 @@ def test_job_command_lines():
             "--modality", f"T2={folder / 't2.nrrd'}", "--output", str(folder / "result.nrrd"),
             "--device", "auto", "--seed", "4",
         ]
-        job = jobs.superres_job(folder, input_path=folder / "thick.nrrd", spacing=1.0)
+        job = jobs.superres_job(folder, input_path=folder / "thick.nrrd", spacing=1.0, device="cpu")
         assert job.arguments == [
             "superres", "--input", str(folder / "thick.nrrd"), "--output", str(folder / "result.nrrd"),
-            "--spacing", "1.0",
+            "--device", "cpu", "--spacing", "1.0",
         ]
     finally:
         os.rmdir(folder)
