@@ -230,7 +230,11 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if segmentationNode is None or not name:
             return
         names = scene.segment_names(segmentationNode)
-        labels = [label for label in self.logic.labelTable(name) if label["value"] != 0]
+        try:
+            labels = [label for label in self.logic.labelTable(name) if label["value"] != 0]
+        except UserError as error:
+            self.showStatus(str(error), error=True)
+            return
         preselected = scene.default_label_mapping(names, labels)
         table.setRowCount(len(names))
         for row, (segmentId, name) in enumerate(names.items()):
@@ -260,7 +264,11 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateModalityTable(self) -> None:
         table = self.ui.modalityTable
         table.setRowCount(0)
-        config = self.logic.modelConfig(self.ui.modelComboBox.currentData)
+        try:
+            config = self.logic.modelConfig(self.ui.modelComboBox.currentData)
+        except UserError as error:
+            self.showStatus(str(error), error=True)
+            config = None
         modalities = [modality.name for modality in config.modalities] if config else []
         table.setRowCount(len(modalities))
         for row, name in enumerate(modalities):
@@ -409,6 +417,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         self.activeTask = None
         self.lastTask = None
         self.lastEnvironmentSummary = ""
+        self._completeWorkerPythons = set()
 
     def getParameterNode(self):
         return VCMSynthesisParameterNode(super().getParameterNode())
@@ -425,7 +434,12 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         return self.configuredWorkerPython() or jobs.default_python()
 
     def workerHasDependencies(self, askToInstall: bool = True) -> bool:
-        """Check the worker Python; for Slicer's own Python offer a one-confirmation install."""
+        """Check the worker Python; for Slicer's own Python offer a one-confirmation install.
+
+        A Python found complete is not probed again in this session (probing imports torch).
+        """
+        if self.workerPython() in self._completeWorkerPythons:
+            return True
         with slicer.util.WaitCursor():
             try:
                 environment = jobs.probe_worker_python(self.workerPython())
@@ -435,6 +449,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
                 return False
         self.lastEnvironmentSummary = environment.summary()
         if not environment.missing:
+            self._completeWorkerPythons.add(environment.python)
             return True
         if self.configuredWorkerPython():
             slicer.util.errorDisplay(
@@ -455,6 +470,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         if environment.missing:
             slicer.util.errorDisplay(self.lastEnvironmentSummary)
             return False
+        self._completeWorkerPythons.add(environment.python)
         if not environment.cuda:
             slicer.util.infoDisplay(self.lastEnvironmentSummary)
         return True
