@@ -149,6 +149,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._pollTimer.stop()
         self.logic.cancel()
         self.removeObservers()
 
