@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +264,29 @@ def test_cancelling_between_steps_raises_and_leaves_nothing(tiny_superres_model)
     with pytest.raises(Cancelled):
         superres.super_resolve(model, thick_scan(), superres.isotropic_grid(thick_scan()),
                                should_cancel=lambda: True)
+
+
+# --- training data ----------------------------------------------------------------------------
+
+
+def test_simulated_thick_slices_tile_the_volume_with_slab_averages():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "training"))
+    from simulate_thick_slices import axial_axis, simulate_thick_slices
+
+    z = np.arange(30, dtype=np.float32)
+    truth = make_volume(np.broadcast_to((2.0 * z + 1.0)[:, None, None], (30, 8, 10)), [2.0, 2.0, 2.0],
+                        direction=[-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0])
+    assert axial_axis(truth) == 2
+    thick = simulate_thick_slices(truth, thickness_mm=5.0, offset_mm=1.3)
+    assert thick.GetSpacing() == pytest.approx((2.0, 2.0, 5.0))
+    assert thick.GetDirection() == truth.GetDirection()
+    first, last = superres.footprint_corners(thick)
+    truth_first, truth_last = superres.footprint_corners(truth)
+    assert first[2] == pytest.approx(truth_first[2] - 1.3)  # the offset moves the first slab
+    assert last[2] >= truth_last[2] and last[2] - 5.0 < truth_last[2]  # the slabs cover the volume
+    # Inside the volume a slab of a ramp averages to the ramp at the slab's centre.
+    centres_mm = truth_first[2] - 1.3 + 2.5 + 5.0 * np.arange(thick.GetSize()[2])
+    centres_index = (centres_mm - truth.GetOrigin()[2]) / 2.0
+    inner = slice(1, thick.GetSize()[2] - 1)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(thick)[inner, 3, 4], 2.0 * centres_index[inner] + 1.0,
+                               rtol=1e-5)
