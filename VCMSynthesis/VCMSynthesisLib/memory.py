@@ -1,0 +1,104 @@
+"""Memory guard: refuse a job that will not fit before it starts, with a way out.
+
+The peak of a synthesis run is the autoencoder's decoder at the full model grid: its last
+levels hold a few feature maps of `max(channels[0], channels[1])` channels at every voxel
+(the upsampling output, a residual block's input, normalisation and convolution outputs),
+next to the weights and the condition channels. `ACTIVATION_MAPS` (how many such maps are
+alive at once) was calibrated against measured peaks with `bench/bench_memory.py`, which
+prints estimate against measurement; the margin covers the allocator and PyTorch's own use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_folder import ModelConfig
+
+ACTIVATION_MAPS = 6.0
+MARGIN_BYTES = 256 * 2**20
+
+
+def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device) -> int:
+    """Estimated peak memory of one synthesis run at the model grid on `device`.
+
+    Args:
+        config: the model's config (grid, networks, conditions).
+        folder: the model folder; its weight files' sizes count as the parameters.
+        device: "cpu" or "cuda" (half-precision activations under CUDA autocast).
+    """
+    folder = Path(folder)
+    specs = [config.autoencoder, config.diffusion] + ([config.adapter] if config.adapter else [])
+    files = [folder / spec.weights for spec in specs]
+    weights = sum(path.stat().st_size for path in files if path.is_file())
+    voxels = int(np.prod(config.grid.size))
+    channels = config.autoencoder.params["channels"]
+    widest = max(channels[:2])
+    if config.adapter is not None:
+        widest = max(widest, config.adapter.params.get("encoder_channels", [0])[0])
+    activation_bytes = 2 if torch.device(device).type == "cuda" else 4
+    activations = ACTIVATION_MAPS * widest * voxels * activation_bytes
+    conditions = (len(config.condition_channel_names) + 1) * voxels * 4
+    return int(weights + activations + conditions + MARGIN_BYTES)
+
+
+def available_bytes(device: str | torch.device) -> int:
+    """Memory this process can still get: free GPU memory, or the CPU's available RAM.
+
+    On the CPU, the smaller of /proc/meminfo's MemAvailable and the cgroup (container) limit.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    available = _meminfo_available()
+    limit = _cgroup_headroom()
+    candidates = [value for value in (available, limit) if value is not None]
+    return min(candidates) if candidates else 2**63
+
+
+def check_memory(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
+                 available: int | None = None) -> None:
+    """Raise a UserError when the run's estimated peak exceeds `available` bytes.
+
+    Args:
+        available: bytes the run may use; None measures them on `device`.
+    """
+    needed = estimate_peak_bytes(config, folder, device)
+    available = available_bytes(device) if available is None else available
+    if needed <= available:
+        return
+    device = torch.device(device)
+    size = "x".join(str(s) for s in config.grid.size)
+    advice = ("run on the CPU (--device cpu) or free GPU memory" if device.type == "cuda"
+              else "close other programs, use a machine with more RAM or a GPU")
+    raise UserError(
+        f"model '{config.name}' needs about {needed / 2**30:.1f} GiB on {device.type} at its {size} grid, "
+        f"but only {available / 2**30:.1f} GiB is available; {advice}, or use a model with a smaller grid "
+        "(a smaller region)"
+    )
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        return int(limit) - current
+    except (OSError, ValueError):
+        return None

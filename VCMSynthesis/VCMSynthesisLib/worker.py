@@ -1,0 +1,403 @@
+"""`vcm-synthesis synthesize` and `models`: the background process that Slicer starts.
+
+One run: check the output path, load the model, assemble the conditions (`conditions.py`),
+check the memory the job needs (`memory.py`), sample (`sampler.py`), map the result back onto
+the reference geometry and write it atomically (`volumes.py`). With `--progress json`, stdout
+carries one JSON object a line, flushed:
+
+    {"step": k, "total": N, "elapsed_s": ..., "eta_s": ...}     after each denoising step
+    {"result": "<output path>", "timings": {...}}                 at the end
+    {"error": "<one line>"}                                       on failure (plus the exit code)
+
+SIGINT and SIGTERM stop the run within `SignalCancellation.GRACE_S` and leave no output;
+exit codes are those of `errors.py`. Heavy imports (torch, MONAI) happen inside the handlers so
+that usage errors and `--help` come back at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UserError
+
+if TYPE_CHECKING:
+    from VCMSynthesisLib.model_folder import LoadedModel
+
+DEVICES = ("auto", "cpu", "cuda")
+_MISSING = {"shipped": ", missing", "download": ", not downloaded", "user": ", missing"}
+
+
+@dataclass
+class SynthesisRequest:
+    """One synthesis job: conditions in, one volume out.
+
+    Args:
+        segmentation: labelmap or `.seg.nrrd`; the output takes its geometry. None for models
+            without a label table (the first modality is then the reference).
+        modalities: modality name (as the model names it) -> volume file.
+        output: the volume to write (.nrrd, .nii.gz, .nii, .mha).
+        steps: denoising steps (None: the model's default).
+        seed: random seed; the same seed gives the same image on the same device.
+        guided: False samples the base model alone, ignoring the adapter.
+    """
+
+    segmentation: Path | None
+    modalities: dict[str, Path]
+    output: Path
+    steps: int | None = None
+    seed: int = 0
+    guided: bool = True
+
+    @property
+    def reference_path(self) -> Path:
+        return self.segmentation if self.segmentation is not None else next(iter(self.modalities.values()))
+
+
+@dataclass
+class SynthesisResult:
+    output: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class SignalCancellation:
+    """SIGINT/SIGTERM -> `Cancelled` (exit 130/143) within `GRACE_S`, with nothing written.
+
+    The handler raises `Cancelled` at once (the sampler's `should_cancel` also sees the
+    request). Python runs handlers only between bytecodes, so a signal that arrives inside one
+    long native call (a large model's step on the CPU) waits for it to return; a watchdog
+    therefore ends the process with `os._exit` if it still runs `GRACE_S` later. That is safe
+    because nothing is written outside `writing()`, during which signals are only recorded
+    (the write completes, and the next `raise_if_requested()` stops the run). Leaving the
+    `with` block stops the watchdog, so in-process callers (tests, batch) are never killed.
+
+    Args:
+        farewell: called before a watchdog exit (e.g. to print the JSON error line).
+    """
+
+    GRACE_S = 1.0
+
+    def __init__(self, farewell: Callable[[], None] | None = None) -> None:
+        self.exit_code: int | None = None
+        self.farewell = farewell
+        self._closed = False
+        self._writing = False
+        self._previous: dict[int, Any] = {}
+        self._watchdog: threading.Timer | None = None
+        self._lock = threading.RLock()  # the handler runs on the main thread
+
+    def __enter__(self) -> SignalCancellation:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._closed = True  # the watchdog must not fire any more
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        with self._lock:
+            if self.exit_code is None:
+                self.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+            if self._closed or self._writing:
+                return
+            if self._watchdog is None:
+                self._watchdog = threading.Timer(self.GRACE_S, self._force_exit)
+                self._watchdog.daemon = True
+                self._watchdog.start()
+        raise Cancelled(self.exit_code)
+
+    def _force_exit(self) -> None:
+        with self._lock:
+            if self._closed or self._writing:
+                return
+            if self.farewell is not None:
+                self.farewell()
+            os._exit(self.exit_code)
+
+    def should_cancel(self) -> bool:
+        return self.exit_code is not None
+
+    def raise_if_requested(self) -> None:
+        if self.exit_code is not None:
+            raise Cancelled(self.exit_code)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """A block that signals do not interrupt (a request raises `Cancelled` before it)."""
+        with self._lock:
+            self.raise_if_requested()
+            self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when PyTorch sees a GPU, else "cpu"; "cuda" without one is an error."""
+    import torch
+
+    if name not in DEVICES:
+        raise UserError(f"unknown device '{name}'; use one of {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "cpu"
+    if name == "cuda" and not cuda:
+        raise UserError("device cuda was asked for, but this PyTorch sees no CUDA GPU; "
+                        "use --device cpu (or install a CUDA build of PyTorch)")
+    return name
+
+
+def load_model(name_or_folder: str, device: str) -> LoadedModel:
+    """A registry name or a model folder, loaded on `device` ("auto", "cpu" or "cuda")."""
+    from VCMSynthesisLib.model_folder import load_model_folder
+    from VCMSynthesisLib.registry import resolve_model
+
+    return load_model_folder(resolve_model(name_or_folder), resolve_device(device))
+
+
+def synthesize(
+    model: LoadedModel,
+    request: SynthesisRequest,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    cancellation: SignalCancellation | None = None,
+    available_memory: int | None = None,
+) -> SynthesisResult:
+    """Run one request with a loaded model; the output appears complete or not at all.
+
+    Args:
+        model: from `load_model`.
+        request: inputs, output and sampling settings.
+        progress: called as `progress(step, total)` after each denoising step.
+        cancellation: polled between steps; None runs to the end.
+        available_memory: bytes the job may use (default: measured on the model's device).
+    """
+    import torch
+
+    from VCMSynthesisLib.conditions import assemble_conditions
+    from VCMSynthesisLib.memory import check_memory
+    from VCMSynthesisLib.sampler import SamplingStats, sample
+    from VCMSynthesisLib.volumes import (
+        check_output_writable,
+        read_segmentation,
+        read_volume,
+        write_volume_atomic,
+    )
+
+    cancellation = cancellation or SignalCancellation()
+    timings: dict[str, float] = {}
+    config = model.config
+    check_output_writable(request.output)
+    check_memory(config, model.folder, model.device, available=available_memory)
+
+    start = time.perf_counter()
+    segmentation = read_segmentation(request.segmentation) if request.segmentation is not None else None
+    volumes = {name: read_volume(path) for name, path in request.modalities.items()}
+    conditions = assemble_conditions(config, segmentation, volumes,
+                                     {name: str(path) for name, path in request.modalities.items()})
+    condition = torch.from_numpy(conditions.channels).unsqueeze(0)
+    timings["conditions_s"] = time.perf_counter() - start
+
+    stats = SamplingStats()
+    start = time.perf_counter()
+    try:
+        image = sample(model, condition, steps=request.steps, seed=request.seed, guided=request.guided,
+                       progress=progress, should_cancel=cancellation.should_cancel, stats=stats)
+    except Cancelled:
+        raise Cancelled(cancellation.exit_code or EXIT_SIGINT) from None
+    timings["sampling_s"] = time.perf_counter() - start
+    timings.update(model_s=stats.model_s, base_s=stats.base_s, adapter_s=stats.adapter_s,
+                   decoder_s=stats.decoder_s)
+    start = time.perf_counter()
+    result = conditions.to_reference(image[0, 0].numpy(), default_value=config.intensity_range[0])
+    with cancellation.writing():
+        output = write_volume_atomic(result, request.output, reference=request.reference_path)
+    timings["write_s"] = time.perf_counter() - start
+    return SynthesisResult(output=output, timings=timings)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _modality(text: str) -> tuple[str, Path]:
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise argparse.ArgumentTypeError(f"must be NAME=FILE (e.g. T2=t2.nrrd), got '{text}'")
+    return name, Path(path)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "synthesize", help="synthesize a volume from a segmentation and/or modalities",
+        description="Synthesize one volume with a VCM model; the output has the geometry of the "
+                    "segmentation (or of the first modality).")
+    parser.add_argument("--model", required=True, help="model name (see `vcm-synthesis models`) or folder")
+    parser.add_argument("--segmentation", type=Path, help="labelmap (.nrrd, .nii.gz) or Slicer .seg.nrrd")
+    parser.add_argument("--modality", type=_modality, action="append", default=[], metavar="NAME=FILE",
+                        help="a modality condition, e.g. T2=t2.nrrd (repeatable)")
+    parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
+    parser.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
+    parser.add_argument("--progress", choices=("text", "json"), default="text",
+                        help="progress bar on stderr, or JSON lines on stdout")
+    parser.add_argument("--unguided", action="store_true",
+                        help="sample the base model alone, without the adapter (for comparison)")
+    parser.set_defaults(handler=run_synthesize_command)
+
+    models = subparsers.add_parser("models", help="list the models this installation can use",
+                                   description="List shipped and downloaded models.")
+    models.add_argument("--json", action="store_true", help="one JSON object per model")
+    models.set_defaults(handler=run_models_command)
+
+
+def emit_json(payload: dict[str, Any]) -> None:
+    """One JSON object on one line of stdout, flushed at once (the reader is another process)."""
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+class JsonProgress:
+    """`{"step", "total", "elapsed_s", "eta_s"}` lines, timed from the first call's setup."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self, step: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        emit_json({"step": step, "total": total, "elapsed_s": round(elapsed, 3),
+                   "eta_s": round(elapsed / step * (total - step), 3)})
+
+
+class TextProgress:
+    """A tqdm bar on stderr."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, step: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="sampling", unit="step", file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+        if step == total:
+            self.bar.close()
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where unknown."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_synthesize_command(args: argparse.Namespace) -> int:
+    json_mode = args.progress == "json"
+
+    def farewell() -> None:
+        if json_mode:
+            emit_json({"error": "cancelled; nothing was written"})
+        print("cancelled: nothing was written", file=sys.stderr, flush=True)
+
+    try:
+        with SignalCancellation(farewell) as cancellation:
+            return _run_synthesize(args, cancellation, json_mode)
+    except Cancelled as cancelled:
+        # This handler is the worker process's entry point. Interpreter teardown with MONAI
+        # loaded takes 0.5-2 s, too much of the 2 s a Cancel may take; nothing is left to
+        # clean up (no file was written), so end here.
+        farewell()
+        sys.stdout.flush()
+        os._exit(cancelled.exit_code)
+    except UserError as error:
+        if json_mode:
+            emit_json({"error": str(error)})
+        raise
+    except Exception as error:
+        if json_mode:
+            emit_json({"error": f"internal error: {type(error).__name__}: {error}".splitlines()[0]})
+        raise
+
+
+def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, json_mode: bool) -> int:
+    started = process_age_s()
+    modalities = dict(args.modality)
+    if len(modalities) != len(args.modality):
+        raise UserError("a modality was given twice; give each --modality NAME=FILE once")
+    if args.segmentation is None and not modalities:
+        raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
+    request = SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
+                               steps=args.steps, seed=args.seed, guided=not args.unguided)
+    from VCMSynthesisLib.volumes import check_output_writable
+
+    check_output_writable(request.output)
+    start = time.perf_counter()
+    model = load_model(args.model, args.device)
+    load_s = time.perf_counter() - start
+    # Everything imported so far lives until exit: keep the garbage collector off it, which
+    # also cuts interpreter teardown (MONAI's many modules) from ~1.7 s to ~0.4 s.
+    gc.freeze()
+    progress = JsonProgress() if json_mode else TextProgress()
+    result = synthesize(model, request, progress=progress, cancellation=cancellation)
+    timings = {"startup_s": started, "load_s": load_s, **result.timings,
+               "total_s": process_age_s()}
+    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
+    if json_mode:
+        emit_json({"result": str(result.output), "timings": timings})
+    else:
+        print(f"wrote {result.output} ({timings.get('sampling_s', 0):.1f} s sampling, "
+              f"{timings.get('total_s', 0):.1f} s in all)")
+    return 0
+
+
+def run_models_command(args: argparse.Namespace) -> int:
+    from VCMSynthesisLib.registry import list_models
+
+    entries = list_models()
+    if args.json:
+        for entry in entries:
+            emit_json({"name": entry.name, "task": entry.task, "description": entry.description,
+                       "conditions": entry.conditions, "source": entry.source, "folder": str(entry.folder),
+                       "available": entry.available})
+        return 0
+    header = ("name", "task", "conditions", "where")
+    rows = [header] + [
+        (entry.name, entry.task, entry.conditions,
+         f"{entry.folder} ({entry.source}{'' if entry.available else _MISSING[entry.source]})")
+        for entry in entries
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
