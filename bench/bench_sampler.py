@@ -1,0 +1,177 @@
+"""Benchmark of the modulated sampler: per-step time of the base model and of VCM, sampling,
+decoding and peak memory, as medians of several runs.
+
+Each case runs in its own subprocess so that its peak RSS is its own. Cases:
+  tiny   the test suite's tiny model (16^3 grid, latent 3x4x4x4)
+  demo   the shipped demo model, if `VCMSynthesis/Resources/Models/demo` exists
+  paper  the paper's sizes with random weights: BrainLDM (MONAI model zoo) with the paper's VCM,
+         160x224x160 image, latent 3x20x28x20
+
+Usage: .venv/bin/python bench/bench_sampler.py [--cases tiny,demo,paper] [--device cpu|cuda]
+       [--repeats 3] [--steps 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_FOLDER = REPO / "VCMSynthesis" / "Resources" / "Models" / "demo"
+
+
+def _tiny_model(device: torch.device):
+    sys.path.insert(0, str(REPO / "VCMSynthesis" / "Testing" / "Python"))
+    from tiny_models import tiny_config, tiny_networks
+
+    return _random_model(tiny_config(), tiny_networks(tiny_config()), device)
+
+
+def _paper_model(device: torch.device):
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+    from VCMSynthesisLib import checkpoints as ck
+    from VCMSynthesisLib.model_folder import ModelConfig
+    from VCMSynthesisLib.networks import PAPER_VCM_PARAMS, VCM
+
+    config = ModelConfig.from_dict({
+        "format_version": 1, "name": "paper-sizes", "task": "synthesis", "description": "random weights",
+        "grid": ck.BRAINLDM_GRID, "intensity": {"range": list(ck.BRAINLDM_INTENSITY_RANGE)},
+        "autoencoder": {"weights": "a.safetensors", "params": ck.BRAINLDM_AUTOENCODER_PARAMS},
+        "diffusion": {"weights": "d.safetensors", "params": ck.BRAINLDM_DIFFUSION_PARAMS,
+                      "covariates": {"names": list(ck.BRAINLDM_COVARIATE_NAMES),
+                                     "default": list(ck.BRAINLDM_COVARIATE_DEFAULT)}},
+        "adapter": {"weights": "v.safetensors", "params": PAPER_VCM_PARAMS},
+        "latent": {"channels": 3, "scale_factor": ck.BRAINLDM_SCALE_FACTOR},
+        "scheduler": ck.BRAINLDM_NOISE_SCHEDULE,
+        "sampling": {"scheduler": "ddim", "steps": ck.REFERENCE_SAMPLING_STEPS},
+        "conditions": {"labels": {"table": [{"value": v, "name": f"label {v}"}
+                                            for v in ck.REFERENCE_LABEL_VALUES]}, "modalities": []},
+    }, source="paper sizes")
+    networks = (AutoencoderKL(**config.autoencoder.params), DiffusionModelUNet(**config.diffusion.params),
+                VCM(**config.adapter.params))
+    return _random_model(config, networks, device)
+
+
+def _random_model(config, networks, device: torch.device):
+    from VCMSynthesisLib.model_folder import LoadedModel
+
+    autoencoder, diffusion, adapter = (net.to(device).eval().requires_grad_(False) for net in networks)
+    return LoadedModel(config=config, folder=Path("."), autoencoder=autoencoder, diffusion=diffusion,
+                       adapter=adapter, device=device)
+
+
+def _demo_model(device: torch.device):
+    from VCMSynthesisLib.model_folder import load_model_folder
+
+    return load_model_folder(DEMO_FOLDER, device)
+
+
+def _median_forward_s(forward, device: torch.device, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def run_case(case: str, device: torch.device, repeats: int, steps: int) -> dict:
+    """Measures one case in this process; returns its row."""
+    from VCMSynthesisLib.sampler import SamplingStats, sample
+
+    model = {"tiny": _tiny_model, "demo": _demo_model, "paper": _paper_model}[case](device)
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    condition = torch.rand(1, len(config.condition_channel_names), *config.grid.size, generator=generator)
+    latent = torch.randn(1, *config.latent_shape, generator=generator).to(device)
+    t = torch.tensor([500], device=device)
+    context = None
+    base_input = latent
+    if config.covariates is not None:
+        context = torch.tensor(config.covariates.default, device=device).view(1, 1, -1)
+        base_input = torch.cat([latent, context.view(1, -1, 1, 1, 1).expand(-1, -1, *latent.shape[2:])], 1)
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        base_s = _median_forward_s(lambda: model.diffusion(base_input, t, context=context), device, repeats)
+        adapter_input, adapter_condition = torch.cat([latent, latent], 1), condition.to(device)
+        vcm_s = _median_forward_s(lambda: model.adapter(adapter_input, adapter_condition, t), device, repeats)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    for _ in range(repeats):
+        stats = SamplingStats()
+        start = time.perf_counter()
+        sample(model, condition, steps=steps, seed=0, stats=stats)
+        runs.append((time.perf_counter() - start, stats.decoder_s))
+    row = {
+        "case": case,
+        "latent": "x".join(map(str, config.latent_shape)),
+        "grid": "x".join(map(str, config.grid.size)),
+        "base_step_s": base_s,
+        "vcm_step_s": vcm_s,
+        "steps": steps,
+        "sample_s": statistics.median(run[0] for run in runs),
+        "decode_s": statistics.median(run[1] for run in runs),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "cuda_peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
+    return row
+
+
+def _print_table(rows: list[dict], device: str, threads: int) -> None:
+    print(f"device: {device}, torch threads: {threads}, torch {torch.__version__}; medians")
+    header = ("case", "image grid", "latent", "base/step s", "VCM/step s", "steps", "sample s", "decode s",
+              "peak RSS GB", "CUDA peak GB")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cuda = "-" if row["cuda_peak_gb"] is None else f"{row['cuda_peak_gb']:.2f}"
+        print(f"| {row['case']} | {row['grid']} | {row['latent']} | {row['base_step_s']:.4f} | "
+              f"{row['vcm_step_s']:.4f} | {row['steps']} | {row['sample_s']:.3f} | {row['decode_s']:.3f} | "
+              f"{row['peak_rss_gb']:.2f} | {cuda} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="tiny,demo,paper")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--one-case", help=argparse.SUPPRESS)  # used by the subprocess of each case
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one_case:
+        print(json.dumps(run_case(args.one_case, torch.device(args.device), args.repeats, args.steps)))
+        return 0
+    rows = []
+    for case in args.cases.split(","):
+        if case == "demo" and not (DEMO_FOLDER / "config.json").is_file():
+            print(f"skipping demo: {DEMO_FOLDER} does not exist yet", file=sys.stderr)
+            continue
+        command = [sys.executable, __file__, "--one-case", case, "--device", args.device,
+                   "--repeats", str(args.repeats), "--steps", str(args.steps), "--threads", str(args.threads)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            print(f"case {case} failed:\n{result.stderr}", file=sys.stderr)
+            return 1
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    _print_table(rows, args.device, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
