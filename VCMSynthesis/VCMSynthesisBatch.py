@@ -133,7 +133,12 @@ def segmentation_job(
 
     import slicer
     from VCMSynthesisLib import scene
+    from VCMSynthesisLib.volumes import read_image_information
 
+    # Headers are checked first: Slicer's NRRD reader aborts the process on a damaged one.
+    for path in (case.segmentation, case.reference):
+        if path is not None:
+            read_image_information(path, allow_layers=path == case.segmentation)
     mrml_scene = slicer.vtkMRMLScene()
     segmentation_node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = slicer.vtkMRMLSegmentationStorageNode()
@@ -147,7 +152,8 @@ def segmentation_job(
         reference_node = scene.read_volume_file(case.reference)
         mrml_scene.AddNode(reference_node)
     names = scene.segment_names(segmentation_node)
-    table = scene.model_label_table(arguments.model)
+    # With every segment given by --label, the model's table (and torch) is not needed here.
+    table = [] if set(names.values()) <= set(labels) else scene.model_label_table(arguments.model)
     label_of_segment = _label_mapping(names, labels, table, case.segmentation)
     labelmap = scene.export_segmentation(
         segmentation_node, label_of_segment, folder / "segmentation.nrrd", reference_node
@@ -232,24 +238,27 @@ def run(argv: list[str] | None = None) -> int:
         arguments = build_parser().parse_args(argv)
     except SystemExit as stop:
         return EXIT_USAGE if stop.code not in (0, None) else 0
+    work = Path(tempfile.mkdtemp(prefix="vcm-batch-"))
     try:
-        return _run(arguments)
+        return _run(arguments, work)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except Cancelled as cancelled:
         print("cancelled: nothing was written", file=sys.stderr)
         return cancelled.exit_code
+    finally:
+        if not any(work.iterdir()):  # failed jobs keep their folder: the error names its log
+            work.rmdir()
 
 
-def _run(arguments: argparse.Namespace) -> int:
+def _run(arguments: argparse.Namespace, work: Path) -> int:
     arguments.modality = parse_pairs(arguments.modality, "--modality")
     labels = parse_pairs(arguments.label, "--label")
     if arguments.cases is None and arguments.output is None:
         raise UsageError("--output FILE is needed with --segmentation and --superres")
     if arguments.cases is not None and arguments.output_dir is None:
         raise UsageError("--output-dir FOLDER is needed with --cases")
-    work = Path(tempfile.mkdtemp(prefix="vcm-batch-"))
     if arguments.superres is not None:
         if not arguments.superres.is_file():
             raise UserError(f"the volume '{arguments.superres}' does not exist; check the path")

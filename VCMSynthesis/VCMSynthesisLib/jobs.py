@@ -358,9 +358,11 @@ class WorkerRun:
 
     def _finish(self) -> None:
         code = self._process.returncode
-        self._log.write(f"exit code {code}\n")
         self._log.close()
         log_path = self.job.log_path
+        failure = None if code == 0 else self._error_line or _last_error_line(log_path)
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"exit code {code}\n")
         if self._cancel_requested or code in (EXIT_SIGINT, EXIT_SIGTERM, -signal.SIGTERM, -signal.SIGKILL):
             self._outcome = Outcome("cancelled", message="cancelled", log_path=log_path, exit_code=code)
         elif code == 0 and self.job.output.is_file():
@@ -369,9 +371,7 @@ class WorkerRun:
                 "succeeded", result=self.job.output, log_path=log_path, timings=timings, exit_code=code
             )
         else:
-            message = (
-                self._error_line or _last_error_line(log_path) or f"the worker stopped with exit code {code}"
-            )
+            message = failure or f"the worker stopped with exit code {code} without writing its result"
             self._outcome = Outcome("failed", message=message, log_path=log_path, exit_code=code)
 
 

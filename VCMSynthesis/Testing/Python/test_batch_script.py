@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,11 @@ from VCMSynthesisLib import scene
 SCRIPT = Path(__file__).resolve().parents[2] / "VCMSynthesisBatch.py"
 
 
-def run_batch(*arguments, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_batch(*arguments, temporary: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The script in a subprocess whose job folders go under `temporary`."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True, timeout=timeout,
-        check=False,
+        check=False, env={**os.environ, "TMPDIR": str(temporary)},
     )
 
 
@@ -63,7 +65,8 @@ def test_seg_nrrd_to_a_volume_on_its_reference_geometry(tmp_path, tiny_model):
 
     completed = run_batch(
         "--segmentation", tmp_path / "case.seg.nrrd", "--output", output, "--model", tiny_model,
-        "--label", "lesion=3", "--steps", "1", "--device", "cpu",
+        "--label", "label 1=1", "--label", "Label 2=2", "--label", "lesion=3",
+        "--steps", "1", "--device", "cpu", temporary=tmp_path,
     )
 
     assert completed.returncode == 0, completed.stderr
@@ -74,10 +77,11 @@ def test_seg_nrrd_to_a_volume_on_its_reference_geometry(tmp_path, tiny_model):
     assert array_of(result).shape == SHAPE_KJI
     np.testing.assert_allclose(matrix_of(result), matrix_of(reference), rtol=0, atol=1e-9)
     assert [path.name for path in output.parent.iterdir()] == ["t1.nrrd"]
+    assert not list(tmp_path.glob("vcm-batch-*")), "job folders of a successful run are removed"
 
 
-def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path, tiny_model):
-    write_seg_nrrd(tmp_path / "a.seg.nrrd", {1: "label 1", 2: "label 2", 3: "tumour"})
+def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path):
+    (tmp_path / "a.seg.nrrd").write_bytes(b"NRRD0004\ntype: short\n")  # damaged
     labelmap = tmp_path / "b.nrrd"
     mrml = new_mrml_scene()
     scene.export_volume(add_volume(mrml, GEOMETRIES["oblique"], blob_labelmap().astype(np.int16)), labelmap)
@@ -89,12 +93,12 @@ def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path,
         "missing.seg.nrrd,,\n"
     )
 
-    completed = run_batch("--cases", table, "--output-dir", tmp_path / "out", "--model", tiny_model)
+    completed = run_batch("--cases", table, "--output-dir", tmp_path / "out", temporary=tmp_path)
 
     assert completed.returncode == 1
     errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4, completed.stderr
-    assert "case 1/3 (a.seg.nrrd): segment(s) tumour of" in errors[0]
+    assert "case 1/3 (a.seg.nrrd):" in errors[0] and "header is corrupt" in errors[0]
     assert "case 2/3 (b.nrrd): a reference geometry needs a .seg.nrrd input" in errors[1]
     assert "missing.seg.nrrd' does not exist" in errors[2]
     assert errors[3] == "error: 3 of 3 cases failed (see above)"
