@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = [
     "VCMSynthesisLib.checkpoints",
     "VCMSynthesisLib.registry",
     "VCMSynthesisLib.worker",
+    "VCMSynthesisLib.batch",
     "VCMSynthesisLib.superres",
 ]
 
