@@ -116,6 +116,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._lastLogPath = None
+        self._observedSegmentation = None
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPollRun)
@@ -141,7 +142,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
-        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateSegmentMapping)
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.pythonExecutablePathLineEdit.connect(
             "currentPathChanged(QString)", self.logic.setWorkerPython
         )
@@ -222,9 +223,20 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.device = self.ui.deviceComboBox.currentText
 
-    def updateSegmentMapping(self, node=None) -> None:
+    def onSegmentationChanged(self, node) -> None:
+        """Follow segments added or removed (e.g. in Segment Editor) while the module is open."""
+        for event in (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved):
+            if self._observedSegmentation is not None:
+                self.removeObserver(self._observedSegmentation, event, self.updateSegmentMapping)
+            if node is not None:
+                self.addObserver(node, event, self.updateSegmentMapping)
+        self._observedSegmentation = node
+        self.updateSegmentMapping()
+
+    def updateSegmentMapping(self, *args) -> None:
         """One row per segment; its combobox picks the model label (name matches preselected)."""
         table = self.ui.segmentMappingTable
+        previous = self.segmentMapping(keepUnused=True)
         table.setRowCount(0)
         segmentationNode = self.ui.segmentationSelector.currentNode()
         name = self.ui.modelComboBox.currentData
@@ -236,7 +248,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except UserError as error:
             self.showStatus(str(error), error=True)
             return
-        preselected = scene.default_label_mapping(names, labels)
+        # Keep the user's choices for segments that stay; name matches for the others.
+        valid = {-1} | {label["value"] for label in labels}
+        kept = {segmentId: value for segmentId, value in previous.items() if value in valid}
+        preselected = {**scene.default_label_mapping(names, labels), **kept}
         table.setRowCount(len(names))
         for row, (segmentId, name) in enumerate(names.items()):
             item = qt.QTableWidgetItem(name)
@@ -253,12 +268,13 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setCellWidget(row, 1, comboBox)
         self.updateButtons()
 
-    def segmentMapping(self) -> dict:
+    def segmentMapping(self, keepUnused: bool = False) -> dict:
+        """Segment ID -> model label value from the table (-1 for "(not used)" if `keepUnused`)."""
         table = self.ui.segmentMappingTable
         mapping = {}
         for row in range(table.rowCount):
             value = table.cellWidget(row, 1).currentData
-            if value is not None and int(value) >= 0:
+            if value is not None and (keepUnused or int(value) >= 0):
                 mapping[table.item(row, 0).data(qt.Qt.UserRole)] = int(value)
         return mapping
 
