@@ -2,7 +2,8 @@
 
     Slicer --no-main-window --python-script VCMSynthesisBatch.py --segmentation case.seg.nrrd --output t1.nrrd
     python VCMSynthesisBatch.py --segmentation case.seg.nrrd --output t1.nrrd      (with slicer-core)
-    python VCMSynthesisBatch.py --cases cases.csv --output-dir out/
+    python VCMSynthesisBatch.py --cases manifest.csv          (the `vcm-synthesis batch` manifest)
+    python VCMSynthesisBatch.py --cases folder/ --output-dir out/
     python VCMSynthesisBatch.py --superres thick.nrrd --output thin.nrrd
 
 A `.seg.nrrd` is loaded into an MRML scene and exported on its reference geometry (or on
@@ -14,7 +15,6 @@ result always has the geometry of that labelmap. Errors are one line on stderr; 
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
 import tempfile
@@ -33,12 +33,13 @@ OUTPUT_SUFFIX = "_synthesized.nrrd"
 
 @dataclass
 class Case:
-    """One synthesis: a segmentation file, optional reference and modality files, the output."""
+    """One synthesis: a segmentation file and/or modality files, an optional reference, the output."""
 
-    segmentation: Path
+    segmentation: Path | None
     output: Path
     reference: Path | None = None
     modalities: dict[str, Path] = field(default_factory=dict)
+    seed: int | None = None
 
 
 def parse_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -73,37 +74,14 @@ def cases_from_folder(folder: Path, output_dir: Path) -> list[Case]:
     return cases
 
 
-def cases_from_csv(table: Path, output_dir: Path) -> list[Case]:
-    """A CSV with a `segmentation` column and optional `output`, `reference` and modality columns.
+def cases_from_manifest(manifest: Path) -> list[Case]:
+    """The cases of a `vcm-synthesis batch` manifest (same CSV format; see `batch.read_manifest`)."""
+    from VCMSynthesisLib.batch import read_manifest
 
-    Every other column is a modality, named by its header. Relative paths are relative to the CSV.
-    """
-    with open(table, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "segmentation" not in rows[0]:
-        raise UserError(f"'{table}' needs a header row with a 'segmentation' column (and rows below it)")
-
-    def resolve(value: str) -> Path:
-        path = Path(value)
-        return path if path.is_absolute() else table.parent / path
-
-    cases = []
-    for number, row in enumerate(rows, start=2):
-        if not row.get("segmentation"):
-            raise UserError(f"'{table}' line {number} has no segmentation; fill it in or delete the line")
-        segmentation = resolve(row["segmentation"])
-        output = row.get("output") or segmentation.name.split(".")[0] + OUTPUT_SUFFIX
-        output = Path(output) if Path(output).is_absolute() else output_dir / output
-        modalities = {
-            name: resolve(value)
-            for name, value in row.items()
-            if name not in ("segmentation", "output", "reference") and value
-        }
-        reference = resolve(row["reference"]) if row.get("reference") else None
-        cases.append(
-            Case(segmentation=segmentation, output=output, reference=reference, modalities=modalities)
-        )
-    return cases
+    return [
+        Case(segmentation=row.segmentation, output=row.output, modalities=row.modalities, seed=row.seed)
+        for row in read_manifest(manifest)
+    ]
 
 
 def segmentation_job(
@@ -113,7 +91,7 @@ def segmentation_job(
     options = {
         "model": arguments.model,
         "steps": arguments.steps,
-        "seed": arguments.seed,
+        "seed": arguments.seed if case.seed is None else case.seed,
         "device": arguments.device,
         "output": case.output,
     }
@@ -121,6 +99,8 @@ def segmentation_job(
     for name, path in modalities.items():
         if not path.is_file():
             raise UserError(f"the {name} volume '{path}' does not exist; check the path")
+    if case.segmentation is None:  # a modality-only case (translation models)
+        return jobs.synthesis_job(folder, segmentation=None, modalities=modalities, **options)
     if not case.segmentation.is_file():
         raise UserError(f"the segmentation '{case.segmentation}' does not exist; check the path")
     if not _has_suffix(case.segmentation, (SEGMENTATION_SUFFIX,)):
@@ -198,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="VCMSynthesisBatch", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--segmentation", type=Path, help=".seg.nrrd or labelmap file (one case)")
-    source.add_argument("--cases", type=Path, help="folder of segmentation files, or CSV (see README)")
+    source.add_argument("--cases", type=Path, help="folder of segmentation files, or a manifest CSV")
     source.add_argument("--superres", type=Path, metavar="VOLUME", help="thick-slice volume to super-resolve")
     parser.add_argument("--output", type=Path, help="result file (one case, --superres)")
-    parser.add_argument("--output-dir", type=Path, help="folder of the results (--cases)")
+    parser.add_argument("--output-dir", type=Path, help="folder of the results (--cases FOLDER)")
     parser.add_argument("--reference", type=Path, help="volume whose grid the result takes (.seg.nrrd input)")
     parser.add_argument(
         "--model", help="registry model name or model folder (default: demo; superres: its own)"
@@ -257,8 +237,8 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
     labels = parse_pairs(arguments.label, "--label")
     if arguments.cases is None and arguments.output is None:
         raise UsageError("--output FILE is needed with --segmentation and --superres")
-    if arguments.cases is not None and arguments.output_dir is None:
-        raise UsageError("--output-dir FOLDER is needed with --cases")
+    if arguments.cases is not None and arguments.cases.is_dir() and arguments.output_dir is None:
+        raise UsageError("--output-dir FOLDER is needed with --cases FOLDER")
     if arguments.superres is not None:
         if not arguments.superres.is_file():
             raise UserError(f"the volume '{arguments.superres}' does not exist; check the path")
@@ -286,12 +266,12 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
     elif arguments.cases.is_dir():
         cases = cases_from_folder(arguments.cases, arguments.output_dir)
     elif arguments.cases.is_file():
-        cases = cases_from_csv(arguments.cases, arguments.output_dir)
+        cases = cases_from_manifest(arguments.cases)
     else:
         raise UserError(f"--cases '{arguments.cases}' is neither a folder nor a CSV file; check the path")
     failures = 0
     for number, case in enumerate(cases, start=1):
-        label = f"case {number}/{len(cases)} ({case.segmentation.name})"
+        label = f"case {number}/{len(cases)} ({(case.segmentation or case.output).name})"
         if arguments.skip_existing and case.output.exists():
             print(f"{label}: {case.output} exists, skipped", file=sys.stderr)
             continue

@@ -71,7 +71,7 @@ def synthesis_job(
     folder: Path,
     *,
     model: str,
-    segmentation: Path,
+    segmentation: Path | None,
     modalities: dict[str, Path] | None = None,
     output: Path | None = None,
     steps: int | None = None,
@@ -80,7 +80,9 @@ def synthesis_job(
 ) -> Job:
     """The `vcm-synthesis synthesize` job for conditions already written into `folder`."""
     output = Path(output) if output is not None else folder / RESULT_NAME
-    arguments = ["synthesize", "--model", str(model), "--segmentation", str(segmentation)]
+    arguments = ["synthesize", "--model", str(model)]
+    if segmentation is not None:
+        arguments += ["--segmentation", str(segmentation)]
     for name, path in (modalities or {}).items():
         arguments += ["--modality", f"{name}={path}"]
     arguments += ["--output", str(output), "--device", device]

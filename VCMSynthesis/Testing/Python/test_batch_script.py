@@ -85,21 +85,21 @@ def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path)
     labelmap = tmp_path / "b.nrrd"
     mrml = new_mrml_scene()
     scene.export_volume(add_volume(mrml, GEOMETRIES["oblique"], blob_labelmap().astype(np.int16)), labelmap)
-    table = tmp_path / "cases.csv"
+    table = tmp_path / "manifest.csv"  # the `vcm-synthesis batch` manifest format
     table.write_text(
-        "segmentation,output,reference\n"
-        "a.seg.nrrd,a-out.nrrd,\n"
-        "b.nrrd,b-out.nrrd,b.nrrd\n"
-        "missing.seg.nrrd,,\n"
+        "segmentation,modality:T2,output\n"
+        "a.seg.nrrd,,out/a.nrrd\n"
+        "b.nrrd,missing-t2.nrrd,out/b.nrrd\n"
+        "missing.seg.nrrd,,out/c.nrrd\n"
     )
 
-    completed = run_batch("--cases", table, "--output-dir", tmp_path / "out", temporary=tmp_path)
+    completed = run_batch("--cases", table, temporary=tmp_path)
 
     assert completed.returncode == 1
     errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4, completed.stderr
     assert "case 1/3 (a.seg.nrrd):" in errors[0] and "header is corrupt" in errors[0]
-    assert "case 2/3 (b.nrrd): a reference geometry needs a .seg.nrrd input" in errors[1]
+    assert "case 2/3 (b.nrrd): the T2 volume" in errors[1] and "missing-t2.nrrd' does not exist" in errors[1]
     assert "missing.seg.nrrd' does not exist" in errors[2]
     assert errors[3] == "error: 3 of 3 cases failed (see above)"
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
@@ -109,7 +109,7 @@ def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path)
     ("arguments", "code", "message"),
     [
         (["--segmentation", "x.seg.nrrd"], 2, "--output FILE is needed"),
-        (["--cases", "cases.csv"], 2, "--output-dir FOLDER is needed"),
+        (["--cases", "."], 2, "--output-dir FOLDER is needed"),
         (["--segmentation", "missing.seg.nrrd", "--output", "o.nrrd"], 1, "does not exist; check the path"),
         (["--segmentation", "x.seg.nrrd", "--output", "o.nrrd", "--modality", "T2"], 2, "NAME=VALUE"),
         (["--output", "o.nrrd"], 2, "one of the arguments"),
