@@ -145,17 +145,21 @@ def _find(name: str, registry: Path) -> ModelEntry:
 def resolve_model(name_or_folder: str | os.PathLike, registry: Path = REGISTRY_PATH) -> Path:
     """The model folder for a folder path, a shipped name or a downloaded/user model name.
 
+    A bare word is a model name first; it is taken as a folder only if no model has that name.
+
     Raises:
         UserError: unknown name (listing the known ones), a folder that does not exist, a
             shipped model missing from the installation, or a model not downloaded yet.
     """
     text = os.fspath(name_or_folder)
     path = Path(text).expanduser()
-    if path.is_dir():
-        return path
     looks_like_path = os.sep in text or "/" in text or text.startswith((".", "~"))
     if isinstance(name_or_folder, os.PathLike) or looks_like_path:
-        raise UserError(f"model folder {path} does not exist; give an existing folder or a model name")
+        if not path.is_dir():
+            raise UserError(f"model folder {path} does not exist; give an existing folder or a model name")
+        return path
+    if path.is_dir() and text not in {entry.name for entry in list_models(registry)}:
+        return path
     entry = _find(text, registry)
     if entry.available:
         return entry.folder

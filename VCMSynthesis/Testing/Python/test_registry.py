@@ -82,6 +82,10 @@ def test_resolve_names_and_folders(home, tmp_path, monkeypatch):
     assert resolve_model("mine") == folder
     assert resolve_model(str(folder)) == folder
     assert resolve_model(folder) == folder
+    monkeypatch.chdir(tmp_path)
+    make_tiny_model_folder(tmp_path / "here")
+    make_tiny_model_folder(tmp_path / "demo")  # a folder does not shadow a model name
+    assert resolve_model("here") == Path("here")
     monkeypatch.setattr(registry, "SHIPPED_MODELS", tmp_path / "shipped")
     shipped = make_tiny_model_folder(tmp_path / "shipped" / "demo")
     assert resolve_model("demo") == shipped
