@@ -65,8 +65,14 @@ def registerSampleData():
     """Offer the shipped demo conditions in the Sample Data module (two clicks to a first run)."""
     import SampleData
 
-    for path in sorted(SAMPLE_DATA_DIR.glob("*.seg.nrrd")):
-        name = path.name[: -len(".seg.nrrd")]
+    for path in sorted(SAMPLE_DATA_DIR.glob("*")):
+        lowerName = path.name.lower()
+        if lowerName.endswith(".seg.nrrd"):
+            name, fileType = path.name[: -len(".seg.nrrd")], "SegmentationFile"
+        elif lowerName.endswith((".nrrd", ".nii.gz")):
+            name, fileType = path.name.split(".")[0], "VolumeFile"
+        else:
+            continue  # copyright notices and the like
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
             category="VCM Synthesis",
             sampleName=name,
@@ -74,7 +80,7 @@ def registerSampleData():
             uris=path.as_uri(),
             fileNames=path.name,
             nodeNames=name,
-            loadFileType="SegmentationFile",
+            loadFileType=fileType,
         )
 
 
