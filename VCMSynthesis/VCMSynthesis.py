@@ -6,6 +6,7 @@ panel, the parameter node, the logic that ties them together and the self-test.
 """
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -568,8 +569,8 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
             raise UserError(_("a run is already in progress; wait for it or cancel it"))
         if segmentationNode is None:
             raise UserError(_("no segmentation selected; pick or draw one"))
-        job = scene.write_synthesis_job(
-            jobs.new_job_folder(), segmentationNode, labelOfSegment, model=model,
+        job = self._writeJob(
+            scene.write_synthesis_job, segmentationNode, labelOfSegment, model=model,
             reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps, seed=seed,
             device=device,
         )
@@ -583,12 +584,22 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
             raise UserError(_("a run is already in progress; wait for it or cancel it"))
         if volumeNode is None:
             raise UserError(_("no thick-slice volume selected; pick one"))
-        job = scene.write_superres_job(
-            jobs.new_job_folder(), volumeNode, model=model, spacing=spacing, samples=samples, steps=steps,
+        job = self._writeJob(
+            scene.write_superres_job, volumeNode, model=model, spacing=spacing, samples=samples, steps=steps,
             seed=seed, device=device,
         )
         name = volumeNode.GetName() + " super-resolved"
         return self._start(job, "superres", outputVolumeNode, name, volumeNode)
+
+    @staticmethod
+    def _writeJob(write, *args, **kwargs):
+        """A new job folder with the exported conditions; removed again if the export fails."""
+        folder = jobs.new_job_folder()
+        try:
+            return write(folder, *args, **kwargs)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def _start(self, job, task, outputVolumeNode, name, nextTo):
         self._run = jobs.WorkerRun(job, python=self.workerPython())
@@ -605,13 +616,14 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
 
     def finish(self):
         """Put a successful result into the scene: returns (node or None if cancelled, outcome)."""
-        outcome = self._run.wait()
-        outputVolumeNode, name, nextTo = self._target
+        run, (outputVolumeNode, name, nextTo) = self._run, self._target
+        outcome = run.wait()
         self.lastTask, self.activeTask = self.activeTask, None
         self._run = self._target = None
         node = scene.apply_outcome(
             outcome, slicer.mrmlScene, output_node=outputVolumeNode, name=name, next_to=nextTo
         )
+        run.job.remove_data()  # failed runs raised above and keep their inputs for a rerun by hand
         if node is not None:
             scene.show_in_slice_views(node)
         return node, outcome

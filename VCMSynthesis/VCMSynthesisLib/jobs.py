@@ -50,6 +50,12 @@ class Job:
     def log_path(self) -> Path:
         return self.folder / LOG_NAME
 
+    def remove_data(self) -> None:
+        """Delete the condition files and the result, keeping `job.json` and the log (Show log)."""
+        for path in self.folder.iterdir():
+            if path.name not in (JOB_DESCRIPTION, LOG_NAME) and path.is_file():
+                path.unlink()
+
     def write_description(self) -> Path:
         """Write `job.json`, so that a failed run can be repeated by hand from the log folder."""
         path = self.folder / JOB_DESCRIPTION

@@ -71,6 +71,8 @@ def test_segmentation_node_to_result_node_with_the_reference_geometry(tmp_path, 
     np.testing.assert_allclose(matrix_of(node), matrix_of(reference), rtol=0, atol=1e-9)
     assert np.isfinite(array_of(node)).all() and np.ptp(array_of(node)) > 0
     assert json.loads((job.folder / jobs.JOB_DESCRIPTION).read_text())["arguments"][0] == "synthesize"
+    job.remove_data()  # the panel keeps only what "Show log" needs
+    assert sorted(path.name for path in job.folder.iterdir()) == [jobs.JOB_DESCRIPTION, jobs.LOG_NAME]
 
 
 def test_superres_button_path_puts_an_isotropic_volume_next_to_the_input(tmp_path):
