@@ -4,8 +4,11 @@ The peak of a synthesis run is the autoencoder's decoder at the full model grid:
 levels hold a few feature maps of `max(channels[0], channels[1])` channels at every voxel
 (the upsampling output, a residual block's input, normalisation and convolution outputs),
 next to the weights and the condition channels. `ACTIVATION_MAPS` (how many such maps are
-alive at once) was calibrated against measured peaks with `bench/bench_memory.py`, which
-prints estimate against measurement; the margin covers the allocator and PyTorch's own use.
+alive at once) was calibrated on the CPU with `bench/bench_memory.py`, which measures the peak
+RSS of a 1-step run above the process's footprint after imports: the measurements imply 4.4
+(80x96x80 grid) to 5.3 (64^3) maps, and 8 on a 48^3 grid where fixed costs dominate (covered
+by `MARGIN_BYTES`). On CUDA the activations are counted in half precision (the sampler runs
+under fp16 autocast); that figure is not calibrated on a GPU yet.
 """
 
 from __future__ import annotations
