@@ -374,7 +374,11 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastLogPath = run.job.log_path
         self.ui.progressBar.visible = True
         self.ui.progressBar.value = 0
-        self.showStatus(_("Starting the worker (loading the model)..."))
+        self.ui.dependencyStatusLabel.text = self.logic.lastEnvironmentSummary
+        status = _("Starting the worker (loading the model)...")
+        if self.logic.cpuOnly:
+            status += " " + _("Only the CPU is available: this takes minutes.")
+        self.showStatus(status)
         self._pollTimer.start()
         self.updateButtons()
 
@@ -441,6 +445,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         self.activeTask = None
         self.lastTask = None
         self.lastEnvironmentSummary = ""
+        self.cpuOnly = False
         self._completeWorkerPythons = set()
 
     def getParameterNode(self):
@@ -472,6 +477,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
                 slicer.util.errorDisplay(str(error))
                 return False
         self.lastEnvironmentSummary = environment.summary()
+        self.cpuOnly = not environment.cuda
         if not environment.missing:
             self._completeWorkerPythons.add(environment.python)
             return True
@@ -491,6 +497,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         self.installDependencies(environment.missing)
         environment = jobs.probe_worker_python(self.workerPython())
         self.lastEnvironmentSummary = environment.summary()
+        self.cpuOnly = not environment.cuda
         if environment.missing:
             slicer.util.errorDisplay(self.lastEnvironmentSummary)
             return False
