@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,26 @@ def test_a_folder_of_cases(tmp_path):
         ("a.nii.gz", "a_synthesized.nrrd"),
         ("b.seg.nrrd", "b_synthesized.nrrd"),
     ]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_worker_and_writes_nothing(tmp_path, tiny_model):
+    write_seg_nrrd(tmp_path / "case.seg.nrrd", {1: "label 1", 2: "label 2", 3: "label 3"})
+    output = tmp_path / "t1.nrrd"
+    command = [
+        sys.executable, str(SCRIPT), "--segmentation", str(tmp_path / "case.seg.nrrd"),
+        "--output", str(output), "--model", str(tiny_model), "--steps", "1000", "--device", "cpu",
+    ]
+    batch = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)}
+    )
+    for line in batch.stderr:  # wait until sampling runs
+        if "step 1/1000" in line:
+            break
+    batch.send_signal(signal.SIGINT)
+    rest = batch.stderr.read()
+    assert batch.wait(timeout=60) == 130
+    assert "cancelled: nothing was written" in rest
+    assert not output.exists()
+    log = next(tmp_path.glob("vcm-batch-*/vcm-job-*/worker.log")).read_text()
+    assert log.rstrip().splitlines()[-1] in ("exit code 143", "exit code -15")
