@@ -100,6 +100,11 @@ def segmentation_job(
         if not path.is_file():
             raise UserError(f"the {name} volume '{path}' does not exist; check the path")
     if case.segmentation is None:  # a modality-only case (translation models)
+        if case.reference is not None:
+            raise UserError(
+                "--reference needs a .seg.nrrd input; a modality-only result takes the grid of "
+                "the first modality"
+            )
         return jobs.synthesis_job(folder, segmentation=None, modalities=modalities, **options)
     if not case.segmentation.is_file():
         raise UserError(f"the segmentation '{case.segmentation}' does not exist; check the path")
@@ -176,7 +181,7 @@ def _label_mapping(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="VCMSynthesisBatch", description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()  # none of them: a modality-only case (--modality)
     source.add_argument("--segmentation", type=Path, help=".seg.nrrd or labelmap file (one case)")
     source.add_argument("--cases", type=Path, help="folder of segmentation files, or a manifest CSV")
     source.add_argument("--superres", type=Path, metavar="VOLUME", help="thick-slice volume to super-resolve")
@@ -235,8 +240,10 @@ def run(argv: list[str] | None = None) -> int:
 def _run(arguments: argparse.Namespace, work: Path) -> int:
     arguments.modality = parse_pairs(arguments.modality, "--modality")
     labels = parse_pairs(arguments.label, "--label")
+    if not (arguments.segmentation or arguments.cases or arguments.superres or arguments.modality):
+        raise UsageError("give --segmentation, --modality NAME=FILE (translation), --cases or --superres")
     if arguments.cases is None and arguments.output is None:
-        raise UsageError("--output FILE is needed with --segmentation and --superres")
+        raise UsageError("--output FILE is needed with --segmentation, --modality and --superres")
     if arguments.cases is not None and arguments.cases.is_dir() and arguments.output_dir is None:
         raise UsageError("--output-dir FOLDER is needed with --cases FOLDER")
     if arguments.superres is not None:

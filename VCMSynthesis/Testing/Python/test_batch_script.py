@@ -113,7 +113,8 @@ def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path)
         (["--cases", "."], 2, "--output-dir FOLDER is needed"),
         (["--segmentation", "missing.seg.nrrd", "--output", "o.nrrd"], 1, "does not exist; check the path"),
         (["--segmentation", "x.seg.nrrd", "--output", "o.nrrd", "--modality", "T2"], 2, "NAME=VALUE"),
-        (["--output", "o.nrrd"], 2, "one of the arguments"),
+        (["--output", "o.nrrd"], 2, "give --segmentation, --modality NAME=FILE"),
+        (["--segmentation", "x.seg.nrrd", "--cases", "."], 2, "not allowed with argument"),
     ],
 )
 def test_command_line_mistakes_are_one_line_errors(tmp_path, arguments, code, message):
