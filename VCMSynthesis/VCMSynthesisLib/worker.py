@@ -78,8 +78,8 @@ class SignalCancellation:
     request). Python runs handlers only between bytecodes, so a signal that arrives inside one
     long native call (a large model's step on the CPU) waits for it to return; a watchdog
     therefore ends the process with `os._exit` if it still runs `GRACE_S` later. That is safe
-    because nothing is written outside `writing()`, during which signals are only recorded
-    (the write completes, and the next `raise_if_requested()` stops the run). Leaving the
+    because nothing is written outside `deferred()` blocks, in which signals are only recorded
+    (the write completes; `should_cancel()` / `raise_if_requested()` then stop the run). Leaving the
     `with` block stops the watchdog, so in-process callers (tests, batch) are never killed.
 
     Args:
@@ -92,7 +92,7 @@ class SignalCancellation:
         self.exit_code: int | None = None
         self.farewell = farewell
         self._closed = False
-        self._writing = False
+        self._deferred = False
         self._previous: dict[int, Any] = {}
         self._watchdog: threading.Timer | None = None
         self._lock = threading.RLock()  # the handler runs on the main thread
@@ -114,7 +114,7 @@ class SignalCancellation:
         with self._lock:
             if self.exit_code is None:
                 self.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
-            if self._closed or self._writing:
+            if self._closed or self._deferred:
                 return
             if self._watchdog is None:
                 self._watchdog = threading.Timer(self.GRACE_S, self._force_exit)
@@ -124,7 +124,7 @@ class SignalCancellation:
 
     def _force_exit(self) -> None:
         with self._lock:
-            if self._closed or self._writing:
+            if self._closed or self._deferred:
                 return
             if self.farewell is not None:
                 self.farewell()
@@ -138,15 +138,15 @@ class SignalCancellation:
             raise Cancelled(self.exit_code)
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        """A block that signals do not interrupt (a request raises `Cancelled` before it)."""
+    def deferred(self) -> Iterator[None]:
+        """A block that signals do not interrupt, for writes (a pending request raises before it)."""
         with self._lock:
             self.raise_if_requested()
-            self._writing = True
+            self._deferred = True
         try:
             yield
         finally:
-            self._writing = False
+            self._deferred = False
 
 
 def resolve_device(name: str) -> str:
@@ -227,7 +227,7 @@ def synthesize(
                    decoder_s=stats.decoder_s)
     start = time.perf_counter()
     result = conditions.to_reference(image[0, 0].numpy(), default_value=config.intensity_range[0])
-    with cancellation.writing():
+    with cancellation.deferred():
         output = write_volume_atomic(result, request.output, reference=request.reference_path)
     timings["write_s"] = time.perf_counter() - start
     return SynthesisResult(output=output, timings=timings)
