@@ -13,8 +13,9 @@ inside the brain (label map > 0), in the input's intensity units; the table show
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", type=int, default=8, help="at most this many held-out cases")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--csv", type=Path, help="also write every case's figures here")
+    parser.add_argument("--out", type=Path, help="write every case's figures and the tables here (JSON)")
     args = parser.parse_args(argv)
 
     model = load_model_folder(resolve_model(args.model))
@@ -79,23 +80,25 @@ def main(argv: list[str] | None = None) -> None:
                              **figures, "seconds": seconds})
                 print(f"{case.name} {thickness:g} mm {method}: PSNR {figures['psnr']:.2f} dB, "
                       f"SSIM {figures['ssim']:.4f}, {seconds:.1f} s", flush=True)
-    if args.csv is not None:
-        temporary = args.csv.with_name(".tmp-" + args.csv.name)
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, args.csv)
-    print_table(rows, len(cases))
+    tables = median_tables(rows)
+    heading = f"Medians over {len(cases)} held-out cases (PSNR and SSIM inside the brain, input units)"
+    print(f"\n{heading}\n\n{tables}")
+    if args.out is not None:
+        command = "python training/evaluate_superres.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        temporary = args.out.with_name(".tmp-" + args.out.name)
+        temporary.write_text(json.dumps({"model": str(args.model), "rows": rows, "table": tables,
+                                         "heading": heading, "command": command}, indent=2))
+        os.replace(temporary, args.out)
 
 
-def print_table(rows: list[dict], case_count: int) -> None:
+def median_tables(rows: list[dict]) -> str:
     """Medians per method, one Markdown table per slab thickness."""
-    print(f"\nMedians over {case_count} held-out cases (PSNR and SSIM inside the brain, input units)")
+    tables = []
     for thickness in sorted({row["thickness_mm"] for row in rows}):
         chosen = [{key: value for key, value in row.items() if key != "thickness_mm"}
                   for row in rows if row["thickness_mm"] == thickness]
-        print(f"\n{thickness:g} mm slabs:\n\n{evaluate.median_table(chosen)}")
+        tables.append(f"{thickness:g} mm slabs:\n\n{evaluate.median_table(chosen)}")
+    return "\n\n".join(tables)
 
 
 if __name__ == "__main__":
