@@ -306,6 +306,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.removeEnabled = False
             selector.setMRMLScene(slicer.mrmlScene)
             selector.setCurrentNode(None)
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
             table.setCellWidget(row, 1, selector)
         table.setVisible(bool(modalities))
 
@@ -326,7 +327,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         superResolving = running and self.logic.activeTask == "superres"
         self.ui.applyButton.text = _("Cancel") if synthesizing else _("Synthesize")
         self.ui.superResolutionButton.text = _("Cancel") if superResolving else _("Axial super-resolution")
-        ready = bool(self._parameterNode and self._parameterNode.inputSegmentation and self.segmentMapping())
+        segmentationReady = bool(
+            self._parameterNode and self._parameterNode.inputSegmentation and self.segmentMapping()
+        )
+        ready = segmentationReady or bool(self.modalityNodes())
         self.ui.applyButton.enabled = synthesizing or (not running and ready)
         superResolutionReady = bool(self._parameterNode and self._parameterNode.superResolutionInput)
         self.ui.superResolutionButton.enabled = superResolving or (not running and superResolutionReady)
@@ -339,7 +343,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         self.startRun(
             lambda: self.logic.startSynthesis(
-                parameters.inputSegmentation,
+                # Models without labels (translation) take the modality volumes only.
+                parameters.inputSegmentation if self.logic.labelTable(parameters.model) else None,
                 self.segmentMapping(),
                 model=parameters.model,
                 referenceVolumeNode=parameters.referenceVolume,
@@ -571,18 +576,20 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         outputVolumeNode=None,
     ):
-        """Export the conditions and start the worker; the scene is not touched until `finish`."""
+        """Export the conditions and start the worker; the scene is not touched until `finish`.
+
+        `segmentationNode` may be None for models that take modality volumes only (translation).
+        """
         if self.isRunning():
             raise UserError(_("a run is already in progress; wait for it or cancel it"))
-        if segmentationNode is None:
-            raise UserError(_("no segmentation selected; pick or draw one"))
         job = self._writeJob(
             scene.write_synthesis_job, segmentationNode, labelOfSegment, model=model,
             reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps, seed=seed,
             device=device,
         )
-        return self._start(job, "synthesis", outputVolumeNode, segmentationNode.GetName() + " synthesized",
-                           segmentationNode)
+        inputNode = segmentationNode or next(iter(modalityNodes.values()))
+        name = inputNode.GetName() + " synthesized"
+        return self._start(job, "synthesis", outputVolumeNode, name, inputNode)
 
     def startSuperResolution(self, volumeNode, *, model=None, spacing=None, samples=None, steps=None,
                              seed=None, device="auto", outputVolumeNode=None):

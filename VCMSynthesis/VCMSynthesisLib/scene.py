@@ -195,13 +195,23 @@ def write_synthesis_job(
 ) -> jobs.Job:
     """Export the conditions into `folder` and describe the `synthesize` run on them.
 
-    The result is written on the labelmap's grid, i.e. the reference geometry. `output`
-    defaults to `result.nrrd` in the job folder (the panel loads it from there).
+    The result is written on the labelmap's grid, i.e. the reference geometry; without a
+    segmentation (translation models) on the first modality's grid. `output` defaults to
+    `result.nrrd` in the job folder (the panel loads it from there).
     """
     folder = Path(folder)
-    segmentation_path = export_segmentation(
-        segmentation_node, label_of_segment, folder / "segmentation.nrrd", reference_volume_node
-    )
+    if segmentation_node is None and not modality_nodes:
+        raise UserError("no condition given; pick a segmentation or a modality volume")
+    if segmentation_node is None and reference_volume_node is not None:
+        raise UserError(
+            "a reference geometry needs a segmentation; without one the result takes the first "
+            "modality's grid (set the reference to none)"
+        )
+    segmentation_path = None
+    if segmentation_node is not None:
+        segmentation_path = export_segmentation(
+            segmentation_node, label_of_segment, folder / "segmentation.nrrd", reference_volume_node
+        )
     modality_paths = {
         name: export_volume(node, folder / f"modality-{index}.nrrd", role=f"{name} volume")
         for index, (name, node) in enumerate((modality_nodes or {}).items())

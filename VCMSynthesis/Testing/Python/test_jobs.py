@@ -35,7 +35,7 @@ SEGMENT_NAMES = {1: "label 1", 2: "label 2", 3: "label 3"}  # tiny models name l
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny", modalities=None)
+    return make_tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny", modalities=("T2",))
 
 
 def scene_case(geometry: str):
@@ -51,7 +51,7 @@ def write_job(tmp_path, tiny_model, segmentation, reference, steps: int):
     assert len(mapping) == 3
     return scene.write_synthesis_job(
         tmp_path / "job", segmentation, mapping, model=str(tiny_model), reference_volume_node=reference,
-        steps=steps, seed=3, device="cpu",
+        modality_nodes={"T2": reference}, steps=steps, seed=3, device="cpu",
     )
 
 
@@ -140,6 +140,21 @@ def test_worker_failure_is_one_line_with_the_log_and_the_scene_is_unchanged(tmp_
         scene.apply_outcome(outcome, mrml, output_node=output, name="x", next_to=segmentation)
     assert node_ids(mrml) == before
     np.testing.assert_array_equal(matrix_of(output), kept_matrix)
+
+
+def test_modality_only_jobs_for_translation_models(tmp_path):
+    _, t2, _ = scene_case("anisotropic")
+    job = scene.write_synthesis_job(tmp_path, None, {}, model="demo-t2-to-t1", modality_nodes={"T2": t2})
+    assert "--segmentation" not in job.arguments
+    exported = tmp_path / "modality-0.nrrd"
+    assert job.arguments[job.arguments.index("--modality") + 1] == f"T2={exported}"
+    np.testing.assert_allclose(matrix_of(scene.read_volume_file(exported)), matrix_of(t2), atol=1e-9)
+    with pytest.raises(UserError, match="no condition given"):
+        scene.write_synthesis_job(tmp_path, None, {}, model="demo")
+    with pytest.raises(UserError, match="a reference geometry needs a segmentation"):
+        scene.write_synthesis_job(
+            tmp_path, None, {}, model="demo", reference_volume_node=t2, modality_nodes={"T2": t2}
+        )
 
 
 def test_a_worker_python_that_cannot_start_is_a_user_error(tmp_path):
