@@ -185,3 +185,26 @@ def test_unreadable_result_leaves_the_scene_unchanged(tmp_path, case):
         scene.load_result(tmp_path / "missing.nrrd", mrml, next_to=segmentation)
     assert node_ids(mrml) == before
     np.testing.assert_array_equal(array_of(output), kept)
+
+
+def test_export_resamples_onto_another_reference_grid(tmp_path, case):
+    mrml, reference, segmentation = case
+    # A finer grid over the same field of view, axis-aligned: the segments are resampled onto it.
+    other = np.eye(4)
+    other[:3, :3] = np.diag([0.75, 0.75, 0.75])
+    corners = np.array([[i, j, k, 1.0] for i in (0, 11) for j in (0, 13) for k in (0, 9)])
+    ras = corners @ matrix_of(reference).T
+    other[:3, 3] = ras[:, :3].min(axis=0)
+    shape = tuple(int(np.ceil(extent / 0.75)) + 1 for extent in np.ptp(ras[:, :3], axis=0))[::-1]
+    target = add_volume(mrml, other, np.zeros(shape, np.float32), name="finer grid")
+    ids = ids_by_name(segmentation)
+
+    path = scene.export_segmentation(segmentation, {ids["White Matter"]: 7}, tmp_path / "fine.nrrd", target)
+
+    exported = scene.read_volume_file(path)
+    np.testing.assert_allclose(matrix_of(exported), other, atol=1e-9)
+    labels = array_of(exported)
+    assert labels.shape == shape and set(np.unique(labels)) == {0, 7}
+    # Same physical volume: voxel count scales with the voxel volume ratio (1.5^3 / 0.75^3 = 8).
+    source_voxels = int((blob_labelmap() == 2).sum())
+    assert 0.5 * 8 * source_voxels < (labels == 7).sum() < 1.5 * 8 * source_voxels
