@@ -112,3 +112,19 @@ def test_extension_build_files_and_catalog_entry():
     assert {"scm_url", "scm_revision", "build_subdirectory", "category"} <= set(catalog)
     category = re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', top).group(1)
     assert catalog["category"] == category
+
+
+def test_slicer_api_the_module_calls_exists():
+    """`slicer.util` helpers and `slicer.vtk*` classes named by the module, batch script and scene glue
+    exist in Slicer's own `slicer.util` and MRML wrapping (shipped by the slicer-core wheel)."""
+    import slicer
+
+    sources = [MODULE_FILE, MODULE_DIR / "VCMSynthesisBatch.py", MODULE_DIR / "VCMSynthesisLib" / "scene.py"]
+    text = "\n".join(path.read_text(encoding="utf-8") for path in sources)
+    helpers = set(re.findall(r"slicer\.util\.(\w+)", text))
+    classes = set(re.findall(r"slicer\.(vtk\w+)", text))
+    assert {"loadUI", "WaitCursor", "setSliceViewerLayers"} <= helpers and "vtkMRMLScene" in classes
+    assert not [name for name in helpers if not hasattr(slicer.util, name)]
+    assert not [name for name in classes if not hasattr(slicer, name)]
+    for event in ("SegmentAdded", "SegmentRemoved"):
+        assert hasattr(slicer.vtkSegmentation, event)
