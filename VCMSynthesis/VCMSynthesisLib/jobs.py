@@ -253,7 +253,7 @@ class WorkerRun:
         self._outcome: Outcome | None = None
         job.folder.mkdir(parents=True, exist_ok=True)
         job.write_description()
-        self._log = open(job.log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in _finish)
+        self._log = open(job.log_path, "a", encoding="utf-8")  # closed in _finish
         command = [self.python, "-u", "-m", "VCMSynthesisLib", *job.arguments, "--progress", "json"]
         self._log.write("$ " + subprocess.list2cmdline(command) + "\n")
         self._log.flush()
