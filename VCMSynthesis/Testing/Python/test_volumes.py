@@ -13,7 +13,7 @@ from VCMSynthesisLib.volumes import (
     read_volume,
     write_volume_atomic,
 )
-from volume_cases import FORMATS, GEOMETRIES, geometry_of, make_image, write_case
+from volume_cases import FORMATS, GEOMETRIES, geometry_of, make_image, write_case, write_slicer_segmentation
 
 
 def _random_volume(geometry: str, shape=(6, 7, 8), seed=0) -> sitk.Image:
@@ -194,49 +194,8 @@ def test_writable_output_check_leaves_nothing_behind(tmp_path):
 # --- Slicer .seg.nrrd --------------------------------------------------------------------------
 
 
-def _slicer_segmentation(tmp_path):
-    """A real .seg.nrrd saved by Slicer's segmentation storage node: 3 segments on 2 layers."""
-    import slicer
-    import vtk
-    from vtk.util import numpy_support
-
-    scene = slicer.vtkMRMLScene()
-    shape = (10, 12, 14)  # k, j, i
-    first = np.zeros(shape, np.int16)
-    first[2:6, 3:8, 4:9] = 1
-    first[6:9, 5:10, 6:12] = 2
-    overlapping = np.zeros(shape, np.int16)
-    overlapping[3:7, 4:9, 5:10] = 5
-    segmentation = slicer.vtkMRMLSegmentationNode()
-    scene.AddNode(segmentation)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    for array, name in ((first, "CSF"), (overlapping, "Tumour")):
-        labelmap = slicer.vtkMRMLLabelMapVolumeNode()
-        labelmap.SetName(name)
-        scene.AddNode(labelmap)
-        image = vtk.vtkImageData()
-        image.SetDimensions(shape[2], shape[1], shape[0])
-        image.AllocateScalars(vtk.VTK_SHORT, 1)
-        image.GetPointData().GetScalars().DeepCopy(numpy_support.numpy_to_vtk(array.ravel()))
-        labelmap.SetAndObserveImageData(image)
-        labelmap.SetSpacing(0.8, 1.1, 2.5)
-        labelmap.SetOrigin(5.0, 6.0, 7.0)
-        assert logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-    segments = segmentation.GetSegmentation()
-    segments.GetNthSegment(0).SetName("CSF")
-    segments.GetNthSegment(1).SetName("grey matter")
-    segments.GetNthSegment(2).SetName("Tumour")
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    scene.AddNode(storage)
-    path = tmp_path / "brain.seg.nrrd"
-    storage.SetFileName(str(path))
-    assert storage.WriteData(segmentation)
-    assert segments.GetNumberOfLayers() == 2
-    return path, first, overlapping
-
-
 def test_slicer_seg_nrrd_segments_keep_names_and_overlaps(tmp_path):
-    path, first, overlapping = _slicer_segmentation(tmp_path)
+    path, first, overlapping = write_slicer_segmentation(tmp_path)
     segmentation = read_segmentation(path)
     names = {value: segment.name for value, segment in segmentation.segments.items()}
     assert sorted(names.values()) == ["CSF", "Tumour", "grey matter"]

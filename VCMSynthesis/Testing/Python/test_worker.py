@@ -21,9 +21,9 @@ from VCMSynthesisLib.cli import main
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.memory import check_memory, estimate_peak_bytes
 from VCMSynthesisLib.model_folder import load_model_folder
-from VCMSynthesisLib.volumes import read_volume
+from VCMSynthesisLib.volumes import read_segmentation, read_volume
 from VCMSynthesisLib.worker import SignalCancellation, SynthesisRequest, synthesize
-from volume_cases import blob, geometry_of, make_image, write_case
+from volume_cases import blob, geometry_of, make_image, write_case, write_slicer_segmentation
 
 SHAPE = (14, 16, 18)
 LIB_PARENT = Path(__file__).resolve().parents[2]
@@ -98,6 +98,19 @@ def test_unguided_differs_from_guided(case, tmp_path):
     guided, unguided = (sitk.GetArrayFromImage(read_volume(tmp_path / f"{name}.nrrd"))
                         for name in ("guided", "unguided"))
     assert not np.array_equal(guided, unguided)
+
+
+def test_slicer_seg_nrrd_in_nrrd_out_keeps_its_geometry(case, tmp_path):
+    segmentation, _, _ = write_slicer_segmentation(tmp_path)
+    labelmap = read_segmentation(segmentation).labelmap
+    t2 = sitk.GetImageFromArray(np.random.default_rng(1).random(labelmap.GetSize()[::-1]).astype(np.float32))
+    t2.CopyInformation(labelmap)
+    sitk.WriteImage(t2, str(tmp_path / "t2.nrrd"))
+    output = tmp_path / "synthetic.nrrd"
+    code, _, err = run_cli(["synthesize", "--model", case["model"], "--segmentation", segmentation,
+                            "--modality", f"T2={tmp_path / 't2.nrrd'}", "--output", output, "--steps", 1])
+    assert code == 0, err
+    assert geometry_of(read_volume(output)) == geometry_of(labelmap)
 
 
 # --- bad inputs: one line, non-zero exit, nothing written ----------------------------------------

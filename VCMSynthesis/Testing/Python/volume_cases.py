@@ -81,3 +81,47 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def geometry_of(image: sitk.Image) -> tuple:
     return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+def write_slicer_segmentation(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A real .seg.nrrd saved by Slicer's segmentation storage node: 3 segments on 2 layers.
+
+    Returns the path and the two painted label arrays [k, j, i] (values 1, 2 and 5).
+    """
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    scene = slicer.vtkMRMLScene()
+    shape = (10, 12, 14)  # k, j, i
+    first = np.zeros(shape, np.int16)
+    first[2:6, 3:8, 4:9] = 1
+    first[6:9, 5:10, 6:12] = 2
+    overlapping = np.zeros(shape, np.int16)
+    overlapping[3:7, 4:9, 5:10] = 5
+    segmentation = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(segmentation)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    for array, name in ((first, "CSF"), (overlapping, "Tumour")):
+        labelmap = slicer.vtkMRMLLabelMapVolumeNode()
+        labelmap.SetName(name)
+        scene.AddNode(labelmap)
+        image = vtk.vtkImageData()
+        image.SetDimensions(shape[2], shape[1], shape[0])
+        image.AllocateScalars(vtk.VTK_SHORT, 1)
+        image.GetPointData().GetScalars().DeepCopy(numpy_support.numpy_to_vtk(array.ravel()))
+        labelmap.SetAndObserveImageData(image)
+        labelmap.SetSpacing(0.8, 1.1, 2.5)
+        labelmap.SetOrigin(5.0, 6.0, 7.0)
+        assert logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    segments = segmentation.GetSegmentation()
+    segments.GetNthSegment(0).SetName("CSF")
+    segments.GetNthSegment(1).SetName("grey matter")
+    segments.GetNthSegment(2).SetName("Tumour")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    path = folder / "brain.seg.nrrd"
+    storage.SetFileName(str(path))
+    assert storage.WriteData(segmentation)
+    assert segments.GetNumberOfLayers() == 2
+    return path, first, overlapping
