@@ -150,8 +150,9 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
                 print(f"[rank {ranks.rank}] row {case.row} {status} {case.output}{detail}", flush=True)
 
         if ranks.rank == 0:
+            pending_rows = {case.row for case in pending}
             for case in cases:
-                if case not in pending:
+                if case.row not in pending_rows:
                     report(case, "skipped")
         failures = 0
         model = load_model(model_name, device) if mine else None
