@@ -31,6 +31,8 @@ def test_full_tiny_run_reports_progress_and_timings(model, condition):
     assert image.shape == (1, 1, 16, 16, 16) and image.dtype == torch.float32 and image.device.type == "cpu"
     assert torch.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
     assert image.std() > 0
+    assert not image.is_inference()  # usable by callers outside inference mode (e.g. in-place ops)
+    image += 0
     assert calls == [(step, TINY_STEPS) for step in range(1, TINY_STEPS + 1)]
     assert stats.steps == TINY_STEPS
     assert stats.base_s > 0 and stats.adapter_s > 0 and stats.decoder_s > 0
