@@ -71,7 +71,7 @@ def _write_volume(image_data, ijk_to_ras: vtk.vtkMatrix4x4, path: Path, labelmap
 def _write_node(node, path: Path) -> None:
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
-    storage.SetUseCompression(True)
+    storage.SetUseCompression(False)  # job-folder files live for one run: speed over size
     if not storage.WriteData(node):
         raise UserError(f"cannot write '{path}'; check that the folder is writable and has free space")
 
