@@ -1,0 +1,138 @@
+"""Write model folders (`config.json` + safetensors + model card) from training runs.
+
+`base` makes a base-only model (adapter null) from an autoencoder run and a diffusion run: the
+frozen base that `train_adapter.py` takes. `adapter` adds a trained adapter run to a base model
+folder and writes the complete model, with a model card listing data, training and figures.
+
+    python training/export_model.py base --autoencoder-run training/runs/autoencoder \
+        --diffusion-run training/runs/diffusion --out training/runs/demo-base
+    python training/export_model.py adapter --base training/runs/demo-base \
+        --adapter-run training/runs/adapter-labels --out VCMSynthesis/Resources/Models/demo \
+        --name demo --task synthesis --description "..." --figures training/runs/eval-demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import common
+from monai.networks.nets import DiffusionModelUNet
+from safetensors.torch import load_file
+from train_adapter import ADAPTER_WEIGHTS, adapter_model_config
+from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_folder import ModelConfig, load_model_folder, save_model_folder
+from VCMSynthesisLib.networks import VCM
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """Steps and wall minutes of a run, from its CSV log."""
+    rows = common.read_log(run_dir)
+    return {"steps": int(rows[-1]["step"]), "minutes": round(rows[-1]["minutes"], 1),
+            "final_loss": round(rows[-1]["loss"], 5)}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing; finish that training run first")
+    return json.loads(path.read_text())
+
+
+def export_base(autoencoder_run: Path, diffusion_run: Path, out: Path, name: str) -> Path:
+    """A base-only model folder from the two base runs."""
+    autoencoder, autoencoder_params = common.load_autoencoder(autoencoder_run)
+    diffusion_info = read_json(diffusion_run / "diffusion.json")
+    diffusion = DiffusionModelUNet(**diffusion_info["params"])
+    diffusion.load_state_dict(load_file(str(diffusion_run / "diffusion.safetensors")))
+    schedule = diffusion_info["scheduler"]
+    config = ModelConfig.from_dict({
+        "format_version": 1, "name": name, "task": "synthesis",
+        "description": "demo base model: unconditional 2 mm T1 brain MRI (no adapter)",
+        "grid": diffusion_info["grid"], "intensity": {"range": [0.0, 1.0]},
+        "autoencoder": {"weights": "autoencoder.safetensors", "params": autoencoder_params},
+        "diffusion": {"weights": "diffusion.safetensors", "params": diffusion_info["params"],
+                      "covariates": None},
+        "adapter": None,
+        "latent": {"channels": autoencoder_params["latent_channels"],
+                   "scale_factor": diffusion_info["scale_factor"]},
+        "scheduler": schedule, "sampling": {"scheduler": "ddim", "steps": 25},
+        "conditions": {"labels": None, "modalities": []},
+        "metadata": {"training": {"autoencoder": run_summary(autoencoder_run),
+                                  "diffusion": run_summary(diffusion_run)}},
+    }, source="base export")
+    return save_model_folder(out, config, autoencoder, diffusion)
+
+
+def model_card(config: ModelConfig, figures: dict[str, Any] | None) -> str:
+    """README.md of a shipped model: what it does, data, training, measured figures."""
+    training = config.metadata.get("training", {})
+    lines = [f"# {config.name}", "", config.description, "",
+             f"- Task: {config.task}; conditions: {', '.join(config.condition_channel_names)}",
+             f"- Grid: {list(config.grid.size)} voxels at {list(config.grid.spacing)} mm "
+             f"({config.grid.orientation}), intensities in {list(config.intensity_range)}",
+             f"- Default sampling: {config.sampling_scheduler.upper()}, {config.sampling_steps} steps", "",
+             "## Data", "",
+             "Trained on subjects made from the MNI ICBM152 2009 template (nilearn's copy) by random",
+             "smooth deformations at 2 mm (`training/prepare_demo_data.py`); tissue labels from the",
+             "template's grey and white matter maps (CSF = brain mask minus both). The T2-weighted-like",
+             "contrast is SIMULATED from the tissue maps. A demonstration model, not for clinical or",
+             "research use. Template copyright: `Resources/SampleData/MNI-ICBM152-COPYRIGHT.txt`.", "",
+             "## Training (on 2 shared CPU cores)", ""]
+    for part, summary in training.items():
+        lines.append(f"- {part}: {summary['steps']} steps, {summary['minutes']} min, final loss "
+                     f"{summary['final_loss']}")
+    if figures:
+        lines += ["", "## Figures (held-out deformations, medians; `training/evaluate.py`)", "",
+                  figures["table"], "", f"Command: `{figures['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def export_adapter(base_folder: Path, adapter_run: Path, out: Path, name: str, task: str, description: str,
+                   figures: Path | None, steps: int | None) -> Path:
+    """The complete model: base networks, the trained adapter, conditions and a model card."""
+    base = load_model_folder(base_folder)
+    info = read_json(adapter_run / "adapter.json")
+    config = adapter_model_config(base.config, info, name, task, description)
+    adapter = VCM(**config.adapter.params)
+    adapter.load_state_dict(load_file(str(adapter_run / ADAPTER_WEIGHTS)))
+    metadata = {"training": {**base.config.metadata.get("training", {}), "adapter": {
+        **run_summary(adapter_run), "cases": info["cases"]}}}
+    config_dict = {**config.to_dict(), "metadata": metadata}
+    if steps:
+        config_dict["sampling"]["steps"] = steps
+    config = ModelConfig.from_dict(config_dict, source="adapter export")
+    figures_data = json.loads(figures.read_text()) if figures else None
+    return save_model_folder(out, config, base.autoencoder, base.diffusion, adapter,
+                             model_card=model_card(config, figures_data))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="kind", required=True)
+    base = commands.add_parser("base", help="base-only model from autoencoder and diffusion runs")
+    base.add_argument("--autoencoder-run", type=Path, required=True)
+    base.add_argument("--diffusion-run", type=Path, required=True)
+    base.add_argument("--out", type=Path, required=True)
+    base.add_argument("--name", default="demo-base")
+    adapter = commands.add_parser("adapter", help="complete model from a base folder and an adapter run")
+    adapter.add_argument("--base", type=Path, required=True)
+    adapter.add_argument("--adapter-run", type=Path, required=True)
+    adapter.add_argument("--out", type=Path, required=True)
+    adapter.add_argument("--name", required=True)
+    adapter.add_argument("--task", default="synthesis")
+    adapter.add_argument("--description", required=True)
+    adapter.add_argument("--figures", type=Path, help="evaluation JSON (training/evaluate.py --out) to quote")
+    adapter.add_argument("--steps", type=int, help="default sampling steps of the exported model")
+    args = parser.parse_args(argv)
+    if args.kind == "base":
+        folder = export_base(args.autoencoder_run, args.diffusion_run, args.out, args.name)
+    else:
+        folder = export_adapter(args.base, args.adapter_run, args.out, args.name, args.task, args.description,
+                                args.figures, args.steps)
+    print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Train the demo base model's autoencoder (MONAI AutoencoderKL) on random patches of the images.
+
+The network is fully convolutional, so patches train it for whole volumes at a fraction of the
+cost. Loss: L1 + an edge term (L1 of the finite differences, against the blur that L1 alone
+gives without an adversary) + a small KL term. Writes `autoencoder.safetensors` and
+`autoencoder.json` (its AutoencoderKL keyword arguments) into the run directory.
+
+    python training/train_autoencoder.py --config training/configs/demo_autoencoder.yaml \
+        --run-dir training/runs/autoencoder
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import common
+import torch
+from monai.networks.nets import AutoencoderKL
+
+
+def load_images(manifest: str, key: str) -> torch.Tensor:
+    """The training split's images `(N, 1, X, Y, Z)`."""
+    cases = common.read_manifest(manifest, split="train")
+    return torch.stack([torch.from_numpy(common.read_array(case.files[key]))[None] for case in cases])
+
+
+def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma) || N(0, 1)) summed over latent voxels, averaged over the batch."""
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2) + 1e-12) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+def edge_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 distance of the finite differences along the three spatial axes."""
+    total = prediction.new_zeros(())
+    for axis in (2, 3, 4):
+        total = total + (prediction.diff(dim=axis) - target.diff(dim=axis)).abs().mean()
+    return total / 3
+
+
+def random_patches(images: torch.Tensor, batch_size: int, patch: int, generator: torch.Generator
+                   ) -> torch.Tensor:
+    """`batch_size` random cubes of side `patch` from random images, each flipped left-right at random."""
+    patches = []
+    for _ in range(batch_size):
+        index = int(torch.randint(len(images), (), generator=generator))
+        corner = [int(torch.randint(size - patch + 1, (), generator=generator)) for size in images.shape[2:]]
+        crop = images[index:index + 1, :, corner[0]:corner[0] + patch, corner[1]:corner[1] + patch,
+                      corner[2]:corner[2] + patch]
+        patches.append(common.random_flip([crop], generator)[0])
+    return torch.cat(patches)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, run_dir = common.trainer_arguments(__doc__.splitlines()[0], argv)
+    context = common.setup_distributed(config.get("device"))
+    settings = config["training"]
+    torch.manual_seed(settings["seed"])
+    params = config["autoencoder"]
+    model = AutoencoderKL(**params)
+    images = load_images(config["data"]["manifest"], config["data"].get("image_key", "image"))
+    patch = int(config["patch_size"])
+    weights = config["loss"]
+
+    def loss_function(module, step, generator):
+        batch = random_patches(images, settings["batch_size"], patch, generator).to(context.device)
+        reconstruction, mu, sigma = module(batch)
+        l1 = (reconstruction - batch).abs().mean()
+        edges = edge_loss(reconstruction, batch)
+        kl = kl_divergence(mu, sigma)
+        loss = l1 + weights["edge"] * edges + weights["kl"] * kl
+        return loss, {"l1": l1.detach(), "edge": edges.detach(), "kl": kl.detach()}
+
+    trained = common.train(model, loss_function, settings, run_dir, context, "autoencoder")
+    if context.is_main:
+        common.save_safetensors(trained, Path(run_dir) / "autoencoder.safetensors")
+        temporary = Path(run_dir) / ".tmp-autoencoder.json"
+        temporary.write_text(json.dumps(params, indent=2))
+        os.replace(temporary, Path(run_dir) / "autoencoder.json")
+
+
+if __name__ == "__main__":
+    main()
