@@ -68,12 +68,11 @@ def registerSampleData():
 
     for path in sorted(SAMPLE_DATA_DIR.glob("*")):
         lowerName = path.name.lower()
-        if lowerName.endswith(".seg.nrrd"):
-            name, fileType = path.name[: -len(".seg.nrrd")], "SegmentationFile"
-        elif lowerName.endswith((".nrrd", ".nii.gz")):
-            name, fileType = path.name.split(".")[0], "VolumeFile"
-        else:
+        if not lowerName.endswith((".nrrd", ".nii.gz")):
             continue  # copyright notices and the like
+        name = path.name.split(".")[0]
+        # Label maps load as segmentations (segments keep their label values, which the panel maps).
+        fileType = "SegmentationFile" if ".seg." in lowerName or "label" in lowerName else "VolumeFile"
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
             category="VCM Synthesis",
             sampleName=name,
@@ -258,7 +257,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # Keep the user's choices for segments that stay; name matches for the others.
         valid = {-1} | {label["value"] for label in labels}
         kept = {segmentId: value for segmentId, value in previous.items() if value in valid}
-        preselected = {**scene.default_label_mapping(names, labels), **kept}
+        suggested = scene.default_label_mapping(names, labels, scene.segment_label_values(segmentationNode))
+        preselected = {**suggested, **kept}
         table.setRowCount(len(names))
         for row, (segmentId, name) in enumerate(names.items()):
             item = qt.QTableWidgetItem(name)

@@ -139,7 +139,8 @@ def segmentation_job(
     names = scene.segment_names(segmentation_node)
     # With every segment given by --label, the model's table (and torch) is not needed here.
     table = [] if set(names.values()) <= set(labels) else scene.model_label_table(arguments.model)
-    label_of_segment = _label_mapping(names, labels, table, case.segmentation)
+    values = scene.segment_label_values(segmentation_node)
+    label_of_segment = _label_mapping(names, labels, table, case.segmentation, values)
     labelmap = scene.export_segmentation(
         segmentation_node, label_of_segment, folder / "segmentation.nrrd", reference_node
     )
@@ -148,9 +149,16 @@ def segmentation_job(
 
 
 def _label_mapping(
-    names: dict[str, str], labels: dict[str, str], table: list[dict], path: Path
+    names: dict[str, str],
+    labels: dict[str, str],
+    table: list[dict],
+    path: Path,
+    label_values: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """Segment ID -> label value: `--label NAME=VALUE` first, then segment names equal to label names."""
+    """Segment ID -> label value: `--label NAME=VALUE`, else the name, else the segment's value.
+
+    Matches by value alone (as the worker does for a `.seg.nrrd`) are reported on stderr.
+    """
     from VCMSynthesisLib import scene
 
     by_name = {name: segment_id for segment_id, name in names.items()}
@@ -160,7 +168,17 @@ def _label_mapping(
             f"--label names segment(s) {', '.join(unknown)} that '{path}' does not have "
             f"(it has: {', '.join(names.values())})"
         )
-    mapping = scene.default_label_mapping(names, table)
+    mapping = scene.default_label_mapping(names, table, label_values)
+    by_value = [
+        f"{names[segment_id]}={value}"
+        for segment_id, value in mapping.items()
+        if segment_id not in scene.default_label_mapping(names, table) and names[segment_id] not in labels
+    ]
+    if by_value:
+        print(
+            f"note: '{path.name}': segments mapped by their label value: {', '.join(by_value)}",
+            file=sys.stderr,
+        )
     for name, value in labels.items():
         try:
             mapping[by_name[name]] = int(value)

@@ -29,16 +29,35 @@ def _require_untransformed(node, role: str) -> None:
         )
 
 
-def default_label_mapping(segment_names: Mapping[str, str], label_table: Iterable[Mapping]) -> dict[str, int]:
-    """Segment ID -> model label value, matching segment names to label names (any case).
+def default_label_mapping(
+    segment_names: Mapping[str, str],
+    label_table: Iterable[Mapping],
+    label_values: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Segment ID -> model label value: by name (any case), else by the segment's label value.
 
-    Segments whose name is no label name are left out; the panel shows them for the user to map.
+    The value fallback serves labelmaps imported as segmentations (segments "Label_2" keep value
+    2), as the worker reads a `.seg.nrrd`. Segments matching neither are left out; the panel shows
+    them for the user to map.
     """
-    value_of_name = {str(entry["name"]).strip().lower(): int(entry["value"]) for entry in label_table}
+    table = [(str(entry["name"]).strip().lower(), int(entry["value"])) for entry in label_table]
+    value_of_name = dict(table)
+    values = {value for _, value in table if value != 0}
+    mapping = {}
+    for segment_id, name in segment_names.items():
+        if name.strip().lower() in value_of_name:
+            mapping[segment_id] = value_of_name[name.strip().lower()]
+        elif label_values and label_values.get(segment_id) in values:
+            mapping[segment_id] = label_values[segment_id]
+    return mapping
+
+
+def segment_label_values(segmentation_node) -> dict[str, int]:
+    """Segment ID -> the segment's label value in its labelmap layer."""
+    segmentation = segmentation_node.GetSegmentation()
     return {
-        segment_id: value_of_name[name.strip().lower()]
-        for segment_id, name in segment_names.items()
-        if name.strip().lower() in value_of_name
+        segmentation.GetNthSegmentID(index): segmentation.GetNthSegment(index).GetLabelValue()
+        for index in range(segmentation.GetNumberOfSegments())
     }
 
 

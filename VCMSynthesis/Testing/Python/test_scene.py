@@ -47,6 +47,28 @@ def test_default_mapping_matches_names_in_any_case(case):
     assert mapping == {ids["grey matter"]: 5, ids["White Matter"]: 7}
 
 
+def test_default_mapping_falls_back_to_label_values_of_imported_labelmaps():
+    mrml = new_scene()
+    reference = add_volume(mrml, GEOMETRIES["anisotropic"])
+    # Slicer names the segments of an imported labelmap "Label_<value>" and keeps the values.
+    names = {1: "Label_1", 2: "white matter", 3: "Label_3"}
+    segmentation = add_segmentation(mrml, reference, blob_labelmap(), names)
+    ids = ids_by_name(segmentation)
+    table = [
+        {"value": 0, "name": "background"},
+        {"value": 1, "name": "CSF"},
+        {"value": 2, "name": "grey matter"},
+        {"value": 7, "name": "white matter"},
+    ]
+    values = scene.segment_label_values(segmentation)
+    assert values == {ids["Label_1"]: 1, ids["white matter"]: 2, ids["Label_3"]: 3}
+
+    mapping = scene.default_label_mapping(scene.segment_names(segmentation), table, values)
+
+    # By name first ("white matter" -> 7, not its value 2), by value next, value 3 is no label.
+    assert mapping == {ids["Label_1"]: 1, ids["white matter"]: 7}
+
+
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 def test_export_on_reference_keeps_geometry_and_maps_labels(tmp_path, geometry):
     mrml = new_scene()
