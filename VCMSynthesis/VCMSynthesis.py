@@ -406,12 +406,12 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if node is None:
                 self.showStatus(_("Cancelled: the scene is unchanged."))
             else:
-                seconds = sum(value for value in outcome.timings.values() if isinstance(value, (int, float)))
+                # The output selector stays as it was: with "Create new volume", each run (another
+                # seed, say) adds a volume instead of replacing the last one.
+                seconds = float(outcome.timings.get("total_s") or 0.0)
                 self.showStatus(
                     _("Done: '{name}' ({seconds:.0f} s).").format(name=node.GetName(), seconds=seconds)
                 )
-                if self._parameterNode.outputVolume is None and self.logic.lastTask == "synthesis":
-                    self._parameterNode.outputVolume = node
         self.updateButtons()
 
     def showStatus(self, text: str, error: bool = False) -> None:
@@ -448,7 +448,6 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         self._run = None
         self._target = None
         self.activeTask = None
-        self.lastTask = None
         self.lastEnvironmentSummary = ""
         self.cpuOnly = False
         self._completeWorkerPythons = set()
@@ -632,7 +631,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         """Put a successful result into the scene: returns (node or None if cancelled, outcome)."""
         run, (outputVolumeNode, name, nextTo) = self._run, self._target
         outcome = run.wait()
-        self.lastTask, self.activeTask = self.activeTask, None
+        self.activeTask = None
         self._run = self._target = None
         node = scene.apply_outcome(
             outcome, slicer.mrmlScene, output_node=outputVolumeNode, name=name, next_to=nextTo
