@@ -10,8 +10,8 @@ carries one JSON object a line, flushed:
     {"error": "<one line>"}                                       on failure (plus the exit code)
 
 SIGINT and SIGTERM stop the run within `SignalCancellation.GRACE_S` and leave no output;
-exit codes are those of `errors.py`. Heavy imports (torch, MONAI) happen inside the handlers so
-that usage errors and `--help` come back at once.
+exit codes are those of `errors.py`. torch and MONAI are imported inside the functions, so
+that importing this module (the superres and batch commands reuse it) stays cheap.
 """
 
 from __future__ import annotations
@@ -204,6 +204,9 @@ def synthesize(
     cancellation = cancellation or SignalCancellation()
     timings: dict[str, float] = {}
     config = model.config
+    if config.task == "superres":
+        raise UserError(f"model '{config.name}' is a super-resolution model; run `vcm-synthesis superres "
+                        f"--model {config.name} --input FILE --output FILE` instead")
     check_output_writable(request.output)
     check_memory(config, model.folder, model.device, available=available_memory)
 

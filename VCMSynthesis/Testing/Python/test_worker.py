@@ -183,6 +183,8 @@ SEGMENTATION, T2, MODEL, OUTPUT, EXTRA = "segmentation", "t2", "model", "output"
     (MODEL, lambda case, tmp_path: "no-such-model", 1, "unknown model 'no-such-model'"),
     (MODEL, lambda case, tmp_path: tmp_path / "no-folder", 1, "does not exist"),
     (MODEL, _model_without_tensor, 1, "lacks tensor"),
+    (MODEL, lambda case, tmp_path: make_tiny_model_folder(tmp_path / "sr", task="superres", labels=None),
+     1, "super-resolution model; run `vcm-synthesis superres"),
     (OUTPUT, lambda case, tmp_path: tmp_path / "missing" / "out.nrrd", 1, "does not exist; create it"),
     (OUTPUT, lambda case, tmp_path: "/proc/out.nrrd", 1, "choose a folder you can write to"),
     (OUTPUT, lambda case, tmp_path: tmp_path / "out.png", 1, "unsupported output format"),
