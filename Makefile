@@ -26,5 +26,9 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Synthesizes a T1 from the shipped demo tissue map with the shipped `demo` model (demo-output/).
+demo: $(STAMP)
+	$(PY) training/demo.py
+
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
