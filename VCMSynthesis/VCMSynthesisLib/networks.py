@@ -162,12 +162,12 @@ class ConditionEncoder(nn.Module):
 class VCM(nn.Module):
     """Volumetric Conditioning Module: per-voxel (gamma, beta) that modulate a frozen model's noise.
 
-    The condition encoder brings `y` to the latent grid; a time-conditioned MONAI
-    `DiffusionModelUNet` (attention without output projection, as in the reference) reads
-    cat(z_t, eps_t, encoded condition); a shared convolution
-    (LeakyReLU) feeds two convolution heads for gamma and beta. As in the reference, both heads
-    end in an affine-free instance normalisation (MONAI `Convolution`'s default norm), so a
-    fresh VCM does not start at gamma = beta = 0.
+    The time-free condition encoder brings `y` to the latent grid (`encode_condition`); a
+    time-conditioned MONAI `DiffusionModelUNet` (attention without output projection, as in the
+    reference) reads cat(z_t, eps_t, encoded condition); a shared convolution (LeakyReLU) feeds
+    two convolution heads for gamma and beta (`modulation`). `forward` is the two in a row. As in
+    the reference, both heads end in an affine-free instance normalisation (MONAI `Convolution`'s
+    default norm), so a fresh VCM does not start at gamma = beta = 0.
 
     Shapes: `x` is cat(z_t, eps_t), `(B, 2 * latent_channels, d, h, w)`; `y` is
     `(B, condition_channels, d * 2**L, h * 2**L, w * 2**L)` with L = len(encoder_channels);
@@ -269,16 +269,33 @@ class VCM(nn.Module):
             norm="INSTANCE",
         )
 
+    def encode_condition(self, y: torch.Tensor) -> torch.Tensor:
+        """The condition `y` on the latent grid, `(B, encoder_channels[-1], d, h, w)`.
+
+        The encoder is time-free, so a sampling run encodes once and passes the result to
+        `modulation` at every step (the encoder is most of a VCM step at the paper's size).
+        """
+        return self.condition_encoder(y)
+
+    def modulation(
+        self,
+        x: torch.Tensor,
+        encoded_condition: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (scale, shift) for x = cat(z_t, eps_t) and a condition from `encode_condition`."""
+        if encoded_condition.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"the condition encodes to spatial size {tuple(encoded_condition.shape[2:])}, not the latent "
+                f"size {tuple(x.shape[2:])}; it must be {self.downsampling_factor}x the latent"
+            )
+        h = self.time_unet(torch.cat([x, encoded_condition], dim=1), timesteps, context=context)
+        h = self.shared(h)
+        return self.gamma_head(h), self.beta_head(h)
+
     def forward(
         self, x: torch.Tensor, y: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (scale, shift) = (gamma_t, beta_t) for x = cat(z_t, eps_t) and condition y."""
-        encoded = self.condition_encoder(y)
-        if encoded.shape[2:] != x.shape[2:]:
-            raise ValueError(
-                f"condition of spatial size {tuple(y.shape[2:])} encodes to {tuple(encoded.shape[2:])}, "
-                f"not the latent size {tuple(x.shape[2:])}; it must be {self.downsampling_factor}x the latent"
-            )
-        h = self.time_unet(torch.cat([x, encoded], dim=1), timesteps, context=context)
-        h = self.shared(h)
-        return self.gamma_head(h), self.beta_head(h)
+        return self.modulation(x, self.encode_condition(y), timesteps, context)

@@ -2,7 +2,8 @@
 
 At every step the frozen base model predicts noise eps_t, VCM reads (z_t, eps_t, condition, t)
 and returns per-voxel (gamma_t, beta_t), and the scheduler steps with
-eps' = eps_t * (1 + gamma_t) + beta_t. The loop is written out in one function, as in
+eps' = eps_t * (1 + gamma_t) + beta_t. VCM's condition encoder is time-free, so the condition is
+encoded once per run. The loop is written out in one function, as in
 diffusers, so that it can be read top to bottom.
 """
 
@@ -157,6 +158,9 @@ def sample(
 
     with torch.inference_mode(), autocast:
         latent = torch.randn((1, *config.latent_shape), generator=generator, device=device)
+        if use_adapter:
+            with timer("adapter_s"):  # the encoder is time-free: once per run, not per step
+                encoded_condition = model.adapter.encode_condition(condition)
         covariate_channels = None if context is None else context.view(1, -1, 1, 1, 1).expand(
             -1, -1, *latent.shape[2:])
         total = len(model_timesteps)
@@ -170,8 +174,8 @@ def sample(
                 noise = model.diffusion(base_input, timesteps, context=context).float()
             if use_adapter:
                 with timer("adapter_s"):
-                    gamma, beta = model.adapter(torch.cat([latent, noise], 1), condition, timesteps,
-                                                context=adapter_context)
+                    gamma, beta = model.adapter.modulation(torch.cat([latent, noise], 1), encoded_condition,
+                                                           timesteps, context=adapter_context)
                 noise = noise * (1 + gamma.float()) + beta.float()
             latent, _ = noise_scheduler.step(noise, int(scheduler_t), latent, generator=generator)
             if stats is not None:

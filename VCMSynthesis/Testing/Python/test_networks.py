@@ -162,6 +162,20 @@ def test_forward_shapes_and_json_params():
         k: v.shape for k, v in vcm.state_dict().items()}
 
 
+def test_forward_is_modulation_of_the_encoded_condition():
+    vcm = VCM(**TINY_VCM_PARAMS).eval()
+    randomize(vcm, seed=4)
+    x, y, t = inputs(TINY_VCM_PARAMS)
+    with torch.no_grad():
+        encoded = vcm.encode_condition(y)
+        direct = vcm(x, y, t)
+        cached = [vcm.modulation(x, encoded, step) for step in (t, t.flip(0))]
+        assert encoded.shape == (2, TINY_VCM_PARAMS["encoder_channels"][-1], *LATENT_SIZE)
+        for got, want in zip(cached[0], direct, strict=True):
+            assert torch.equal(got, want)
+        assert not torch.equal(cached[1][0], direct[0])  # the timesteps still matter
+
+
 def test_condition_of_wrong_size_is_refused():
     vcm = VCM(**TINY_VCM_PARAMS)
     x, y, t = inputs(TINY_VCM_PARAMS)

@@ -8,6 +8,7 @@ from monai.networks.schedulers import DDPMScheduler
 from tiny_models import TINY_STEPS, make_tiny_model_folder
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.model_folder import NoiseSchedule, load_model_folder
+from VCMSynthesisLib.networks import VCM
 from VCMSynthesisLib.sampler import SamplingStats, build_scheduler, sample
 
 COVARIATES = ("sex", "age", "ventricular_volume", "brain_volume")
@@ -58,6 +59,25 @@ def test_guidance_changes_the_sample(model, condition):
     guided = sample(model, condition, seed=3)
     unguided = sample(model, None, seed=3, guided=False)
     assert not torch.equal(guided, unguided)
+
+
+def test_condition_encoded_once_per_run_gives_the_per_step_result(model, condition, monkeypatch):
+    adapter = model.adapter
+    encoder_calls = []
+    handle = adapter.condition_encoder.register_forward_hook(lambda *_: encoder_calls.append(1))
+    try:
+        cached = sample(model, condition, steps=4, seed=2)
+        assert len(encoder_calls) == 1
+
+        def encode_every_step(x, encoded_condition, timesteps, context=None):
+            return VCM.modulation(adapter, x, adapter.encode_condition(condition), timesteps, context)
+
+        monkeypatch.setattr(adapter, "modulation", encode_every_step)
+        per_step = sample(model, condition, steps=4, seed=2)
+    finally:
+        handle.remove()
+    assert len(encoder_calls) == 1 + 1 + 4  # the per-step run still encodes once up front, unused
+    assert torch.equal(cached, per_step)
 
 
 def test_zeroed_heads_reproduce_unguided_sampling_exactly(tmp_path, condition):
