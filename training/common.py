@@ -9,6 +9,7 @@ CPU, nccl on GPU); every rank draws its own samples, the gradients are averaged.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import math
@@ -154,6 +155,16 @@ def setup_distributed(device: str | None = None) -> Distributed:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Distributed(rank, world_size, chosen)
+
+
+@contextlib.contextmanager
+def main_rank_first(context: Distributed):
+    """Run the block on the main rank first (to fill a cache), then on the others (to read it)."""
+    if context.world_size > 1 and not context.is_main:
+        dist.barrier()
+    yield
+    if context.world_size > 1 and context.is_main:
+        dist.barrier()
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:

@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     if base.adapter is not None:
         raise UserError(f"base model {config['base_model']} already has an adapter; give a base-only model")
     model_config = adapter_model_config(base.config, config, "adapter", "synthesis", "")
-    condition, latents = prepare_training_set(base, model_config, config, run_dir, context.device)
+    with common.main_rank_first(context):
+        condition, latents = prepare_training_set(base, model_config, config, run_dir, context.device)
     schedule = base.config.noise_schedule
     scheduler = DDPMScheduler(num_train_timesteps=schedule.num_train_timesteps, schedule=schedule.schedule,
                               beta_start=schedule.beta_start, beta_end=schedule.beta_end,

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     context = common.setup_distributed(config.get("device"))
     settings = config["training"]
     torch.manual_seed(settings["seed"])
-    latents = cached_latents(config, Path(run_dir), context.device)
+    with common.main_rank_first(context):
+        latents = cached_latents(config, Path(run_dir), context.device)
     scale_factor = float(1.0 / latents.std())
     latents = latents * scale_factor
     schedule = config["scheduler"]
