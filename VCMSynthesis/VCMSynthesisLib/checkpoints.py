@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-from torch import nn
 
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig, load_state_strict, save_model_folder
 from VCMSynthesisLib.networks import PAPER_VCM_PARAMS, VCM
 
 # BrainLDM (MONAI model zoo bundle `brain_image_synthesis_latent_diffusion_model`; Pinaya et al.
@@ -93,6 +93,7 @@ _REFERENCE_RENAMES = (
     (r"^mlp_beta\.", "beta_head."),
 )
 _DDP_PREFIX = "module."
+_NOT_THE_NETWORK = "it is not the expected network; check the file, or the network sizes (--params)"
 _TIME_UNET_PREFIX = "time_unet."
 
 
@@ -126,22 +127,6 @@ def load_torch_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Loads every tensor of `module` from `state`; names the first missing, extra or mis-shaped one."""
-    expected = module.state_dict()
-    for name, tensor in expected.items():
-        if name not in state:
-            raise UserError(f"checkpoint {source} lacks tensor '{name}'; it is not the expected network")
-        if state[name].shape != tensor.shape:
-            raise UserError(f"checkpoint {source}: tensor '{name}' has shape {list(state[name].shape)}, "
-                            f"the network expects {list(tensor.shape)}; it is not the expected network")
-    unexpected = [name for name in state if name not in expected]
-    if unexpected:
-        raise UserError(f"checkpoint {source} has tensor '{unexpected[0]}' that the network lacks; "
-                        f"it is not the expected network")
-    module.load_state_dict(state, strict=True)
-
-
 def _to_current_layout(
     network: DiffusionModelUNet | AutoencoderKL,
     state: dict[str, torch.Tensor],
@@ -167,7 +152,7 @@ def _to_current_layout(
             network.load_old_state_dict(remaining)
     except KeyError as error:
         raise UserError(f"checkpoint {source} lacks tensor '{prefix}{error.args[0]}'; "
-                        f"it is not the expected network") from None
+                        f"{_NOT_THE_NETWORK}") from None
     finally:
         del network.load_state_dict
     placed = {
@@ -218,7 +203,7 @@ def load_reference_vcm(path: str | Path, params: dict[str, Any] | None = None) -
             renamed[name] = tensor
     for name, tensor in _to_current_layout(vcm.time_unet, unet_state, path, _TIME_UNET_PREFIX).items():
         renamed[_TIME_UNET_PREFIX + name] = tensor
-    _load_strict(vcm, renamed, path)
+    load_state_strict(vcm, renamed, f"checkpoint {path}", _NOT_THE_NETWORK)
     return vcm.eval()
 
 
@@ -245,7 +230,8 @@ def load_brainldm(
         (DiffusionModelUNet, diffusion_params or BRAINLDM_DIFFUSION_PARAMS, Path(diffusion_path)),
     ):
         network = factory(**params)
-        _load_strict(network, _to_current_layout(network, load_torch_checkpoint(path), path), path)
+        state = _to_current_layout(network, load_torch_checkpoint(path), path)
+        load_state_strict(network, state, f"checkpoint {path}", _NOT_THE_NETWORK)
         networks.append(network.eval())
     return networks[0], networks[1]
 
@@ -307,8 +293,6 @@ def import_reference(
     Returns:
         The written model folder.
     """
-    from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig, save_model_folder
-
     params = params or {}
     output_folder = Path(output_folder)
     if output_folder.exists() and not (output_folder / CONFIG_NAME).is_file():

@@ -3,7 +3,8 @@
 `config.json` is described in DEVELOPERS.md. It is parsed into a `ModelConfig` whose every field
 is checked, so that a hand-edited or truncated file fails with one line naming the file and the
 field instead of a traceback deep inside MONAI. Weights are safetensors (no pickle), loaded
-strictly: a missing, extra or mis-shaped tensor is an error naming the file and the tensor.
+strictly (`load_state_strict`, also used for third-party checkpoints): a missing, extra or
+mis-shaped tensor is an error naming the file and the tensor.
 Folders are written beside the target and renamed into place, so a crash never leaves half a
 model where a complete one was.
 """
@@ -15,6 +16,7 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -477,27 +479,51 @@ def _build(kind: str, factory: Any, params: dict[str, Any], source: str) -> nn.M
                         f"fix the model's {CONFIG_NAME}") from None
 
 
-def _load_weights(module: nn.Module, path: Path, device: torch.device) -> None:
-    """Loads a safetensors file strictly, naming the first missing, extra or mis-shaped tensor."""
+def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, advice: str) -> None:
+    """Loads every tensor of `module` from `state`, first naming any missing, extra or mis-shaped one.
+
+    `load_state_dict(strict=True)` would list every mismatch in a multi-line traceback; a user
+    needs one line naming the file and the first tensor that does not fit.
+
+    Args:
+        module: the network to fill.
+        state: its tensors by name.
+        source: the file they came from, as the message should name it.
+        advice: what a mismatch means for this file and what to do, ending the message.
+
+    Raises:
+        UserError: `state` does not match `module` tensor for tensor.
+    """
+    expected = module.state_dict()
+    problem = None
+    for name, tensor in expected.items():
+        if name not in state:
+            problem = f"{source} lacks tensor '{name}'"
+        elif state[name].shape != tensor.shape:
+            problem = (f"{source}: tensor '{name}' has shape {list(state[name].shape)}, "
+                       f"the network expects {list(tensor.shape)}")
+        if problem is not None:
+            break
+    else:
+        extra = next((name for name in state if name not in expected), None)
+        if extra is not None:
+            problem = f"{source} has tensor '{extra}' that the network lacks"
+    if problem is not None:
+        raise UserError(f"{problem}; {advice}")
+    module.load_state_dict(state, strict=True)
+
+
+def _load_weights(module: nn.Module, path: Path) -> None:
+    """Loads a safetensors weights file of the model folder strictly (on the CPU)."""
     if not path.is_file():
         raise UserError(f"weights file {path} is missing; reinstall or re-download the model")
     try:
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as error:
         raise UserError(f"weights file {path} is not a readable safetensors file ({error}); "
                         f"re-download the model") from None
-    expected = module.state_dict()
-    for name, tensor in expected.items():
-        if name not in tensors:
-            raise UserError(f"weights file {path} lacks tensor '{name}'; the file does not match config.json")
-        if tensors[name].shape != tensor.shape:
-            raise UserError(f"weights file {path}: tensor '{name}' has shape {list(tensors[name].shape)}, "
-                            f"config.json expects {list(tensor.shape)}")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise UserError(f"weights file {path} has tensor '{extra[0]}' that config.json's network lacks; "
-                        f"the file does not match config.json")
-    module.load_state_dict(tensors, strict=True)
+    load_state_strict(module, tensors, f"weights file {path}",
+                      f"the file does not match {CONFIG_NAME}; re-download the model or fix {CONFIG_NAME}")
 
 
 def _frozen(module: nn.Module, device: torch.device) -> nn.Module:
@@ -533,7 +559,7 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
         specs["adapter"] = (VCM, config.adapter)
     for kind, (factory, spec) in specs.items():
         module = _build(kind, factory, spec.params, source)
-        _load_weights(module, folder / spec.weights, torch.device("cpu"))
+        _load_weights(module, folder / spec.weights)
         networks[kind] = _frozen(module, device)
     return LoadedModel(config=config, folder=folder, device=device, **networks)
 

@@ -176,8 +176,9 @@ def test_reference_vcm_mismatch_names_the_tensor(tmp_path, edit, message):
     else:
         del state["module.time_unet.middle_block.attention.to_k.weight"]
     torch.save(state, path)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as raised:
         load_reference_vcm(path, TINY_VCM_PARAMS)
+    assert str(raised.value).startswith(f"checkpoint {path}") and "\n" not in str(raised.value)
 
 
 def test_brainldm_of_other_sizes_is_refused_naming_the_tensor(tmp_path):

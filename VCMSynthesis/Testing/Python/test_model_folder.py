@@ -92,8 +92,8 @@ def test_corrupt_weights_file_is_named(saved_folder, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ("drop", "lacks tensor 'conv_in.conv.weight'"),
-    ("reshape", r"tensor 'conv_in.conv.weight' has shape \[3, 8, 3, 3, 3\], config.json expects"),
-    ("extra", "has tensor 'zz.extra' that config.json's network lacks"),
+    ("reshape", r"tensor 'conv_in.conv.weight' has shape \[3, 8, 3, 3, 3\], the network expects \[8, 3"),
+    ("extra", "has tensor 'zz.extra' that the network lacks"),
 ])
 def test_mismatched_tensors_are_named(saved_folder, tmp_path, change, message):
     folder = _copy(saved_folder, tmp_path / "m")
@@ -106,8 +106,10 @@ def test_mismatched_tensors_are_named(saved_folder, tmp_path, change, message):
     else:
         tensors["zz.extra"] = torch.zeros(2)
     save_file(tensors, str(path))
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as raised:
         load_model_folder(folder)
+    assert str(raised.value).startswith(f"weights file {path}")
+    assert str(raised.value).endswith("does not match config.json; re-download the model or fix config.json")
 
 
 def _set(path: str, value):
