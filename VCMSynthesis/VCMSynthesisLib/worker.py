@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -76,59 +77,74 @@ class SignalCancellation:
 
     The handler raises `Cancelled` at once (the sampler's `should_cancel` also sees the
     request). Python runs handlers only between bytecodes, so a signal that arrives inside one
-    long native call (a large model's step on the CPU) waits for it to return; a watchdog
-    therefore ends the process with `os._exit` if it still runs `GRACE_S` later. That is safe
-    because nothing is written outside `deferred()` blocks, in which signals are only recorded
-    (the write completes; `should_cancel()` / `raise_if_requested()` then stop the run). Leaving the
-    `with` block stops the watchdog, so in-process callers (tests, batch) are never killed.
+    long native call (a large model's step on the CPU) waits for it to return. A watchdog
+    thread therefore hears the signal through `signal.set_wakeup_fd` (written by the C-level
+    handler at once) and ends the process with `os._exit` if it still runs `GRACE_S` later.
+    That is safe because nothing is written outside `deferred()` blocks, in which signals are
+    only recorded (the write completes; `should_cancel()` / `raise_if_requested()` then stop
+    the run). Leaving the `with` block stops the watchdog, so in-process callers (tests, batch)
+    are never killed.
 
     Args:
         farewell: called before a watchdog exit (e.g. to print the JSON error line).
     """
 
     GRACE_S = 1.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, farewell: Callable[[], None] | None = None) -> None:
         self.exit_code: int | None = None
         self.farewell = farewell
-        self._closed = False
         self._deferred = False
-        self._previous: dict[int, Any] = {}
-        self._watchdog: threading.Timer | None = None
-        self._lock = threading.RLock()  # the handler runs on the main thread
+        self._deferred_lock = threading.Lock()  # the watchdog never exits inside `deferred()`
+        self._closed = threading.Event()
+        self._previous_handlers: dict[int, Any] = {}
+        self._previous_wakeup_fd = -1
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
 
     def __enter__(self) -> SignalCancellation:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+        for signum in self.SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, self._handle)
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(reader,), name="vcm-cancel-watchdog", daemon=True).start()
         return self
 
     def __exit__(self, *exc_info) -> None:
-        with self._lock:
-            self._closed = True  # the watchdog must not fire any more
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-        for signum, handler in self._previous.items():
+        self._closed.set()
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
+        reader, writer = self._wakeup
+        writer.close()  # wakes the watchdog, which then closes the reader
 
     def _handle(self, signum: int, frame) -> None:
-        with self._lock:
-            if self.exit_code is None:
-                self.exit_code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
-            if self._closed or self._deferred:
-                return
-            if self._watchdog is None:
-                self._watchdog = threading.Timer(self.GRACE_S, self._force_exit)
-                self._watchdog.daemon = True
-                self._watchdog.start()
-        raise Cancelled(self.exit_code)
+        if self.exit_code is None:
+            self.exit_code = _exit_code_for(signum)
+        if not (self._deferred or self._closed.is_set()):
+            raise Cancelled(self.exit_code)
 
-    def _force_exit(self) -> None:
-        with self._lock:
-            if self._closed or self._deferred:
-                return
-            if self.farewell is not None:
-                self.farewell()
-            os._exit(self.exit_code)
+    def _watch(self, reader: socket.socket) -> None:
+        with reader:
+            while not self._closed.is_set():
+                try:
+                    received = reader.recv(1)
+                except OSError:
+                    return
+                if not received:
+                    return  # the `with` block ended
+                if received[0] not in self.SIGNALS:
+                    continue
+                if self._closed.wait(self.GRACE_S):
+                    return
+                with self._deferred_lock:
+                    if self._deferred:
+                        return
+                    if self.farewell is not None:
+                        self.farewell()
+                    os._exit(self.exit_code or _exit_code_for(received[0]))
 
     def should_cancel(self) -> bool:
         return self.exit_code is not None
@@ -140,13 +156,17 @@ class SignalCancellation:
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """A block that signals do not interrupt, for writes (a pending request raises before it)."""
-        with self._lock:
+        with self._deferred_lock:
             self.raise_if_requested()
             self._deferred = True
         try:
             yield
         finally:
             self._deferred = False
+
+
+def _exit_code_for(signum: int) -> int:
+    return EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
 
 
 def resolve_device(name: str) -> str:

@@ -263,6 +263,36 @@ def test_sigterm_stops_within_two_seconds_and_writes_nothing(case, tmp_path):
     assert list(output.parent.iterdir()) == []
 
 
+WATCHDOG_SCRIPT = """
+import numpy as np
+from VCMSynthesisLib.worker import SignalCancellation
+matrix = np.random.default_rng(0).random((6000, 6000))
+with SignalCancellation(lambda: print("farewell", flush=True)):
+    print("ready", flush=True)
+    matrix @ matrix.T  # one native call of several seconds: Python's handler waits for it
+print("finished", flush=True)
+"""
+
+
+def test_watchdog_ends_a_process_stuck_in_a_native_call(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", WATCHDOG_SCRIPT], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(LIB_PARENT), "OMP_NUM_THREADS": "1",
+                                    "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        stopped_after = time.monotonic() - sent
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 143
+    assert process.stdout.read().split() == ["farewell"]
+    assert stopped_after < 2.0
+
+
 def test_sigint_during_sampling_raises_cancelled_and_writes_nothing(case, tmp_path):
     model = load_model_folder(case["model"])
     output = tmp_path / "cancelled.nrrd"
