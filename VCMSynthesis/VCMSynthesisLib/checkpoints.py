@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import pickle
@@ -28,6 +27,7 @@ from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig, load_state_strict, save_model_folder
 from VCMSynthesisLib.networks import PAPER_VCM_PARAMS, VCM
+from VCMSynthesisLib.registry import Checksums
 
 # BrainLDM (MONAI model zoo bundle `brain_image_synthesis_latent_diffusion_model`; Pinaya et al.
 # 2022), in MONAI core's argument names. Same networks as the reference `get_AE_CFG`/`get_DM_CFG`.
@@ -236,14 +236,6 @@ def load_brainldm(
     return networks[0], networks[1]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _model_card(name: str, sources: dict[str, dict[str, str]]) -> str:
     files = "\n".join(
         f"- {kind}: `{info['file']}` (sha256 `{info['sha256']}`)" for kind, info in sources.items()
@@ -304,7 +296,7 @@ def import_reference(
     autoencoder, diffusion = load_brainldm(autoencoder_path, diffusion_path, autoencoder_params,
                                            diffusion_params)
     sources = {
-        kind: {"file": Path(path).name, "sha256": _sha256(Path(path))}
+        kind: {"file": Path(path).name, "sha256": Checksums.of_file(Path(path)).sha256}
         for kind, path in (("adapter", vcm_path), ("autoencoder", autoencoder_path),
                            ("diffusion", diffusion_path))
     }

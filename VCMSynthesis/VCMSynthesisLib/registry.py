@@ -170,35 +170,59 @@ def resolve_model(name_or_folder: str | os.PathLike, registry: Path = REGISTRY_P
                     f"{entry.name}` or place its files by hand in {user_home() / 'downloads' / entry.name}")
 
 
-def _file_digests(path: Path) -> tuple[str, str]:
-    """(sha256, md5) of a file, read once in blocks."""
-    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as stream:
-        while block := stream.read(_BLOCK):
-            sha256.update(block)
-            md5.update(block)
-    return sha256.hexdigest(), md5.hexdigest()
+class Checksums:
+    """sha256 and md5 of a byte stream, fed block by block, so one read serves both."""
+
+    def __init__(self) -> None:
+        self._sha256 = hashlib.sha256()
+        self._md5 = hashlib.md5(usedforsecurity=False)
+
+    def update(self, block: bytes) -> None:
+        self._sha256.update(block)
+        self._md5.update(block)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    @property
+    def md5(self) -> str:
+        return self._md5.hexdigest()
+
+    def matches(self, sha256: str, md5: str | None) -> bool:
+        """True if the stream has this sha256 and, where one is given, this md5."""
+        return self.sha256 == sha256 and md5 in (None, self.md5)
+
+    @classmethod
+    def of_file(cls, path: Path) -> Checksums:
+        checksums = cls()
+        with path.open("rb") as stream:
+            while block := stream.read(_BLOCK):
+                checksums.update(block)
+        return checksums
 
 
 def _fetch(file: RemoteFile, expected_sha256: str, target: Path, progress: Progress | None) -> None:
     """Streams `file` to a temporary name beside `target`, checks it, renames it into place."""
     partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
-    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    checksums = Checksums()
     try:
         with urllib.request.urlopen(file.url, timeout=60) as response, partial.open("wb") as out:
             total = file.size or int(response.headers.get("Content-Length") or 0) or None
             done = 0
             while block := response.read(_BLOCK):
                 out.write(block)
-                sha256.update(block)
-                md5.update(block)
+                checksums.update(block)
                 done += len(block)
                 if progress is not None:
                     progress(file.name, done, total)
-        if sha256.hexdigest() != expected_sha256 or (file.md5 and md5.hexdigest() != file.md5):
-            raise UserError(f"{file.name} from {file.url} does not match its checksum (sha256 "
-                            f"{sha256.hexdigest()}, expected {expected_sha256}); the download is corrupt or "
-                            f"the file has changed: try again or place a verified copy at {target}")
+        if not checksums.matches(expected_sha256, file.md5):
+            found = f"sha256 {checksums.sha256}, expected {expected_sha256}"
+            if file.md5:
+                found += f"; md5 {checksums.md5}, expected {file.md5}"
+            raise UserError(f"{file.name} from {file.url} does not match its checksum ({found}); the "
+                            f"download is corrupt or the file has changed: try again or place a verified "
+                            f"copy at {target}")
         os.replace(partial, target)
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
@@ -209,10 +233,7 @@ def _fetch(file: RemoteFile, expected_sha256: str, target: Path, progress: Progr
 
 
 def _verified(path: Path, expected_sha256: str, md5: str | None) -> bool:
-    if not path.is_file():
-        return False
-    sha256_found, md5_found = _file_digests(path)
-    return sha256_found == expected_sha256 and md5 in (None, md5_found)
+    return path.is_file() and Checksums.of_file(path).matches(expected_sha256, md5)
 
 
 def download_model(

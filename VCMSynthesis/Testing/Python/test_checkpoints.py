@@ -6,6 +6,7 @@ released BrainLDM and VCM weights came from; their outputs are the expected valu
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -226,7 +227,10 @@ def test_import_reference_cli_writes_a_loadable_model_folder(tmp_path, capsys):
     assert config.covariates.default == BRAINLDM_COVARIATE_DEFAULT
     assert config.scale_factor == BRAINLDM_SCALE_FACTOR
     assert [label.value for label in config.labels] == list(range(1, 9))
-    assert set(config.metadata["imported_from"]) == {"adapter", "autoencoder", "diffusion"}
+    sources = config.metadata["imported_from"]
+    assert set(sources) == {"adapter", "autoencoder", "diffusion"}
+    adapter_bytes = (tmp_path / "vcm_wegith_complexSemantics.pt").read_bytes()
+    assert sources["adapter"]["sha256"] == hashlib.sha256(adapter_bytes).hexdigest()
     assert "label 8" in (output / "README.md").read_text()
 
     expected = load_reference_vcm(tmp_path / "vcm_wegith_complexSemantics.pt", vcm_params)

@@ -177,6 +177,19 @@ def test_wrong_checksum_leaves_nothing_behind(home, tmp_path, release):
     assert leftovers == ["vcm_wegith_complexSemantics.pt"]  # only the file that was verified
 
 
+def test_wrong_md5_is_refused_even_with_the_right_sha256(home, tmp_path, release):
+    source, entry = release
+    entry["files"][0]["md5"] = hashlib.md5((source / entry["files"][0]["name"]).read_bytes()).hexdigest()
+    entry["files"][1]["md5"] = "0" * 32
+    registry_path = _write_registry(tmp_path, entry)
+    message = r"autoencoder.pth from file://.* does not match .*; md5 [0-9a-f]{32}, expected 0{32}\)"
+    with pytest.raises(UserError, match=message):
+        download_model("paper-tiny", registry=registry_path)
+    assert not (home / "models" / "paper-tiny").exists()
+    leftovers = sorted(path.name for path in (home / "downloads" / "paper-tiny").iterdir())
+    assert leftovers == ["vcm_wegith_complexSemantics.pt"]  # its md5 matched
+
+
 def test_missing_checksum_needs_the_users_value(home, tmp_path, release):
     source, entry = release
     entry["files"][0]["sha256"] = None
