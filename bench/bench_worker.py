@@ -3,15 +3,17 @@
 Runs `python -m VCMSynthesisLib synthesize ... --progress json` as a subprocess, as Slicer does,
 and compares its wall time (start to exit) with the seconds the sampler spent in the networks'
 forward passes (`timings.model_s` of the result line). Also times a bare process that starts
-and imports the worker's modules. Medians of `--repeats` runs. Cases:
-  tiny   the test suite's tiny model (16^3 grid) with `--steps` steps
-  demo   the shipped demo model with its default steps, if `VCMSynthesis/Resources/Models/demo`
-         exists (on a segmentation of its own grid's size)
+and imports the worker's modules. Medians of `--repeats` runs, each case with `--steps` steps:
+  tiny         the test suite's tiny model (16^3 grid)
+  demo-sized   random weights with the demo model's sizes (the training/configs/demo_*.yaml
+               networks, 80x96x80 grid, 4 labels)
+  demo         the shipped demo model, if `VCMSynthesis/Resources/Models/demo` exists
+Inputs: a segmentation (nested balls of every label) and any modality, 1 mm, of the grid's size.
 
 Targets: overhead (wall / model) <= 1.15x; process start + imports <= 5 s.
 
-Usage: .venv/bin/python bench/bench_worker.py [--cases tiny,demo] [--repeats 5] [--steps 50]
-       [--device cpu|cuda]
+Usage: .venv/bin/python bench/bench_worker.py [--cases tiny,demo-sized,demo] [--repeats 5]
+       [--steps 50] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -59,11 +61,38 @@ def _inputs(folder: Path, config: dict) -> list[str]:
     return arguments
 
 
-def _run_worker(model: Path, inputs: list[str], output: Path, steps: int | None, device: str) -> dict:
+def _demo_sized_model(folder: Path) -> Path:
+    """A random-weight model folder with the demo model's networks, grid and label table."""
+    import yaml
+    from tiny_models import tiny_networks
+    from VCMSynthesisLib.model_folder import ModelConfig, save_model_folder
+
+    configs = REPO / "training" / "configs"
+    autoencoder = yaml.safe_load((configs / "demo_autoencoder.yaml").read_text())["autoencoder"]
+    diffusion = yaml.safe_load((configs / "demo_diffusion.yaml").read_text())
+    adapter = yaml.safe_load((configs / "demo_adapter_labels.yaml").read_text())
+    labels = adapter["conditions"]["labels"]
+    latent = autoencoder["latent_channels"]
+    adapter_params = {**adapter["adapter"], "latent_channels": latent, "condition_channels": len(labels)}
+    config = ModelConfig.from_dict({
+        "format_version": 1, "name": "demo-sized", "task": "synthesis", "description": "random weights",
+        "grid": {"spacing": [2.0, 2.0, 2.0], "size": [80, 96, 80], "orientation": "RAS"},
+        "intensity": {"range": [0.0, 1.0]},
+        "autoencoder": {"weights": "autoencoder.safetensors", "params": autoencoder},
+        "diffusion": {"weights": "diffusion.safetensors", "params": diffusion["diffusion"],
+                      "covariates": None},
+        "adapter": {"weights": "adapter.safetensors", "params": adapter_params},
+        "latent": {"channels": latent, "scale_factor": 1.0},
+        "scheduler": diffusion["scheduler"],
+        "sampling": {"scheduler": "ddim", "steps": 50},
+        "conditions": {"labels": {"table": labels}, "modalities": []},
+    }, source="demo-sized bench model")
+    return save_model_folder(folder, config, *tiny_networks(config))
+
+
+def _run_worker(model: Path, inputs: list[str], output: Path, steps: int, device: str) -> dict:
     command = [sys.executable, "-m", "VCMSynthesisLib", "synthesize", "--model", str(model), *inputs,
-               "--output", str(output), "--device", device, "--progress", "json"]
-    if steps is not None:
-        command += ["--steps", str(steps)]
+               "--output", str(output), "--device", device, "--progress", "json", "--steps", str(steps)]
     start = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, env=ENV)
     wall = time.perf_counter() - start
@@ -81,9 +110,9 @@ def _imports_s() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="tiny,demo")
+    parser.add_argument("--cases", default="tiny,demo-sized,demo")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=50, help="steps for the tiny model")
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -94,24 +123,26 @@ def main() -> None:
     print(" ".join(f"{c:>12}" for c in columns))
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        cases = []
-        if "tiny" in args.cases:
-            sys.path.insert(0, str(REPO / "VCMSynthesis" / "Testing" / "Python"))
-            from tiny_models import make_tiny_model_folder
+        sys.path.insert(0, str(REPO / "VCMSynthesis" / "Testing" / "Python"))
+        from tiny_models import make_tiny_model_folder
 
-            cases.append(("tiny", make_tiny_model_folder(scratch / "tiny"), args.steps))
-        if "demo" in args.cases and (DEMO_FOLDER / "config.json").is_file():
-            cases.append(("demo", DEMO_FOLDER, None))
-        for name, model, steps in cases:
+        wanted = args.cases.split(",")
+        cases = []
+        if "tiny" in wanted:
+            cases.append(("tiny", make_tiny_model_folder(scratch / "tiny")))
+        if "demo-sized" in wanted:
+            cases.append(("demo-sized", _demo_sized_model(scratch / "demo-sized")))
+        if "demo" in wanted and (DEMO_FOLDER / "config.json").is_file():
+            cases.append(("demo", DEMO_FOLDER))
+        for name, model in cases:
             config = json.loads((model / "config.json").read_text())
             case_folder = scratch / f"{name}-inputs"
             case_folder.mkdir()
             inputs = _inputs(case_folder, config)
-            runs = [_run_worker(model, inputs, case_folder / f"out{i}.nrrd", steps, args.device)
+            runs = [_run_worker(model, inputs, case_folder / f"out{i}.nrrd", args.steps, args.device)
                     for i in range(args.repeats)]
             median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-            shown_steps = steps or config["sampling"]["steps"]
-            print(f"{name:>12} {shown_steps:>12} {median['wall_s']:>12.2f} {median['model_s']:>12.2f} "
+            print(f"{name:>12} {args.steps:>12} {median['wall_s']:>12.2f} {median['model_s']:>12.2f} "
                   f"{median['wall_s'] / median['model_s']:>11.2f}x {median['startup_s']:>12.2f} "
                   f"{median['load_s']:>12.2f} {median['conditions_s']:>12.3f} {median['write_s']:>12.3f}")
     print("\noverhead = worker wall time (subprocess start to exit) / summed network forward time "
