@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-slow lint demo bench clean
+.PHONY: venv test test-slow lint demo bench bench-worker clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ lint: $(STAMP)
 # Synthesizes a T1 from the shipped demo tissue map with the shipped `demo` model (demo-output/).
 demo: $(STAMP)
 	$(PY) training/demo.py
+
+# Worker wall time against model forward time, start-up time; memory-guard calibration.
+bench-worker: $(STAMP)
+	$(PY) bench/bench_worker.py
+	$(PY) bench/bench_memory.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
