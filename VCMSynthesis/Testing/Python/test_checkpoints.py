@@ -14,7 +14,8 @@ import torch
 from generative.networks.nets import AutoencoderKL as GenerativeAutoencoderKL
 from generative.networks.nets import DiffusionModelUNet as GenerativeDiffusionModelUNet
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-from test_networks import TINY_VCM_PARAMS, inputs, randomize, save_reference_checkpoint
+from test_networks import inputs, randomize, save_reference_checkpoint
+from tiny_models import TINY_VCM_PARAMS
 from VCMSynthesisLib import cli
 from VCMSynthesisLib.checkpoints import (
     BRAINLDM_COVARIATE_DEFAULT,

@@ -18,23 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from generative.networks.nets import DiffusionModelUNet as GenerativeDiffusionModelUNet
+from tiny_models import TINY_VCM_PARAMS
 from VCMSynthesisLib.checkpoints import load_reference_vcm
 from VCMSynthesisLib.networks import PAPER_VCM_PARAMS, VCM
 
-TINY_VCM_PARAMS = {
-    "latent_channels": 3,
-    "condition_channels": 5,
-    "encoder_channels": [4, 8],
-    "encoder_res_blocks": 2,
-    "encoder_norm_groups": 4,
-    "unet_channels": [8, 16],
-    "unet_res_blocks": 1,
-    "unet_attention_levels": [False, True],
-    "unet_head_channels": [0, 16],
-    "unet_out_channels": 8,
-    "unet_norm_groups": 4,
-    "head_channels": 8,
-}
 LATENT_SIZE = (4, 6, 4)
 PARITY_TOLERANCE = 1e-5
 

@@ -19,6 +19,22 @@ from VCMSynthesisLib.networks import VCM
 LATENT_CHANNELS = 3
 LATENT_DOWNSAMPLING = 4
 TINY_STEPS = 3
+# The tiny VCM: every part of the paper's (two encoder levels, several residual blocks,
+# attention in the time U-Net) at a few channels. Latent 3 channels, condition 4x the latent.
+TINY_VCM_PARAMS = {
+    "latent_channels": LATENT_CHANNELS,
+    "condition_channels": 5,
+    "encoder_channels": [4, 8],
+    "encoder_res_blocks": 2,
+    "encoder_norm_groups": 4,
+    "unet_channels": [8, 16],
+    "unet_res_blocks": 1,
+    "unet_attention_levels": [False, True],
+    "unet_head_channels": [0, 16],
+    "unet_out_channels": 8,
+    "unet_norm_groups": 4,
+    "head_channels": 8,
+}
 
 
 def _label_name(value: int) -> str:
@@ -54,20 +70,6 @@ def tiny_config(
     }
     if covariates:
         diffusion_params.update(with_conditioning=True, cross_attention_dim=covariate_count)
-    adapter_params = {
-        "latent_channels": LATENT_CHANNELS,
-        "condition_channels": condition_channels,
-        "encoder_channels": [4, 8],
-        "encoder_res_blocks": 1,
-        "encoder_norm_groups": 4,
-        "unet_channels": [8, 8],
-        "unet_res_blocks": 1,
-        "unet_attention_levels": [False, False],
-        "unet_head_channels": [0, 8],
-        "unet_out_channels": 8,
-        "unet_norm_groups": 4,
-        "head_channels": 8,
-    }
     data = {
         "format_version": 1,
         "name": name,
@@ -89,7 +91,9 @@ def tiny_config(
             "params": diffusion_params,
             "covariates": base_covariates,
         },
-        "adapter": {"weights": "adapter.safetensors", "params": adapter_params} if with_adapter else None,
+        "adapter": {"weights": "adapter.safetensors",
+                    "params": {**TINY_VCM_PARAMS, "condition_channels": condition_channels}}
+        if with_adapter else None,
         "latent": {"channels": LATENT_CHANNELS, "scale_factor": 0.9},
         "scheduler": BRAINLDM_NOISE_SCHEDULE,
         "sampling": {"scheduler": "ddim", "steps": TINY_STEPS},
