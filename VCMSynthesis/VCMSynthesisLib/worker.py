@@ -6,6 +6,7 @@ the reference geometry and write it atomically (`volumes.py`). With `--progress 
 carries one JSON object a line, flushed:
 
     {"step": k, "total": N, "elapsed_s": ..., "eta_s": ...}     after each denoising step
+    {"warning": "<one line>"}                                     before the steps, if needed
     {"result": "<output path>", "timings": {...}}                 at the end
     {"error": "<one line>"}                                       on failure (plus the exit code)
 
@@ -28,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +201,7 @@ def synthesize(
     progress: Callable[[int, int], None] | None = None,
     cancellation: SignalCancellation | None = None,
     available_memory: int | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> SynthesisResult:
     """Run one request with a loaded model; the output appears complete or not at all.
 
@@ -208,6 +211,7 @@ def synthesize(
         progress: called as `progress(step, total)` after each denoising step.
         cancellation: polled between steps; None runs to the end.
         available_memory: bytes the job may use (default: measured on the model's device).
+        warn: called with a one-line warning (content beyond the model's field of view).
     """
     import torch
 
@@ -237,6 +241,10 @@ def synthesize(
                                      {name: str(path) for name, path in request.modalities.items()})
     condition = torch.from_numpy(conditions.channels).unsqueeze(0)
     timings["conditions_s"] = time.perf_counter() - start
+    if conditions.cropped and warn is not None:
+        extent = " x ".join(f"{n * s:g}" for n, s in zip(config.grid.size, config.grid.spacing, strict=True))
+        warn(f"the conditions' content extends beyond model '{config.name}''s field of view ({extent} mm); "
+             "outside it the output is background")
 
     stats = SamplingStats()
     start = time.perf_counter()
@@ -335,6 +343,14 @@ class TextProgress:
             self.bar.close()
 
 
+def emit_warning(json_mode: bool, message: str) -> None:
+    """`{"warning": ...}` on stdout (JSON mode; readers log it) or a line on stderr."""
+    if json_mode:
+        emit_json({"warning": message})
+    else:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux /proc), or None where unknown."""
     try:
@@ -392,7 +408,8 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
     # also cuts interpreter teardown (MONAI's many modules) from ~1.7 s to ~0.4 s.
     gc.freeze()
     progress = JsonProgress() if json_mode else TextProgress()
-    result = synthesize(model, request, progress=progress, cancellation=cancellation)
+    result = synthesize(model, request, progress=progress, cancellation=cancellation,
+                        warn=partial(emit_warning, json_mode))
     timings = {"startup_s": started, "load_s": load_s, **result.timings,
                "total_s": process_age_s()}
     timings = {key: round(value, 4) for key, value in timings.items() if value is not None}

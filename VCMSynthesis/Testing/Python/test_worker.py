@@ -100,6 +100,19 @@ def test_unguided_differs_from_guided(case, tmp_path):
     assert not np.array_equal(guided, unguided)
 
 
+def test_content_beyond_the_field_of_view_is_warned_about(case, tmp_path):
+    # 46 mm along k, against the tiny model's 32 mm field of view.
+    sitk.WriteImage(make_image(np.ones(SHAPE, np.int16), "anisotropic"), str(tmp_path / "big.nrrd"))
+    t2 = make_image(np.random.default_rng(2).random(SHAPE).astype(np.float32), "anisotropic")
+    sitk.WriteImage(t2, str(tmp_path / "t2.nrrd"))
+    code, out, err = run_cli(["synthesize", "--model", case["model"], "--segmentation", tmp_path / "big.nrrd",
+                              "--modality", f"T2={tmp_path / 't2.nrrd'}", "--output", tmp_path / "o.nrrd",
+                              "--steps", 1, "--progress", "json"])
+    assert code == 0, err
+    warning = json.loads(out.splitlines()[0])["warning"]
+    assert "beyond model 'tiny''s field of view (32 x 32 x 32 mm)" in warning
+
+
 def test_slicer_seg_nrrd_in_nrrd_out_keeps_its_geometry(case, tmp_path):
     segmentation, _, _ = write_slicer_segmentation(tmp_path)
     labelmap = read_segmentation(segmentation).labelmap
