@@ -409,9 +409,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 # The output selector stays as it was: with "Create new volume", each run (another
                 # seed, say) adds a volume instead of replacing the last one.
                 seconds = float(outcome.timings.get("total_s") or 0.0)
-                self.showStatus(
-                    _("Done: '{name}' ({seconds:.0f} s).").format(name=node.GetName(), seconds=seconds)
-                )
+                status = _("Done: '{name}' ({seconds:.0f} s).").format(name=node.GetName(), seconds=seconds)
+                self.showStatus(" ".join([status, *(_("Warning: ") + text for text in outcome.warnings)]))
         self.updateButtons()
 
     def showStatus(self, text: str, error: bool = False) -> None:

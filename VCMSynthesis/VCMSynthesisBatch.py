@@ -236,6 +236,12 @@ def _print_progress(label: str):
     return report
 
 
+def _run_job(job: jobs.Job, arguments: argparse.Namespace, label: str) -> None:
+    outcome = jobs.run_job(job, python=arguments.python, on_progress=_print_progress(label))
+    for text in outcome.warnings:
+        print(f"warning: {label}: {text}", file=sys.stderr)
+
+
 def run(argv: list[str] | None = None) -> int:
     try:
         arguments = build_parser().parse_args(argv)
@@ -278,7 +284,7 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
             seed=arguments.seed,
             device=arguments.device,
         )
-        jobs.run_job(job, python=arguments.python, on_progress=_print_progress(arguments.superres.name))
+        _run_job(job, arguments, arguments.superres.name)
         if not arguments.keep_job_folders:
             shutil.rmtree(job.folder, ignore_errors=True)
         print(arguments.output)
@@ -304,7 +310,7 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
         folder = jobs.new_job_folder(work)
         try:
             job = segmentation_job(case, folder, arguments, labels)
-            jobs.run_job(job, python=arguments.python, on_progress=_print_progress(label))
+            _run_job(job, arguments, label)
         except UserError as error:
             if len(cases) == 1:
                 raise

@@ -226,6 +226,7 @@ class Outcome:
     log_path: Path | None = None
     timings: dict = field(default_factory=dict)
     exit_code: int | None = None
+    warnings: tuple[str, ...] = ()
 
     def raise_for_status(self) -> None:
         """`UserError` (the worker's one line and its log path) on failure, `Cancelled` on cancel."""
@@ -249,6 +250,7 @@ class WorkerRun:
         self._events: queue.Queue[Progress] = queue.Queue()
         self._result_line: dict | None = None
         self._error_line: str | None = None
+        self.warnings: list[str] = []  # the worker's {"warning": ...} lines, as they come
         self._cancel_requested = False
         self._outcome: Outcome | None = None
         job.folder.mkdir(parents=True, exist_ok=True)
@@ -299,7 +301,9 @@ class WorkerRun:
                 continue
             if not isinstance(message, dict):
                 continue
-            if "error" in message:
+            if "warning" in message:
+                self.warnings.append(str(message["warning"]))
+            elif "error" in message:
                 self._error_line = str(message["error"])
             elif "result" in message:
                 self._result_line = message
@@ -376,7 +380,8 @@ class WorkerRun:
         elif code == 0 and self.job.output.is_file():
             timings = (self._result_line or {}).get("timings") or {}
             self._outcome = Outcome(
-                "succeeded", result=self.job.output, log_path=log_path, timings=timings, exit_code=code
+                "succeeded", result=self.job.output, log_path=log_path, timings=timings, exit_code=code,
+                warnings=tuple(self.warnings),
             )
         else:
             message = failure or f"the worker stopped with exit code {code} without writing its result"

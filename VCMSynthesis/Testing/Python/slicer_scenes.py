@@ -32,7 +32,7 @@ def _affine(linear: np.ndarray, origin) -> np.ndarray:
 GEOMETRIES = {
     "oblique": _affine(_rotation(2, 30) @ _rotation(0, 20) * 1.5, (-12.25, 30.5, 7.125)),
     "sheared": _affine(np.array([[1.4, 0.35, 0.0], [0.0, 1.6, 0.0], [0.2, 0.0, 2.2]]), (5.0, -8.0, 11.0)),
-    "anisotropic": _affine(np.diag([-0.8, -1.1, 3.0]), (40.0, 25.0, -60.0)),
+    "anisotropic": _affine(np.diag([-0.8, -1.1, 6.0]), (40.0, 25.0, -60.0)),  # 6 mm slices
 }
 
 

@@ -65,6 +65,9 @@ def test_segmentation_node_to_result_node_with_the_reference_geometry(tmp_path, 
     node = scene.apply_outcome(outcome, mrml, name="condition synthesized", next_to=segmentation)
 
     assert [(p.step, p.total) for p in progress] == [(1, 1)]
+    # Only with 6 mm slices is the content (36 mm between centres) longer than the 32 mm model grid.
+    assert bool(outcome.warnings) == (geometry == "anisotropic"), outcome.warnings
+    assert all("field of view" in text for text in outcome.warnings)
     assert outcome.timings["total_s"] > 0
     assert node.GetScene() is mrml and node.GetName() == "condition synthesized"
     assert array_of(node).shape == SHAPE_KJI
