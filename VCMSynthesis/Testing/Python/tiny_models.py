@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
@@ -124,24 +125,13 @@ def tiny_networks(config: ModelConfig, seed: int = 0):
     return networks
 
 
-def make_tiny_model_folder(
-    path: str | Path,
-    *,
-    labels: Sequence[int] | None = (0, 1, 2, 3),
-    modalities: Sequence[str] | None = ("T2",),
-    grid: Sequence[int] = (16, 16, 16),
-    spacing: Sequence[float] = (2.0, 2.0, 2.0),
-    task: str = "synthesis",
-    with_adapter: bool = True,
-    covariates: Sequence[str] | None = None,
-    seed: int = 0,
-) -> Path:
+def make_tiny_model_folder(path: str | Path, *, seed: int = 0, **options: Any) -> Path:
     """Writes a valid tiny model folder at `path` and returns it.
 
-    Condition channels: one per label value (0 is "background", k is "label k"), then one per
-    modality (percentile-normalized). Default sampling: DDIM, `TINY_STEPS` steps.
+    `options` are `tiny_config`'s keywords (the model is named after the folder). Condition
+    channels: one per label value (0 is "background", k is "label k"), then one per modality
+    (percentile-normalized). Default sampling: DDIM, `TINY_STEPS` steps.
     """
     path = Path(path)
-    config = tiny_config(labels=labels, modalities=modalities, grid=grid, spacing=spacing, task=task,
-                         with_adapter=with_adapter, covariates=covariates, name=path.name or "tiny")
+    config = tiny_config(name=path.name or "tiny", **options)
     return save_model_folder(path, config, *tiny_networks(config, seed))
