@@ -49,6 +49,18 @@ def _conv3(in_channels: int, out_channels: int, kernel_size: int = 3) -> Convolu
     )
 
 
+def _head_conv(
+    in_channels: int, out_channels: int, act: str | None = None, norm: str | None = "INSTANCE"
+) -> Convolution:
+    """A 3x3x3 convolution of the heads, then `act` and `norm`.
+
+    The default is the reference's heads: MONAI `Convolution(act=None)` keeps its default norm,
+    an affine-free instance normalisation.
+    """
+    return Convolution(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, kernel_size=3,
+                       padding=1, act=act, norm=norm)
+
+
 def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
     """Expand an int to one value per level; check a list has one value per level."""
     values = [value] * levels if isinstance(value, int) else list(value)
@@ -245,29 +257,9 @@ class VCM(nn.Module):
             include_fc=False,
             use_flash_attention=use_flash_attention,
         )
-        self.shared = Convolution(
-            spatial_dims=3,
-            in_channels=unet_out_channels,
-            out_channels=head_channels,
-            kernel_size=3,
-            padding=1,
-            act="LEAKYRELU",
-            norm=None,
-        )
-        self.gamma_head = self._head(head_channels, latent_channels)
-        self.beta_head = self._head(head_channels, latent_channels)
-
-    @staticmethod
-    def _head(in_channels: int, out_channels: int) -> Convolution:
-        return Convolution(
-            spatial_dims=3,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            kernel_size=3,
-            padding=1,
-            act=None,
-            norm="INSTANCE",
-        )
+        self.shared = _head_conv(unet_out_channels, head_channels, act="LEAKYRELU", norm=None)
+        self.gamma_head = _head_conv(head_channels, latent_channels)
+        self.beta_head = _head_conv(head_channels, latent_channels)
 
     def encode_condition(self, y: torch.Tensor) -> torch.Tensor:
         """The condition `y` on the latent grid, `(B, encoder_channels[-1], d, h, w)`.

@@ -125,6 +125,16 @@ def inputs(params: dict, latent_size=LATENT_SIZE, seed: int = 1):
     return x, y, torch.tensor([999, 17])
 
 
+def assert_parity(
+    got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...], label: str, capsys
+) -> None:
+    """Prints the largest absolute difference (the parity figure) and checks it is within tolerance."""
+    difference = max((a - b).abs().max().item() for a, b in zip(got, expected, strict=True))
+    with capsys.disabled():
+        print(f"\n{label}: max abs diff {difference:.2e}")
+    assert difference <= PARITY_TOLERANCE
+
+
 def save_reference_checkpoint(path: Path, params: dict) -> tuple[dict, torch.nn.Module]:
     """Writes a random reference-layout, DDP-prefixed checkpoint; returns its state and U-Net."""
     generator = torch.Generator().manual_seed(0)
@@ -184,10 +194,8 @@ def test_reference_checkpoint_parity(tmp_path, capsys):
     with torch.no_grad():
         scale, shift = vcm(x, y, t)
         expected_scale, expected_shift = reference_forward(state, unet, TINY_VCM_PARAMS, x, y, t)
-    difference = max((scale - expected_scale).abs().max().item(), (shift - expected_shift).abs().max().item())
-    with capsys.disabled():
-        print(f"\nreference-layout parity (tiny config): max abs diff {difference:.2e}")
-    assert difference <= PARITY_TOLERANCE
+    assert_parity((scale, shift), (expected_scale, expected_shift), "reference-layout parity (tiny config)",
+                  capsys)
     assert expected_scale.abs().max() > 0.1  # the comparison is not between two zero tensors
 
 
@@ -231,7 +239,5 @@ def test_reference_implementation_parity_paper_config(tmp_path, capsys):
     with torch.no_grad():
         scale, shift = vcm(x, y, t)
         expected_scale, expected_shift = model(x, y, t)
-    difference = max((scale - expected_scale).abs().max().item(), (shift - expected_shift).abs().max().item())
-    with capsys.disabled():
-        print(f"\nreference implementation parity (paper config): max abs diff {difference:.2e}")
-    assert difference <= PARITY_TOLERANCE
+    assert_parity((scale, shift), (expected_scale, expected_shift),
+                  "reference implementation parity (paper config)", capsys)
