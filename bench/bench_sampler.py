@@ -40,24 +40,10 @@ def _tiny_model(device: torch.device):
 
 def _paper_model(device: torch.device):
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-    from VCMSynthesisLib import checkpoints as ck
-    from VCMSynthesisLib.model_folder import ModelConfig
-    from VCMSynthesisLib.networks import PAPER_VCM_PARAMS, VCM
+    from VCMSynthesisLib.checkpoints import reference_model_config
+    from VCMSynthesisLib.networks import VCM
 
-    config = ModelConfig.from_dict({
-        "format_version": 1, "name": "paper-sizes", "task": "synthesis", "description": "random weights",
-        "grid": ck.BRAINLDM_GRID, "intensity": {"range": list(ck.BRAINLDM_INTENSITY_RANGE)},
-        "autoencoder": {"weights": "a.safetensors", "params": ck.BRAINLDM_AUTOENCODER_PARAMS},
-        "diffusion": {"weights": "d.safetensors", "params": ck.BRAINLDM_DIFFUSION_PARAMS,
-                      "covariates": {"names": list(ck.BRAINLDM_COVARIATE_NAMES),
-                                     "default": list(ck.BRAINLDM_COVARIATE_DEFAULT)}},
-        "adapter": {"weights": "v.safetensors", "params": PAPER_VCM_PARAMS},
-        "latent": {"channels": 3, "scale_factor": ck.BRAINLDM_SCALE_FACTOR},
-        "scheduler": ck.BRAINLDM_NOISE_SCHEDULE,
-        "sampling": {"scheduler": "ddim", "steps": ck.REFERENCE_SAMPLING_STEPS},
-        "conditions": {"labels": {"table": [{"value": v, "name": f"label {v}"}
-                                            for v in ck.REFERENCE_LABEL_VALUES]}, "modalities": []},
-    }, source="paper sizes")
+    config = reference_model_config("paper-sizes")
     networks = (AutoencoderKL(**config.autoencoder.params), DiffusionModelUNet(**config.diffusion.params),
                 VCM(**config.adapter.params))
     return _random_model(config, networks, device)

@@ -263,6 +263,52 @@ repository); check them before redistributing.
 """
 
 
+def reference_model_config(
+    name: str,
+    adapter_params: dict[str, Any] | None = None,
+    autoencoder_params: dict[str, Any] | None = None,
+    diffusion_params: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> ModelConfig:
+    """The config of BrainLDM steered by a VCM of the paper's release (its 8 labels, BrainLDM's
+    grid, covariates and noise schedule, the reference's DDIM steps).
+
+    Args:
+        name: the model's name.
+        adapter_params: `networks.VCM` kwargs; the paper's if None.
+        autoencoder_params: `AutoencoderKL` kwargs; BrainLDM's if None.
+        diffusion_params: `DiffusionModelUNet` kwargs; BrainLDM's if None.
+        metadata: free-form JSON for config.json's `metadata`.
+    """
+    adapter_params = adapter_params or PAPER_VCM_PARAMS
+    return ModelConfig.from_dict({
+        "format_version": 1,
+        "name": name,
+        "task": "synthesis",
+        "description": "BrainLDM T1 brain MRI steered by the paper's 8-label VCM (Ahn et al., WACV 2025)",
+        "grid": BRAINLDM_GRID,
+        "intensity": {"range": list(BRAINLDM_INTENSITY_RANGE)},
+        "autoencoder": {"weights": "autoencoder.safetensors",
+                        "params": autoencoder_params or BRAINLDM_AUTOENCODER_PARAMS},
+        "diffusion": {
+            "weights": "diffusion.safetensors",
+            "params": diffusion_params or BRAINLDM_DIFFUSION_PARAMS,
+            "covariates": {"names": list(BRAINLDM_COVARIATE_NAMES),
+                           "default": list(BRAINLDM_COVARIATE_DEFAULT)},
+        },
+        "adapter": {"weights": "adapter.safetensors", "params": adapter_params},
+        "latent": {"channels": adapter_params["latent_channels"], "scale_factor": BRAINLDM_SCALE_FACTOR},
+        "scheduler": BRAINLDM_NOISE_SCHEDULE,
+        "sampling": {"scheduler": "ddim", "steps": REFERENCE_SAMPLING_STEPS},
+        "conditions": {
+            "labels": {"table": [{"value": value, "name": f"label {value}"}
+                                 for value in REFERENCE_LABEL_VALUES]},
+            "modalities": [],
+        },
+        "metadata": metadata or {},
+    }, source=f"reference model {name!r}")
+
+
 def import_reference(
     vcm_path: str | Path,
     autoencoder_path: str | Path,
@@ -300,31 +346,8 @@ def import_reference(
         for kind, path in (("adapter", vcm_path), ("autoencoder", autoencoder_path),
                            ("diffusion", diffusion_path))
     }
-    config = ModelConfig.from_dict({
-        "format_version": 1,
-        "name": name,
-        "task": "synthesis",
-        "description": "BrainLDM T1 brain MRI steered by the paper's 8-label VCM (Ahn et al., WACV 2025)",
-        "grid": BRAINLDM_GRID,
-        "intensity": {"range": list(BRAINLDM_INTENSITY_RANGE)},
-        "autoencoder": {"weights": "autoencoder.safetensors", "params": autoencoder_params},
-        "diffusion": {
-            "weights": "diffusion.safetensors",
-            "params": diffusion_params,
-            "covariates": {"names": list(BRAINLDM_COVARIATE_NAMES),
-                           "default": list(BRAINLDM_COVARIATE_DEFAULT)},
-        },
-        "adapter": {"weights": "adapter.safetensors", "params": vcm.params},
-        "latent": {"channels": vcm.latent_channels, "scale_factor": BRAINLDM_SCALE_FACTOR},
-        "scheduler": BRAINLDM_NOISE_SCHEDULE,
-        "sampling": {"scheduler": "ddim", "steps": REFERENCE_SAMPLING_STEPS},
-        "conditions": {
-            "labels": {"table": [{"value": value, "name": f"label {value}"}
-                                 for value in REFERENCE_LABEL_VALUES]},
-            "modalities": [],
-        },
-        "metadata": {"imported_from": sources},
-    }, source=f"import-reference of {vcm_path}")
+    config = reference_model_config(name, vcm.params, autoencoder_params, diffusion_params,
+                                    metadata={"imported_from": sources})
     return save_model_folder(output_folder, config, autoencoder, diffusion, vcm, _model_card(name, sources))
 
 
