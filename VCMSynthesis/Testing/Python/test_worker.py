@@ -261,6 +261,8 @@ def test_sigterm_stops_within_two_seconds_and_writes_nothing(case, tmp_path):
         env={**os.environ, "PYTHONPATH": str(LIB_PARENT)})
     try:
         first = json.loads(process.stdout.readline())
+        if "warning" in first:  # the 16 mm field of view crops the case's content
+            first = json.loads(process.stdout.readline())
         assert first["step"] == 1 and first["total"] == 1000
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
