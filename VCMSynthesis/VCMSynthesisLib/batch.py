@@ -187,7 +187,9 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "batch", help="synthesize every case of a CSV manifest (resumable; splits across torchrun ranks)",
-        description=__doc__.splitlines()[0])
+        description="Synthesize every case of a CSV manifest (columns output, segmentation, seed, "
+                    "modality:<NAME>; paths relative to the manifest). Finished outputs are skipped; "
+                    "under torchrun the ranks share the cases.")
     parser.add_argument("--manifest", type=Path, required=True,
                         help="CSV with columns output, segmentation, seed, modality:<NAME>")
     parser.add_argument("--model", required=True, help="model name or folder")
