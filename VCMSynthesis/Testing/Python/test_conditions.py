@@ -13,6 +13,7 @@ from VCMSynthesisLib.conditions import (
     grid_direction,
 )
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_folder import ModelConfig
 from VCMSynthesisLib.volumes import Segmentation, read_segmentation, read_volume, write_volume_atomic
 from volume_cases import FORMATS, GEOMETRIES, blob, dice, geometry_of, make_image, write_case
 
@@ -69,12 +70,24 @@ def test_grid_is_axis_aligned_in_the_model_orientation_and_centred_on_the_conten
     box_centre = image.TransformContinuousIndexToPhysicalPoint((17.0, 4.5, 3.0))
     grid_centre = grid.TransformContinuousIndexToPhysicalPoint((23.5, 23.5, 23.5))
     np.testing.assert_allclose(grid_centre, box_centre, atol=1e-9)
-    # Channel arrays are [i, j, k] with i running toward patient right (RAS).
-    label = conditions.channels[1]
-    i, j, k = (np.flatnonzero(label.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
-    right_most = grid.TransformIndexToPhysicalPoint((int(i[-1]), int(j[0]), int(k[0])))
-    left_most = grid.TransformIndexToPhysicalPoint((int(i[0]), int(j[0]), int(k[0])))
-    assert right_most[0] < left_most[0]  # LPS x decreases toward the right
+
+
+@pytest.mark.parametrize(("orientation", "right_of_left", "superior_above"), [
+    ("RAS", True, True), ("LAS", False, True), ("LPI", False, False),
+])
+def test_channel_axes_follow_the_model_orientation(orientation, right_of_left, superior_above):
+    labels = np.zeros(SHAPE, np.int16)  # LPS identity: i runs toward the patient's left
+    labels[5:9, 7:11, 2:6] = 1  # patient's right
+    labels[5:9, 7:11, 16:20] = 2  # patient's left
+    labels[11:13, 7:11, 9:13] = 3  # superior
+    data = _config(modalities=()).to_dict()
+    data["grid"]["orientation"] = orientation
+    config = ModelConfig.from_dict(data)
+    conditions = assemble_conditions(config, _segmentation(labels), {})
+    assert conditions.grid.GetDirection() == grid_direction(orientation)
+    centroids = [np.argwhere(conditions.channels[value]).mean(axis=0) for value in (1, 2, 3)]
+    assert (centroids[0][0] > centroids[1][0]) == right_of_left  # first array axis: R or L
+    assert (centroids[2][2] > centroids[0][2]) == superior_above  # third array axis: S or I
 
 
 def test_content_larger_than_the_grid_is_cropped_and_flagged():
