@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write every case's figures and the medians here (JSON)")
+    parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on busy shared cores)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = load_model_folder(resolve_model(args.model))
     keys = {"image": "image", "labels": "labels", "T2": "t2"}
