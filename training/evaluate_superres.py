@@ -23,6 +23,7 @@ import common
 import evaluate
 import numpy as np
 import SimpleITK as sitk
+import torch
 from simulate_thick_slices import simulate_thick_slices
 from VCMSynthesisLib import superres
 from VCMSynthesisLib.model_folder import load_model_folder
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write every case's figures and the tables here (JSON)")
+    parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on busy shared cores)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = load_model_folder(resolve_model(args.model))
     cases = common.read_manifest(args.manifest, split=args.split)[: args.cases]
