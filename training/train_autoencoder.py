@@ -1,9 +1,13 @@
 """Train the demo base model's autoencoder (MONAI AutoencoderKL) on random patches of the images.
 
 The network is fully convolutional, so patches train it for whole volumes at a fraction of the
-cost. Loss: L1 + an edge term (L1 of the finite differences, against the blur that L1 alone
-gives without an adversary) + a small KL term. Writes `autoencoder.safetensors` and
-`autoencoder.json` (its AutoencoderKL keyword arguments) into the run directory.
+cost; its group normalisations see other statistics in a whole volume, so a last stage on
+(nearly) whole volumes calibrates them. Loss: L1 + an edge term (L1 of the finite differences,
+against the blur that L1 alone gives without an adversary) + a small KL term. With
+`init_from: <run>` training starts from that run's weights; with `decoder_only: true` the
+encoder stays frozen (latents, and the base models trained on them, stay valid) and the decoder
+learns to decode latent means. Writes `autoencoder.safetensors` and `autoencoder.json` (its
+AutoencoderKL keyword arguments) into the run directory.
 
     python training/train_autoencoder.py --config training/configs/demo_autoencoder.yaml \
         --run-dir training/runs/autoencoder
@@ -18,6 +22,7 @@ from pathlib import Path
 import common
 import torch
 from monai.networks.nets import AutoencoderKL
+from VCMSynthesisLib.errors import UserError
 
 
 def load_images(manifest: str, key: str) -> torch.Tensor:
@@ -60,13 +65,26 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(settings["seed"])
     params = config["autoencoder"]
     model = AutoencoderKL(**params)
+    if config.get("init_from"):
+        model.load_state_dict(common.load_autoencoder(config["init_from"])[0].state_dict())
+    decoder_only = bool(config.get("decoder_only"))
+    if decoder_only and context.world_size > 1:
+        raise UserError("decoder_only runs in one process (it bypasses DDP); run it without torchrun")
+    if decoder_only:
+        for frozen in (model.encoder, model.quant_conv_mu, model.quant_conv_log_sigma):
+            frozen.requires_grad_(False)
     images = load_images(config["data"]["manifest"], config["data"].get("image_key", "image"))
     patch = int(config["patch_size"])
     weights = config["loss"]
 
     def loss_function(module, step, generator):
         batch = random_patches(images, settings["batch_size"], patch, generator).to(context.device)
-        reconstruction, mu, sigma = module(batch)
+        if decoder_only:
+            with torch.no_grad():
+                mu, sigma = model.encode(batch)
+            reconstruction = model.decode(mu)
+        else:
+            reconstruction, mu, sigma = module(batch)
         l1 = (reconstruction - batch).abs().mean()
         edges = edge_loss(reconstruction, batch)
         kl = kl_divergence(mu, sigma)
