@@ -199,3 +199,15 @@ def test_histogram_matching_baseline_takes_the_reference_histogram():
     matched = evaluate.histogram_matching(sitk.GetImageFromArray(case["image"] * 500.0),
                                           sitk.GetImageFromArray(case["image"]))
     assert np.abs(sitk.GetArrayFromImage(matched) - case["image"]).mean() < 0.05
+
+
+def test_decoder_only_keeps_the_encoder(dataset, base_runs, tmp_path):
+    config = autoencoder_config(dataset, 3)
+    config.update({"init_from": str(base_runs["ae"]), "decoder_only": True, "patch_size": SIZE})
+    path = write_config(tmp_path / "decoder.yaml", config)
+    train_autoencoder.main(["--config", str(path), "--run-dir", str(tmp_path / "decoder")])
+    before = load_file(str(base_runs["ae"] / "autoencoder.safetensors"))
+    after = load_file(str(tmp_path / "decoder" / "autoencoder.safetensors"))
+    frozen = [key for key in before if key.startswith(("encoder.", "quant_conv"))]
+    assert frozen and all(torch.equal(before[key], after[key]) for key in frozen)
+    assert any(not torch.equal(before[key], after[key]) for key in before if key.startswith("decoder."))
