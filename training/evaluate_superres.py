@@ -38,7 +38,7 @@ def interpolate(thick: sitk.Image, grid: sitk.Image, interpolator: int) -> sitk.
 
 
 def reconstruct(method: str, thick: sitk.Image, grid: sitk.Image, model, steps: int | None,
-                seed: int) -> sitk.Image:
+                seed: int, samples: int) -> sitk.Image:
     axis = superres.slice_geometry(thick).axis
     if method == "linear":
         return interpolate(thick, grid, sitk.sitkLinear)
@@ -46,7 +46,7 @@ def reconstruct(method: str, thick: sitk.Image, grid: sitk.Image, model, steps: 
         return interpolate(thick, grid, sitk.sitkBSpline)
     if method == "linear+consistency":
         return superres.enforce_consistency(interpolate(thick, grid, sitk.sitkLinear), thick, axis)
-    mean, _ = superres.super_resolve(model, thick, grid, steps=steps, seed=seed)
+    mean, _ = superres.super_resolve(model, thick, grid, samples=samples, steps=steps, seed=seed)
     return mean
 
 
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--thickness", type=float, nargs="+", default=[3.0, 5.0, 7.0])
     parser.add_argument("--cases", type=int, default=8, help="at most this many held-out cases")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--samples", type=int, default=1, help="samples averaged by the VCM method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write every case's figures and the tables here (JSON)")
     parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on busy shared cores)")
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             thick = simulate_thick_slices(truth, thickness, float(rng.uniform(0.0, thickness)))
             for method in METHODS:
                 start = time.perf_counter()
-                estimate = reconstruct(method, thick, truth, model, args.steps, args.seed)
+                estimate = reconstruct(method, thick, truth, model, args.steps, args.seed, args.samples)
                 seconds = time.perf_counter() - start
                 figures = evaluate.masked_psnr_ssim(sitk.GetArrayFromImage(estimate), truth_array, brain)
                 rows.append({"case": case.name, "thickness_mm": thickness, "method": method,
