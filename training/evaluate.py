@@ -97,14 +97,27 @@ def synthesize(model: LoadedModel, built: conditions.Conditions, guided: bool, s
     return sitk.GetArrayFromImage(on_reference), time.perf_counter() - start
 
 
+def autoencoder_reconstruction(model: LoadedModel, built: conditions.Conditions,
+                               image: sitk.Image) -> np.ndarray:
+    """The true image through the model's autoencoder (latent mean): the best a synthesis can decode."""
+    on_grid = conditions.array_from_image(conditions.resample_to_grid(image, built.grid, labels=False))
+    with torch.inference_mode():
+        latent = model.autoencoder.encode(torch.from_numpy(on_grid)[None, None].to(model.device))[0]
+        decoded = model.autoencoder.decode(latent)[0, 0].clamp(*model.config.intensity_range).cpu().numpy()
+    on_reference = built.to_reference(decoded, default_value=model.config.intensity_range[0])
+    return sitk.GetArrayFromImage(on_reference)
+
+
 def evaluate_case(model: LoadedModel, case: common.Case, keys: dict[str, str], steps: int | None,
                   seed: int, baseline_reference: sitk.Image | None) -> list[dict]:
-    """One row per method (true T1, guided, unguided, baseline) with Dice, PSNR and SSIM."""
+    """One row per method (true T1, its autoencoder reconstruction, guided, unguided, baseline)."""
     tissue_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case.files[keys["labels"]])))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.files[keys["image"]]), sitk.sitkFloat32))
     brain = tissue_map > 0
     built = case_conditions(model, case, keys)
     estimates = {"true T1": (truth, 0.0)}
+    truth_image = sitk.ReadImage(str(case.files[keys["image"]]), sitk.sitkFloat32)
+    estimates["autoencoder (ceiling)"] = (autoencoder_reconstruction(model, built, truth_image), 0.0)
     estimates["guided"] = synthesize(model, built, True, steps, seed)
     estimates["unguided"] = synthesize(model, built, False, steps, seed)
     if baseline_reference is not None:
