@@ -17,7 +17,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,12 @@ class _Fields:
 
     def weights_file(self, key: str) -> str:
         name = self.string(key)
-        if Path(name).name != name or not name.endswith(".safetensors"):
-            self.fail(key, f"must be a file name in the model folder ending in .safetensors, got {name!r}")
+        parts = Path(name).parts
+        own = len(parts) == 1
+        shared = len(parts) == 3 and parts[0] == ".." and parts[1] not in (".", "..")
+        if not (own or shared) or not name.endswith(".safetensors"):
+            self.fail(key, "must be a .safetensors file in the model folder, or '../<model>/<file>' "
+                           f"in a sibling model folder whose base it shares, got {name!r}")
         return name
 
     def params(self, key: str) -> dict[str, Any]:
@@ -572,10 +576,20 @@ def _default_model_card(config: ModelConfig) -> str:
             f"- Condition channels: {conditions}\n")
 
 
-def _state_for_saving(module: nn.Module) -> dict[str, torch.Tensor]:
+def _state_for_saving(module: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     # Cloned: safetensors refuses tensors that share memory, and views must be contiguous.
-    return {name: tensor.detach().to("cpu").contiguous().clone()
-            for name, tensor in module.state_dict().items()}
+    state = {}
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.contiguous().clone()
+    return state
+
+
+def _is_shared(spec: NetworkSpec) -> bool:
+    """True when the weights live in a sibling model folder (a base shared by several adapters)."""
+    return len(Path(spec.weights).parts) > 1
 
 
 def save_model_folder(
@@ -585,17 +599,22 @@ def save_model_folder(
     diffusion: nn.Module,
     adapter: nn.Module | None = None,
     model_card: str = "",
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Writes a complete model folder atomically.
 
     Everything is written to a temporary folder beside `folder`; an existing `folder` is replaced
-    only once the new one is complete, so a failure leaves the old model untouched.
+    only once the new one is complete, so a failure leaves the old model untouched. Networks whose
+    weights the config places in a sibling folder (`../<base>/<file>`) are not written: that
+    file must already exist.
 
     Args:
         folder: the model folder to create or replace.
         config: the model's configuration (written as config.json).
         autoencoder, diffusion, adapter: the networks whose weights are saved.
         model_card: README.md text; a short card generated from the config when empty.
+        dtype: store floating-point weights in this type (e.g. float16 to halve shipped models);
+            loading casts them back to the network's type.
 
     Returns:
         The model folder.
@@ -617,7 +636,13 @@ def save_model_folder(
         if config.adapter is not None:
             parts.append((config.adapter, adapter))
         for spec, module in parts:
-            save_file(_state_for_saving(module), str(partial / spec.weights), metadata={"format": "pt"})
+            if _is_shared(spec):
+                if not (folder / spec.weights).is_file():
+                    raise UserError(f"shared weights {folder / spec.weights} do not exist; "
+                                    f"write the base model folder first")
+                continue
+            save_file(_state_for_saving(module, dtype), str(partial / spec.weights),
+                      metadata={"format": "pt"})
         (partial / MODEL_CARD_NAME).write_text(model_card or _default_model_card(config), encoding="utf-8")
         if folder.exists():
             os.replace(folder, previous)
@@ -632,3 +657,54 @@ def save_model_folder(
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder
+
+
+def share_base(folders: list[str | os.PathLike], base_folder: str | os.PathLike,
+               dtype: torch.dtype | None = torch.float16) -> Path:
+    """Stores the frozen base that several adapter models were trained on once, in its own folder.
+
+    Every adapter model folder carries the whole base; shipping it once per model multiplies its
+    size. `base_folder` (a sibling of `folders`) becomes a base-only model (adapter null, sampled
+    unguided) and each model's config points to its weights (`../<base>/...`). Floating-point
+    weights are stored in `dtype`; loading casts them back to float32.
+
+    Args:
+        folders: model folders (siblings) whose autoencoder and diffusion weights are identical.
+        base_folder: the base-only model folder to write.
+        dtype: storage type of floating-point weights; None keeps them as they are.
+
+    Returns:
+        The base folder.
+
+    Raises:
+        UserError: a folder is not a sibling of `base_folder`, or the models' bases differ.
+    """
+    base_folder = Path(base_folder)
+    models = [load_model_folder(folder) for folder in folders]
+    first = models[0]
+    for model in models:
+        if model.folder.resolve().parent != base_folder.resolve().parent:
+            raise UserError(f"{model.folder} is not a sibling of {base_folder}; shared weights are "
+                            f"referenced as '../{base_folder.name}/...'")
+        for kind in ("autoencoder", "diffusion"):
+            ours, theirs = getattr(first, kind).state_dict(), getattr(model, kind).state_dict()
+            if (getattr(first.config, kind).params != getattr(model.config, kind).params
+                    or any(not torch.equal(ours[name], theirs[name]) for name in ours)):
+                raise UserError(f"{model.folder} and {first.folder} have different {kind} weights; "
+                                f"only models trained on one frozen base can share it")
+    base_config = replace(
+        first.config, name=base_folder.name, task="synthesis", adapter=None, labels=(), modalities=(),
+        description=f"the frozen base model shared by {', '.join(m.config.name for m in models)} "
+                    f"(unguided sampling)",
+        autoencoder=replace(first.config.autoencoder, weights="autoencoder.safetensors"),
+        diffusion=replace(first.config.diffusion, weights="diffusion.safetensors"))
+    save_model_folder(base_folder, base_config, first.autoencoder, first.diffusion, dtype=dtype)
+    for model in models:
+        card_path = model.folder / MODEL_CARD_NAME
+        card = card_path.read_text(encoding="utf-8") if card_path.is_file() else ""
+        shared = {kind: replace(getattr(model.config, kind),
+                                weights=f"../{base_folder.name}/{kind}.safetensors")
+                  for kind in ("autoencoder", "diffusion")}
+        save_model_folder(model.folder, replace(model.config, **shared), model.autoencoder,
+                          model.diffusion, model.adapter, model_card=card, dtype=dtype)
+    return base_folder

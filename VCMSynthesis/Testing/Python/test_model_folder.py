@@ -134,7 +134,7 @@ _DELETE = object()
     (_set("task", "painting"), "'task' must be one of"),
     (_set("format_version", 7), "'format_version' is 7"),
     (_set("intensity.range", [1.0, 0.0]), "'intensity.range'"),
-    (_set("autoencoder.weights", "../escape.safetensors"), "'autoencoder.weights' must be a file name"),
+    (_set("autoencoder.weights", "../escape.safetensors"), "'autoencoder.weights' must be"),
     (_set("latent.scale_factor", -1), "'latent.scale_factor' must hold positive numbers"),
     (_set("scheduler.schedule", "wiggly"), "'scheduler.schedule'"),
     (_set("sampling.steps", 0), "'sampling.steps'"),
@@ -195,3 +195,41 @@ def test_base_only_model_has_no_adapter(tmp_path):
     loaded = load_model_folder(folder)
     assert loaded.adapter is None and loaded.condition_channel_names == []
     assert not (folder / "adapter.safetensors").exists()
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.iterdir())
+
+
+def test_share_base_stores_the_base_once_in_half_precision(tmp_path):
+    from VCMSynthesisLib.sampler import sample
+
+    labels = make_tiny_model_folder(tmp_path / "labels", seed=3, modalities=None)
+    base_networks = load_model_folder(labels)
+    t2_config = tiny_config(name="t2", labels=None)
+    t2 = save_model_folder(tmp_path / "t2", t2_config, base_networks.autoencoder, base_networks.diffusion,
+                           tiny_networks(t2_config, 4)[2])
+    condition = torch.rand(1, 4, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = sample(load_model_folder(labels), condition, seed=1)
+    size_before = _folder_bytes(labels) + _folder_bytes(t2)
+
+    base = model_folder.share_base([labels, t2], tmp_path / "base")
+
+    assert sorted(path.name for path in labels.iterdir()) == ["README.md", "adapter.safetensors", CONFIG_NAME]
+    t2_weights = json.loads((t2 / CONFIG_NAME).read_text())["diffusion"]["weights"]
+    assert t2_weights == "../base/diffusion.safetensors"
+    assert load_file(str(base / "diffusion.safetensors"))["conv_in.conv.weight"].dtype == torch.float16
+    assert _folder_bytes(labels) + _folder_bytes(t2) + _folder_bytes(base) < 0.6 * size_before
+    shared = load_model_folder(labels)
+    assert shared.diffusion.conv_in.conv.weight.dtype == torch.float32
+    assert torch.allclose(sample(shared, condition, seed=1), before, atol=2e-2)
+    assert load_model_folder(base).adapter is None
+
+
+def test_share_base_refuses_models_of_different_bases(tmp_path):
+    first = make_tiny_model_folder(tmp_path / "first", seed=1)
+    second = make_tiny_model_folder(tmp_path / "second", seed=2)
+    with pytest.raises(UserError, match="different autoencoder weights"):
+        model_folder.share_base([first, second], tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+

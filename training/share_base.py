@@ -1,0 +1,40 @@
+"""Store the frozen base shared by the shipped demo models once, in half precision.
+
+Each exported adapter model folder carries the whole base; the shipped models must stay under
+40 MB together. Run after exporting the adapters, from the repository root:
+
+    .venv/bin/python training/share_base.py VCMSynthesis/Resources/Models/demo \
+        VCMSynthesis/Resources/Models/demo-t2-to-t1 VCMSynthesis/Resources/Models/demo-superres \
+        --base VCMSynthesis/Resources/Models/demo-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_folder import share_base
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", type=Path, help="adapter model folders trained on one base")
+    parser.add_argument("--base", type=Path, required=True, help="base-only model folder to write")
+    args = parser.parse_args(argv)
+    try:
+        share_base(args.models, args.base)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    sizes = {folder: sum(path.stat().st_size for path in folder.iterdir())
+             for folder in [*args.models, args.base]}
+    for folder, size in sizes.items():
+        print(f"{folder}: {size / 2**20:.1f} MiB")
+    print(f"total: {sum(sizes.values()) / 2**20:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
