@@ -221,9 +221,10 @@ def calibrate_intensity(
     """
     region_image = sitk.GetImageFromArray(region.astype(np.float32))
     region_image.CopyInformation(estimate)
-    inside = sitk.GetArrayViewFromImage(slab_average(region_image, thick, axis)) > 0.999
-    predicted = sitk.GetArrayViewFromImage(slab_average(estimate, thick, axis))[inside]
-    acquired = sitk.GetArrayViewFromImage(thick)[inside]
+    # Copies, not views: a view of a temporary image would outlive its buffer.
+    inside = sitk.GetArrayFromImage(slab_average(region_image, thick, axis)) > 0.999
+    predicted = sitk.GetArrayFromImage(slab_average(estimate, thick, axis))[inside]
+    acquired = sitk.GetArrayFromImage(thick)[inside]
     if predicted.size < 2 or np.ptp(predicted) == 0:
         return estimate
     design = np.stack([predicted, np.ones_like(predicted)], axis=1).astype(np.float64)
