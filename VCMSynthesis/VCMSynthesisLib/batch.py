@@ -183,7 +183,7 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, _positive_int
+    from VCMSynthesisLib.worker import DEVICES, positive_int
 
     parser = subparsers.add_parser(
         "batch", help="synthesize every case of a CSV manifest (resumable; splits across torchrun ranks)",
@@ -193,7 +193,7 @@ def register(subparsers) -> None:
     parser.add_argument("--manifest", type=Path, required=True,
                         help="CSV with columns output, segmentation, seed, modality:<NAME>")
     parser.add_argument("--model", required=True, help="model name or folder")
-    parser.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
                         help="one line per case, as text or JSON")

@@ -355,7 +355,7 @@ def _positive_mm(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, _positive_int
+    from VCMSynthesisLib.worker import DEVICES, positive_int
 
     parser = subparsers.add_parser(
         "superres", help="super-resolve a thick-slice volume to an isotropic one",
@@ -367,11 +367,11 @@ def register(subparsers) -> None:
                                                                f"(default {DEFAULT_MODEL})")
     parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
                                                              "finest in-plane spacing)")
-    parser.add_argument("--samples", type=_positive_int, default=1,
+    parser.add_argument("--samples", type=positive_int, default=1,
                         help="samples to average (posterior mean; default 1)")
     parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
                                                          "across samples (needs --samples 2 or more)")
-    parser.add_argument("--steps", type=_positive_int,
+    parser.add_argument("--steps", type=positive_int,
                         help="denoising steps per sample (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")

@@ -267,7 +267,7 @@ def synthesize(
 # --- command line ---------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -294,7 +294,7 @@ def register(subparsers) -> None:
     parser.add_argument("--modality", type=_modality, action="append", default=[], metavar="NAME=FILE",
                         help="a modality condition, e.g. T2=t2.nrrd (repeatable)")
     parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
-    parser.add_argument("--steps", type=_positive_int, help="denoising steps (default: the model's)")
+    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
