@@ -268,6 +268,7 @@ def synthesize(
 
 
 def positive_int(text: str) -> int:
+    """argparse type of counts (steps, samples): a whole number of at least 1."""
     try:
         value = int(text)
     except ValueError:
