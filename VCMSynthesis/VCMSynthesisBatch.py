@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from VCMSynthesisLib import jobs  # noqa: E402
-from VCMSynthesisLib.errors import EXIT_USAGE, Cancelled, UsageError, UserError  # noqa: E402
+from VCMSynthesisLib.cli import run_reporting_errors  # noqa: E402
+from VCMSynthesisLib.errors import EXIT_USAGE, UsageError, UserError  # noqa: E402
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -249,13 +250,7 @@ def run(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if stop.code not in (0, None) else 0
     work = Path(tempfile.mkdtemp(prefix="vcm-batch-"))
     try:
-        return _run(arguments, work)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except Cancelled as cancelled:
-        print("cancelled: nothing was written", file=sys.stderr)
-        return cancelled.exit_code
+        return run_reporting_errors(lambda: _run(arguments, work))
     finally:
         if not any(work.iterdir()):  # failed jobs keep their folder: the error names its log
             work.rmdir()

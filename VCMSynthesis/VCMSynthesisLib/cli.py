@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from VCMSynthesisLib.errors import EXIT_USAGE, Cancelled, UserError
 
@@ -37,13 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_reporting_errors(run: Callable[[], int | None]) -> int:
+    """Runs a front end's work; user errors and cancels become one stderr line and an exit code."""
     try:
-        return int(args.handler(args) or 0)
+        return int(run() or 0)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except Cancelled as cancelled:
         print("cancelled: nothing was written", file=sys.stderr)
         return cancelled.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: args.handler(args))
