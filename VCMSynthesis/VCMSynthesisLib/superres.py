@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from VCMSynthesisLib.errors import Cancelled, UsageError, UserError
+from VCMSynthesisLib.errors import UsageError, UserError
 
 if TYPE_CHECKING:  # torch and the networks load only when a run starts (fast --help)
     from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig
@@ -381,21 +381,10 @@ def register(subparsers) -> None:
 
 
 def run_superres_command(args: argparse.Namespace) -> int:
-    from VCMSynthesisLib.worker import SignalCancellation, emit_json
+    from VCMSynthesisLib.worker import run_worker_command
 
     json_mode = args.progress == "json"
-    try:
-        with SignalCancellation() as cancellation:
-            return _run_superres(args, cancellation, json_mode)
-    except (UserError, Cancelled) as error:
-        if json_mode:
-            message = str(error) if isinstance(error, UserError) else "cancelled; nothing was written"
-            emit_json({"error": message})
-        raise
-    except Exception as error:
-        if json_mode:
-            emit_json({"error": f"internal error: {type(error).__name__}: {error}".splitlines()[0]})
-        raise
+    return run_worker_command(json_mode, lambda cancellation: _run_superres(args, cancellation, json_mode))
 
 
 def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> int:

@@ -114,13 +114,16 @@ class SignalCancellation:
         threading.Thread(target=self._watch, args=(reader,), name="vcm-cancel-watchdog", daemon=True).start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         self._closed.set()
         signal.set_wakeup_fd(self._previous_wakeup_fd)
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         reader, writer = self._wakeup
         writer.close()  # wakes the watchdog, which then closes the reader
+        if isinstance(exc, Cancelled) and self.exit_code not in (None, exc.exit_code):
+            # The sampler only sees `should_cancel()`; the exit code says which signal it was.
+            raise Cancelled(self.exit_code) from None
 
     def _handle(self, signum: int, frame) -> None:
         if self.exit_code is None:
@@ -248,11 +251,8 @@ def synthesize(
 
     stats = SamplingStats()
     start = time.perf_counter()
-    try:
-        image = sample(model, condition, steps=request.steps, seed=request.seed, guided=request.guided,
-                       progress=progress, should_cancel=cancellation.should_cancel, stats=stats)
-    except Cancelled:
-        raise Cancelled(cancellation.exit_code or EXIT_SIGINT) from None
+    image = sample(model, condition, steps=request.steps, seed=request.seed, guided=request.guided,
+                   progress=progress, should_cancel=cancellation.should_cancel, stats=stats)
     timings["sampling_s"] = time.perf_counter() - start
     timings.update(model_s=stats.model_s, base_s=stats.base_s, adapter_s=stats.adapter_s,
                    decoder_s=stats.decoder_s)
@@ -362,8 +362,13 @@ def process_age_s() -> float | None:
         return None
 
 
-def run_synthesize_command(args: argparse.Namespace) -> int:
-    json_mode = args.progress == "json"
+def run_worker_command(json_mode: bool, body: Callable[[SignalCancellation], int]) -> int:
+    """Runs a worker command (`synthesize`, `superres`) under SIGINT/SIGTERM cancellation.
+
+    In JSON mode every failure also ends stdout with one `{"error": ...}` line, which is what
+    the Slicer panel reads; the exception then goes on to `cli.main` for the one-line message
+    and exit code.
+    """
 
     def farewell() -> None:
         if json_mode:
@@ -372,7 +377,7 @@ def run_synthesize_command(args: argparse.Namespace) -> int:
 
     try:
         with SignalCancellation(farewell) as cancellation:
-            return _run_synthesize(args, cancellation, json_mode)
+            return body(cancellation)
     except Cancelled as cancelled:
         # This handler is the worker process's entry point. Interpreter teardown with MONAI
         # loaded takes 0.5-2 s, too much of the 2 s a Cancel may take; nothing is left to
@@ -388,6 +393,11 @@ def run_synthesize_command(args: argparse.Namespace) -> int:
         if json_mode:
             emit_json({"error": f"internal error: {type(error).__name__}: {error}".splitlines()[0]})
         raise
+
+
+def run_synthesize_command(args: argparse.Namespace) -> int:
+    json_mode = args.progress == "json"
+    return run_worker_command(json_mode, lambda cancellation: _run_synthesize(args, cancellation, json_mode))
 
 
 def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, json_mode: bool) -> int:
