@@ -9,15 +9,17 @@ CPU, nccl on GPU); every rank draws its own samples, the gradients are averaged.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import csv
+import json
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,18 +194,45 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
 
 
-def _atomic_torch_save(state: dict[str, Any], path: Path) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of `path` to write; it replaces `path` only if the block completes.
+
+    A run stopped mid-write (Ctrl-C, out of time, a crash) leaves the previous file intact.
+    """
+    path = Path(path)
     temporary = path.with_name(f".tmp-{path.name}")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented JSON, atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(data, indent=2))
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, str]], fields: list[str] | None = None) -> None:
+    """Write `rows` as CSV with a header (`fields`, default the first row's keys), atomically."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _atomic_torch_save(state: dict[str, Any], path: Path) -> None:
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
 
 
 def save_safetensors(module: nn.Module, path: Path) -> None:
     """Save a module's weights (float32, contiguous) as safetensors, atomically."""
     state = {key: value.detach().float().contiguous().cpu() for key, value in module.state_dict().items()}
-    temporary = path.with_name(f".tmp-{path.name}")
-    save_file(state, str(temporary))
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary))
 
 
 class RunLog:
@@ -232,12 +261,7 @@ class RunLog:
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
         fields = list(dict.fromkeys(key for existing in self.rows for key in existing))
-        temporary = self.path.with_name(f".tmp-{self.path.name}")
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(temporary, self.path)
+        write_csv(self.path, self.rows, fields)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -369,10 +393,22 @@ def finished(run_dir: str | os.PathLike, settings: dict[str, Any]) -> bool:
     return path.is_file() and int(torch.load(path, weights_only=True)["step"]) >= settings["steps"]
 
 
+def evaluation_arguments(description: str, default_model: str) -> argparse.ArgumentParser:
+    """The options both evaluation scripts share; callers add their own and parse."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=default_model, help="model name or folder")
+    parser.add_argument("--manifest", type=Path, default=Path("training/data/manifest.csv"))
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--cases", type=int, default=8, help="at most this many cases")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write every case's figures and the medians here (JSON)")
+    parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on busy shared cores)")
+    return parser
+
+
 def trainer_arguments(description: str, argv: list[str] | None = None) -> tuple[dict[str, Any], Path]:
     """The command line all trainers share: `--config`, `--run-dir`, repeated `--set key=value`."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config (see training/configs/)")
     parser.add_argument("--run-dir", required=True, type=Path,

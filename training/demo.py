@@ -9,7 +9,6 @@ paths, the wall time and peak memory of the guided run, and the tissue Dice of b
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 matplotlib.use("Agg")
+import common  # noqa: E402
 import evaluate  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -51,10 +51,9 @@ def preview(volumes: dict[str, np.ndarray], path: Path) -> None:
             axes[row, column].set_axis_off()
         axes[row, 0].set_title(title, loc="left")
     figure.tight_layout()
-    temporary = path.with_name(".tmp-" + path.name)
-    figure.savefig(temporary, format="png", dpi=100)
+    with common.atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def main(argv: list[str] | None = None) -> None:

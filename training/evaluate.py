@@ -12,12 +12,8 @@ models the no-learning baseline is histogram matching of the T2-like image to a 
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import common
 import numpy as np
@@ -144,16 +140,7 @@ def median_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo", help="model name or folder")
-    parser.add_argument("--manifest", type=Path, default=Path("training/data/manifest.csv"))
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--cases", type=int, default=8, help="at most this many cases")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write every case's figures and the medians here (JSON)")
-    parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on busy shared cores)")
-    args = parser.parse_args(argv)
+    args = common.evaluation_arguments(__doc__.splitlines()[0], "demo").parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -174,10 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nMedians over {len(rows) // max(1, len({r['method'] for r in rows}))} {args.split} cases, "
           f"model {args.model}:\n\n{table}")
     if args.out is not None:
-        temporary = args.out.with_name(".tmp-" + args.out.name)
-        temporary.write_text(json.dumps({"model": str(args.model), "rows": rows, "table": table,
-                                         "command": " ".join(["python", *sys.argv])}, indent=2))
-        os.replace(temporary, args.out)
+        common.write_json(args.out, {"model": str(args.model), "rows": rows, "table": table,
+                                     "command": " ".join(["python", *sys.argv])})
 
 
 if __name__ == "__main__":

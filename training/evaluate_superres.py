@@ -12,12 +12,8 @@ inside the brain (label map > 0), in the input's intensity units; the table show
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import common
 import evaluate
@@ -51,17 +47,9 @@ def reconstruct(method: str, thick: sitk.Image, grid: sitk.Image, model, steps: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo-superres", help="superres model name or folder")
-    parser.add_argument("--manifest", type=Path, default=Path("training/data/manifest.csv"))
-    parser.add_argument("--split", default="test")
+    parser = common.evaluation_arguments(__doc__.splitlines()[0], "demo-superres")
     parser.add_argument("--thickness", type=float, nargs="+", default=[3.0, 5.0, 7.0])
-    parser.add_argument("--cases", type=int, default=8, help="at most this many held-out cases")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--samples", type=int, default=1, help="samples averaged by the VCM method")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write every case's figures and the tables here (JSON)")
-    parser.add_argument("--threads", type=int, help="torch threads (1 is fastest on busy shared cores)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,10 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{heading}\n\n{tables}")
     if args.out is not None:
         command = "python training/evaluate_superres.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        temporary = args.out.with_name(".tmp-" + args.out.name)
-        temporary.write_text(json.dumps({"model": str(args.model), "rows": rows, "table": tables,
-                                         "heading": heading, "command": command}, indent=2))
-        os.replace(temporary, args.out)
+        common.write_json(args.out, {"model": str(args.model), "rows": rows, "table": tables,
+                                     "heading": heading, "command": command})
 
 
 def median_tables(rows: list[dict]) -> str:

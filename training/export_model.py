@@ -81,8 +81,10 @@ def model_card(config: ModelConfig, figures: dict[str, Any] | None) -> str:
              "research use. Template copyright: `Resources/SampleData/MNI-ICBM152-COPYRIGHT.txt`.", "",
              "## Training (on 2 shared CPU cores)", ""]
     for part, summary in training.items():
+        origin = summary.get("continued_from")
+        continued = f" (continued from `{origin}`)" if origin else ""
         lines.append(f"- {part}: {summary['steps']} steps, {summary['minutes']} min, final loss "
-                     f"{summary['final_loss']}")
+                     f"{summary['final_loss']}{continued}")
     if figures:
         lines += ["", "## Figures (held-out deformations, medians; `training/evaluate.py`)", "",
                   figures["table"], "", f"Command: `{figures['command']}`"]
@@ -97,8 +99,10 @@ def export_adapter(base_folder: Path, adapter_run: Path, out: Path, name: str, t
     config = adapter_model_config(base.config, info, name, task, description)
     adapter = VCM(**config.adapter.params)
     adapter.load_state_dict(load_file(str(adapter_run / ADAPTER_WEIGHTS)))
-    metadata = {"training": {**base.config.metadata.get("training", {}), "adapter": {
-        **run_summary(adapter_run), "cases": info["cases"]}}}
+    summary = {**run_summary(adapter_run), "cases": info["cases"]}
+    if info.get("init_adapter"):
+        summary["continued_from"] = info["init_adapter"]
+    metadata = {"training": {**base.config.metadata.get("training", {}), "adapter": summary}}
     config_dict = {**config.to_dict(), "metadata": metadata}
     if steps:
         config_dict["sampling"]["steps"] = steps

@@ -14,10 +14,9 @@ matter, so ventricles and sulci count as CSF.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 from pathlib import Path
 
+import common
 import numpy as np
 import SimpleITK as sitk
 from nilearn.datasets import struct
@@ -109,9 +108,8 @@ def write_volume(array: np.ndarray, grid: sitk.Image, path: Path) -> None:
     """Write a (z, y, x) array with the grid's geometry, atomically."""
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(grid)
-    temporary = path.with_name(".tmp-" + path.name)
-    sitk.WriteImage(image, str(temporary), useCompression=True)
-    os.replace(temporary, path)
+    with common.atomic_path(path) as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,12 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                      "labels": f"cases/{files['labels'].name}", "t2": f"cases/{files['t2'].name}"})
         print(f"{case} ({split})", flush=True)
     manifest = args.out / "manifest.csv"
-    temporary = manifest.with_name(".tmp-manifest.csv")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, manifest)
+    common.write_csv(manifest, rows)
     print(f"wrote {len(rows)} cases and {manifest}")
 
 

@@ -22,6 +22,7 @@ import math
 import os
 from pathlib import Path
 
+import common
 import numpy as np
 import SimpleITK as sitk
 from VCMSynthesisLib.superres import slab_average
@@ -102,9 +103,8 @@ def main(argv: list[str] | None = None) -> None:
             thick, thickness, offset = random_thick_slices(image, rng, (args.min_mm, args.max_mm))
             name = f"{case['case']}-thick{version}"
             path = args.out / f"{name}.nii.gz"
-            temporary = path.with_name(".tmp-" + path.name)
-            sitk.WriteImage(thick, str(temporary), useCompression=True)
-            os.replace(temporary, path)
+            with common.atomic_path(path) as temporary:
+                sitk.WriteImage(thick, str(temporary), useCompression=True)
             row = dict(case)
             for column in PATH_COLUMNS:
                 if row.get(column):
@@ -114,18 +114,11 @@ def main(argv: list[str] | None = None) -> None:
             simulation.append({"case": name, "thickness_mm": f"{thickness:.3f}",
                                "offset_mm": f"{offset:.3f}"})
         print(f"{case['case']}: {args.per_case} thick-slice versions", flush=True)
-    write_csv(args.out / "simulation.csv", simulation)
-    write_csv(args.out / "manifest.csv", rows)
+    common.write_csv(args.out / "simulation.csv", simulation)
+    common.write_csv(args.out / "manifest.csv", rows)
     print(f"wrote {len(rows)} rows to {args.out / 'manifest.csv'}")
 
 
-def write_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    temporary = path.with_name(".tmp-" + path.name)
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ Per step: z_t = noisy latent at a random t, eps_t = frozen base(z_t, t),
 (gamma, beta) = VCM(cat(z_t, eps_t), condition, t), eps' = eps_t * (1 + gamma) + beta,
 loss = MSE(eps', eps) + lambda * (|gamma|_1 + |beta|_1) with lambda = 1 / numel(gamma).
 Writes `adapter.safetensors` and `adapter.json` (VCM kwargs, conditions, base) to the run dir.
+With `init_adapter: <adapter.safetensors>` a fresh run starts from those weights (e.g. a shipped
+model's adapter, to train it further on the same base with a new learning-rate schedule).
 
     python training/train_adapter.py --config training/configs/demo_adapter_labels.yaml \
         --run-dir training/runs/adapter-labels
@@ -17,8 +19,6 @@ Writes `adapter.safetensors` and `adapter.json` (VCM kwargs, conditions, base) t
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from monai.networks.schedulers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from VCMSynthesisLib import conditions, volumes
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig, load_model_folder
+from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig, load_model_folder, load_state_strict
 from VCMSynthesisLib.networks import VCM
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -88,9 +88,8 @@ def prepare_training_set(base: LoadedModel, model_config: ModelConfig, config: d
     latents = common.encode_latents(base.autoencoder, torch.cat([images, images.flip(2)]), device)
     latents = latents * base.config.scale_factor
     run_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(".tmp-" + path.name)
-    save_file({"conditions": condition.contiguous(), "latents": latents.contiguous()}, str(temporary))
-    os.replace(temporary, path)
+    with common.atomic_path(path) as temporary:
+        save_file({"conditions": condition.contiguous(), "latents": latents.contiguous()}, str(temporary))
     return condition, latents
 
 
@@ -122,6 +121,13 @@ def main(argv: list[str] | None = None) -> None:
                               beta_start=schedule.beta_start, beta_end=schedule.beta_end,
                               clip_sample=schedule.clip_sample)
     adapter = VCM(**model_config.adapter.params)
+    if config.get("init_adapter"):
+        path = Path(config["init_adapter"])
+        if not path.is_file():
+            raise UserError(f"init_adapter {path} is not a file; give an adapter.safetensors")
+        state = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
+        load_state_strict(adapter, state, str(path),
+                          "init_adapter must match this config's adapter and conditions")
     count = len(condition)
 
     def loss_function(module, step, generator):
@@ -147,10 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     if context.is_main:
         common.save_safetensors(trained, run_dir / ADAPTER_WEIGHTS)
         description = {"base_model": str(config["base_model"]), "conditions": config["conditions"],
-                       "adapter": config["adapter"], "data": config["data"], "cases": count}
-        temporary = run_dir / ".tmp-adapter.json"
-        temporary.write_text(json.dumps(description, indent=2))
-        os.replace(temporary, run_dir / "adapter.json")
+                       "adapter": config["adapter"], "data": config["data"], "cases": count,
+                       "init_adapter": config.get("init_adapter")}
+        common.write_json(run_dir / "adapter.json", description)
 
 
 if __name__ == "__main__":

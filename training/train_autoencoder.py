@@ -15,8 +15,6 @@ AutoencoderKL keyword arguments) into the run directory.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import common
@@ -94,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     trained = common.train(model, loss_function, settings, run_dir, context, "autoencoder")
     if context.is_main:
         common.save_safetensors(trained, Path(run_dir) / "autoencoder.safetensors")
-        temporary = Path(run_dir) / ".tmp-autoencoder.json"
-        temporary.write_text(json.dumps(params, indent=2))
-        os.replace(temporary, Path(run_dir) / "autoencoder.json")
+        common.write_json(Path(run_dir) / "autoencoder.json", params)
 
 
 if __name__ == "__main__":

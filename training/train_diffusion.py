@@ -11,8 +11,6 @@ autoencoder; the latent means, scaled to unit variance, are what the U-Net learn
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import common
@@ -33,9 +31,8 @@ def cached_latents(config: dict, run_dir: Path, device: torch.device) -> torch.T
     images = load_images(config["data"]["manifest"], config["data"].get("image_key", "image"))
     latents = common.encode_latents(autoencoder, torch.cat([images, images.flip(2)]), device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(".tmp-" + path.name)
-    save_file({"latents": latents.contiguous()}, str(temporary))
-    os.replace(temporary, path)
+    with common.atomic_path(path) as temporary:
+        save_file({"latents": latents.contiguous()}, str(temporary))
     return latents
 
 
@@ -72,10 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     trained = common.train(model, loss_function, settings, run_dir, context, "diffusion")
     if context.is_main:
         common.save_safetensors(trained, Path(run_dir) / "diffusion.safetensors")
-        temporary = Path(run_dir) / ".tmp-diffusion.json"
-        temporary.write_text(json.dumps({"params": params, "scale_factor": scale_factor,
-                                         "scheduler": schedule, "grid": data_grid(config)}, indent=2))
-        os.replace(temporary, Path(run_dir) / "diffusion.json")
+        common.write_json(Path(run_dir) / "diffusion.json",
+                          {"params": params, "scale_factor": scale_factor, "scheduler": schedule,
+                           "grid": data_grid(config)})
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import train_adapter  # noqa: E402
 import train_autoencoder  # noqa: E402
 import train_diffusion  # noqa: E402
 from VCMSynthesisLib import sampler  # noqa: E402
+from VCMSynthesisLib.errors import UserError  # noqa: E402
 from VCMSynthesisLib.model_folder import load_model_folder  # noqa: E402
 
 SIZE = 16  # voxels per side of the tiny phantoms
@@ -141,7 +142,7 @@ def test_torchrun_two_processes_average_gradients(dataset, tmp_path):
     assert any(not torch.allclose(ddp[key], single[key]) for key in ddp)
 
 
-def test_adapter_trains_exports_and_samples(dataset, base_runs, tmp_path):
+def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_path):
     config = {
         "base_model": str(base_runs["base"]),
         "conditions": {"labels": [{"value": 0, "name": "background"}, {"value": 1, "name": "CSF"},
@@ -168,6 +169,23 @@ def test_adapter_trains_exports_and_samples(dataset, base_runs, tmp_path):
     built = evaluate.case_conditions(model, case, {"labels": "labels"})
     image = sampler.sample(model, torch.from_numpy(built.channels)[None], seed=1)
     assert image.shape == (1, 1, SIZE, SIZE, SIZE) and torch.isfinite(image).all()
+
+    # A new run starts from the trained weights (lr 0 keeps them), and refuses another architecture.
+    trained = tmp_path / "adapter" / "adapter.safetensors"
+    continued = {**config, "init_adapter": str(trained),
+                 "training": {**config["training"], "steps": 1, "lr": 0.0}}
+    train_adapter.main(["--config", str(write_config(tmp_path / "continue.yaml", continued)),
+                        "--run-dir", str(tmp_path / "continued")])
+    before, after = load_file(str(trained)), load_file(str(tmp_path / "continued" / "adapter.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    export_model.main(["adapter", "--base", str(base_runs["base"]), "--adapter-run",
+                       str(tmp_path / "continued"), "--out", str(tmp_path / "continued-model"),
+                       "--name", "tiny", "--description", "tiny"])
+    assert f"continued from `{trained}`" in (tmp_path / "continued-model" / "README.md").read_text()
+    wider = {**continued, "adapter": {**config["adapter"], "head_channels": 16}}
+    with pytest.raises(UserError, match="init_adapter must match"):
+        train_adapter.main(["--config", str(write_config(tmp_path / "wider.yaml", wider)),
+                            "--run-dir", str(tmp_path / "wider")])
 
 
 def test_dice_of_identical_maps_is_one():
