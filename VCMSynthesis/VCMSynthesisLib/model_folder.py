@@ -692,8 +692,11 @@ def share_base(folders: list[str | os.PathLike], base_folder: str | os.PathLike,
                     or any(not torch.equal(ours[name], theirs[name]) for name in ours)):
                 raise UserError(f"{model.folder} and {first.folder} have different {kind} weights; "
                                 f"only models trained on one frozen base can share it")
+    base_training = {part: summary for part, summary in first.config.metadata.get("training", {}).items()
+                     if part != "adapter"}
     base_config = replace(
         first.config, name=base_folder.name, task="synthesis", adapter=None, labels=(), modalities=(),
+        metadata={**first.config.metadata, "training": base_training},
         description=f"the frozen base model shared by {', '.join(m.config.name for m in models)} "
                     f"(unguided sampling)",
         autoencoder=replace(first.config.autoencoder, weights="autoencoder.safetensors"),

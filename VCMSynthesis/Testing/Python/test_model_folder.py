@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,9 @@ def test_share_base_stores_the_base_once_in_half_precision(tmp_path):
 
     labels = make_tiny_model_folder(tmp_path / "labels", seed=3, modalities=None)
     base_networks = load_model_folder(labels)
+    training = {"diffusion": {"steps": 700}, "adapter": {"steps": 1500}}
+    save_model_folder(labels, replace(base_networks.config, metadata={"training": training}),
+                      base_networks.autoencoder, base_networks.diffusion, base_networks.adapter)
     t2_config = tiny_config(name="t2", labels=None)
     t2 = save_model_folder(tmp_path / "t2", t2_config, base_networks.autoencoder, base_networks.diffusion,
                            tiny_networks(t2_config, 4)[2])
@@ -224,6 +228,9 @@ def test_share_base_stores_the_base_once_in_half_precision(tmp_path):
     assert shared.diffusion.conv_in.conv.weight.dtype == torch.float32
     assert torch.allclose(sample(shared, condition, seed=1), before, atol=2e-2)
     assert load_model_folder(base).adapter is None
+    # The base keeps its own training record, not the first adapter's.
+    assert load_model_folder(base).config.metadata["training"] == {"diffusion": {"steps": 700}}
+    assert shared.config.metadata["training"] == training
 
 
 def test_share_base_refuses_models_of_different_bases(tmp_path):
