@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import common  # noqa: E402
 import evaluate  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from VCMSynthesisLib.cli import run_reporting_errors
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_LABELS = REPO / "VCMSynthesis" / "Resources" / "SampleData" / "demo-tissue-labels.nii.gz"
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

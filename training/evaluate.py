@@ -22,6 +22,7 @@ import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 from sklearn.cluster import KMeans
 from VCMSynthesisLib import conditions, sampler, volumes
+from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.model_folder import LoadedModel, load_model_folder
 from VCMSynthesisLib.registry import resolve_model
 
@@ -166,4 +167,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 import torch
 from simulate_thick_slices import simulate_thick_slices
 from VCMSynthesisLib import superres
+from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.model_folder import load_model_folder
 from VCMSynthesisLib.registry import resolve_model
 
@@ -93,4 +94,4 @@ def median_tables(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -22,6 +22,7 @@ import common
 from monai.networks.nets import DiffusionModelUNet
 from safetensors.torch import load_file
 from train_adapter import ADAPTER_WEIGHTS, adapter_model_config
+from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_folder import ModelConfig, load_model_folder, save_model_folder
 from VCMSynthesisLib.networks import VCM
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import common
 from export_model import export_adapter, model_card
+from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
 
 DESCRIPTION = "isotropic 2 mm T1 brain MRI from a thick-slice T1 (axial super-resolution; demo base + VCM)"
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -20,6 +20,7 @@ import common
 import numpy as np
 import SimpleITK as sitk
 from nilearn.datasets import struct
+from VCMSynthesisLib.cli import run_reporting_errors
 
 GRID_SIZE = (80, 96, 80)
 GRID_SPACING = 2.0
@@ -142,4 +143,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -11,10 +11,9 @@ Each exported adapter model folder carries the whole base; the shipped models mu
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.model_folder import share_base
 
 
@@ -23,11 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="+", type=Path, help="adapter model folders trained on one base")
     parser.add_argument("--base", type=Path, required=True, help="base-only model folder to write")
     args = parser.parse_args(argv)
-    try:
-        share_base(args.models, args.base)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+    share_base(args.models, args.base)
     sizes = {folder: sum(path.stat().st_size for path in folder.iterdir())
              for folder in [*args.models, args.base]}
     for folder, size in sizes.items():
@@ -37,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_reporting_errors(main))

@@ -25,6 +25,7 @@ from pathlib import Path
 import common
 import numpy as np
 import SimpleITK as sitk
+from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.superres import slab_average
 
 PATH_COLUMNS = ("image", "labels", "t2")
@@ -122,4 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -28,6 +28,7 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from VCMSynthesisLib import conditions, volumes
+from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig, load_model_folder, load_state_strict
 from VCMSynthesisLib.networks import VCM
@@ -114,12 +115,6 @@ def main(argv: list[str] | None = None) -> None:
     if base.adapter is not None:
         raise UserError(f"base model {config['base_model']} already has an adapter; give a base-only model")
     model_config = adapter_model_config(base.config, config, "adapter", "synthesis", "")
-    with common.main_rank_first(context):
-        condition, latents = prepare_training_set(base, model_config, config, run_dir, context.device)
-    schedule = base.config.noise_schedule
-    scheduler = DDPMScheduler(num_train_timesteps=schedule.num_train_timesteps, schedule=schedule.schedule,
-                              beta_start=schedule.beta_start, beta_end=schedule.beta_end,
-                              clip_sample=schedule.clip_sample)
     adapter = VCM(**model_config.adapter.params)
     if config.get("init_adapter"):
         path = Path(config["init_adapter"])
@@ -128,6 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         state = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
         load_state_strict(adapter, state, str(path),
                           "init_adapter must match this config's adapter and conditions")
+    with common.main_rank_first(context):
+        condition, latents = prepare_training_set(base, model_config, config, run_dir, context.device)
+    schedule = base.config.noise_schedule
+    scheduler = DDPMScheduler(num_train_timesteps=schedule.num_train_timesteps, schedule=schedule.schedule,
+                              beta_start=schedule.beta_start, beta_end=schedule.beta_end,
+                              clip_sample=schedule.clip_sample)
     count = len(condition)
 
     def loss_function(module, step, generator):
@@ -159,4 +160,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -20,6 +20,7 @@ from pathlib import Path
 import common
 import torch
 from monai.networks.nets import AutoencoderKL
+from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
 
 
@@ -96,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -20,6 +20,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from train_autoencoder import load_images
+from VCMSynthesisLib.cli import run_reporting_errors
 
 
 def cached_latents(config: dict, run_dir: Path, device: torch.device) -> torch.Tensor:
@@ -75,4 +76,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors(main))

@@ -186,6 +186,23 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     with pytest.raises(UserError, match="init_adapter must match"):
         train_adapter.main(["--config", str(write_config(tmp_path / "wider.yaml", wider)),
                             "--run-dir", str(tmp_path / "wider")])
+    missing = {**continued, "init_adapter": str(tmp_path / "no-such-adapter.safetensors")}
+    with pytest.raises(UserError, match="is not a file"):
+        train_adapter.main(["--config", str(write_config(tmp_path / "missing.yaml", missing)),
+                            "--run-dir", str(tmp_path / "missing")])
+    assert not (tmp_path / "missing").exists(), "nothing is written before the inputs are checked"
+
+
+def test_a_script_given_a_bad_input_prints_one_error_line_and_exits_non_zero(tmp_path):
+    environment = {**os.environ, "PYTHONPATH": str(TRAINING)}
+    command = [sys.executable, str(TRAINING / "train_adapter.py"), "--config", str(tmp_path / "missing.yaml"),
+               "--run-dir", str(tmp_path / "run")]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: cannot read config")
+    assert "pass an existing YAML file" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_dice_of_identical_maps_is_one():
