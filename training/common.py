@@ -387,10 +387,16 @@ def train(
     return ema if ema is not None else model
 
 
+def checkpoint_step(run_dir: str | os.PathLike) -> int | None:
+    """The step the run's checkpoint holds (None without one)."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    return int(torch.load(path, weights_only=True)["step"]) if path.is_file() else None
+
+
 def finished(run_dir: str | os.PathLike, settings: dict[str, Any]) -> bool:
     """True if the run's checkpoint has reached the configured number of steps."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    return path.is_file() and int(torch.load(path, weights_only=True)["step"]) >= settings["steps"]
+    step = checkpoint_step(run_dir)
+    return step is not None and step >= settings["steps"]
 
 
 def evaluation_arguments(description: str, default_model: str) -> argparse.ArgumentParser:

@@ -29,10 +29,12 @@ from VCMSynthesisLib.networks import VCM
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
-    """Steps and wall minutes of a run, from its CSV log."""
+    """Steps (from the checkpoint: a run stopped by `max_minutes` may end between log rows), wall
+    minutes and last logged loss of a run."""
     rows = common.read_log(run_dir)
-    return {"steps": int(rows[-1]["step"]), "minutes": round(rows[-1]["minutes"], 1),
-            "final_loss": round(rows[-1]["loss"], 5)}
+    step = common.checkpoint_step(run_dir)
+    return {"steps": step if step is not None else int(rows[-1]["step"]),
+            "minutes": round(rows[-1]["minutes"], 1), "final_loss": round(rows[-1]["loss"], 5)}
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     # A new run starts from the trained weights (lr 0 keeps them), and refuses another architecture.
     trained = tmp_path / "adapter" / "adapter.safetensors"
     continued = {**config, "init_adapter": str(trained),
-                 "training": {**config["training"], "steps": 1, "lr": 0.0}}
+                 "training": {**config["training"], "steps": 4, "pause_at": 3, "log_every": 2, "lr": 0.0}}
     train_adapter.main(["--config", str(write_config(tmp_path / "continue.yaml", continued)),
                         "--run-dir", str(tmp_path / "continued")])
     before, after = load_file(str(trained)), load_file(str(tmp_path / "continued" / "adapter.safetensors"))
@@ -181,7 +181,9 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     export_model.main(["adapter", "--base", str(base_runs["base"]), "--adapter-run",
                        str(tmp_path / "continued"), "--out", str(tmp_path / "continued-model"),
                        "--name", "tiny", "--description", "tiny"])
-    assert f"continued from `{trained}`" in (tmp_path / "continued-model" / "README.md").read_text()
+    card = (tmp_path / "continued-model" / "README.md").read_text()
+    # Stopped at step 3 with rows logged at step 2: the card counts the steps actually run.
+    assert "adapter: 3 steps" in card and f"continued from `{trained}`" in card
     wider = {**continued, "adapter": {**config["adapter"], "head_channels": 16}}
     with pytest.raises(UserError, match="init_adapter must match"):
         train_adapter.main(["--config", str(write_config(tmp_path / "wider.yaml", wider)),
