@@ -109,11 +109,11 @@ def evaluate_case(model: LoadedModel, case: common.Case, keys: dict[str, str], s
                   seed: int, baseline_reference: sitk.Image | None) -> list[dict]:
     """One row per method (true T1, its autoencoder reconstruction, guided, unguided, baseline)."""
     tissue_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case.files[keys["labels"]])))
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case.files[keys["image"]]), sitk.sitkFloat32))
+    truth_image = sitk.ReadImage(str(case.files[keys["image"]]), sitk.sitkFloat32)
+    truth = sitk.GetArrayFromImage(truth_image)
     brain = tissue_map > 0
     built = case_conditions(model, case, keys)
     estimates = {"true T1": (truth, 0.0)}
-    truth_image = sitk.ReadImage(str(case.files[keys["image"]]), sitk.sitkFloat32)
     estimates["autoencoder (ceiling)"] = (autoencoder_reconstruction(model, built, truth_image), 0.0)
     estimates["guided"] = synthesize(model, built, True, steps, seed)
     estimates["unguided"] = synthesize(model, built, False, steps, seed)

@@ -120,7 +120,5 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {len(rows)} rows to {args.out / 'manifest.csv'}")
 
 
-
-
 if __name__ == "__main__":
     raise SystemExit(run_reporting_errors(main))
