@@ -6,7 +6,10 @@ cost; its group normalisations see other statistics in a whole volume, so a last
 against the blur that L1 alone gives without an adversary) + a small KL term. With
 `init_from: <run>` training starts from that run's weights; with `decoder_only: true` the
 encoder stays frozen (latents, and the base models trained on them, stay valid) and the decoder
-learns to decode latent means. Writes `autoencoder.safetensors` and `autoencoder.json` (its
+learns to decode latent means. With `latent: mean` the encoder's log-variance head is pinned to
+its minimum (sigma ~ 3e-7), so the decoder always sees the latent mean: with sampled latents at
+sigma ~ 1 the shipped demo decoder learned to ignore the latent's detail (posterior collapse).
+The KL term then only keeps the means' scale in check. Writes `autoencoder.safetensors` and `autoencoder.json` (its
 AutoencoderKL keyword arguments) into the run directory.
 
     python training/train_autoencoder.py --config training/configs/demo_autoencoder.yaml \
@@ -44,6 +47,15 @@ def edge_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return total / 3
 
 
+def pin_latent_to_mean(model: AutoencoderKL) -> None:
+    """Freeze the log-variance head at MONAI's lower clamp: every sampled latent is its mean."""
+    head = model.quant_conv_log_sigma.conv
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+    head.requires_grad_(False)
+
+
 def random_patches(images: torch.Tensor, batch_size: int, patch: int, generator: torch.Generator
                    ) -> torch.Tensor:
     """`batch_size` random cubes of side `patch` from random images, each flipped left-right at random."""
@@ -66,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoencoderKL(**params)
     if config.get("init_from"):
         model.load_state_dict(common.load_autoencoder(config["init_from"])[0].state_dict())
+    if config.get("latent", "sample") == "mean":
+        pin_latent_to_mean(model)
     decoder_only = bool(config.get("decoder_only"))
     if decoder_only and context.world_size > 1:
         raise UserError("decoder_only runs in one process (it bypasses DDP); run it without torchrun")

@@ -248,3 +248,15 @@ def test_decoder_only_keeps_the_encoder(dataset, base_runs, tmp_path):
     frozen = [key for key in before if key.startswith(("encoder.", "quant_conv"))]
     assert frozen and all(torch.equal(before[key], after[key]) for key in frozen)
     assert any(not torch.equal(before[key], after[key]) for key in before if key.startswith("decoder."))
+
+
+def test_latent_mean_trains_a_deterministic_autoencoder(dataset, tmp_path):
+    config = autoencoder_config(dataset, 3)
+    config["latent"] = "mean"
+    path = write_config(tmp_path / "mean.yaml", config)
+    train_autoencoder.main(["--config", str(path), "--run-dir", str(tmp_path / "mean")])
+    model, _ = common.load_autoencoder(tmp_path / "mean")
+    image = torch.from_numpy(common.read_array(common.read_manifest(dataset)[0].files["image"]))[None, None]
+    mu, sigma = model.encode(image)
+    assert float(sigma.max()) < 1e-6
+    assert torch.allclose(model.decode(model.sampling(mu, sigma)), model.decode(mu), atol=1e-5)
