@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -62,10 +63,20 @@ DEFAULT_TRAINING = {
 }
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML reads `5e-4` (no dot) as a string, which is what people write."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$|^[-+]?(?:\d+\.\d*|\.\d+)$"),
+    list("-+0123456789."))
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a YAML config and apply `key.sub=value` overrides (values parsed as YAML)."""
     try:
-        config = yaml.safe_load(Path(path).read_text()) or {}
+        config = yaml.load(Path(path).read_text(), Loader=ConfigLoader) or {}
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"cannot read config {path}: {error}; pass an existing YAML file") from error
     for item in overrides or []:
@@ -76,8 +87,12 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = yaml.load(value, Loader=ConfigLoader)
     config["training"] = {**DEFAULT_TRAINING, **config.get("training", {})}
+    for key, value in config["training"].items():
+        if isinstance(DEFAULT_TRAINING.get(key), (int, float)) and not isinstance(value, (int, float)):
+            raise UserError(f"training.{key} is {value!r}, not a number; write e.g. {key}: "
+                            f"{DEFAULT_TRAINING[key]}")
     return config
 
 

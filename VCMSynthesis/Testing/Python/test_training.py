@@ -260,3 +260,13 @@ def test_latent_mean_trains_a_deterministic_autoencoder(dataset, tmp_path):
     mu, sigma = model.encode(image)
     assert float(sigma.max()) < 1e-6
     assert torch.allclose(model.decode(model.sampling(mu, sigma)), model.decode(mu), atol=1e-5)
+
+
+def test_config_reads_exponent_floats_and_rejects_non_numbers(tmp_path):
+    path = write_config(tmp_path / "c.yaml", {"training": {"steps": 5}})
+    path.write_text(path.read_text() + "  lr: 5e-4\n")
+    config = common.load_config(path, ["training.min_lr_ratio=1e-2", "training.warmup_steps=3"])
+    assert config["training"]["lr"] == 5e-4 and config["training"]["min_lr_ratio"] == 0.01
+    assert config["training"]["warmup_steps"] == 3 and config["training"]["steps"] == 5
+    with pytest.raises(UserError, match="training.lr is 'fast', not a number"):
+        common.load_config(path, ["training.lr=fast"])
