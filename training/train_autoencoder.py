@@ -9,7 +9,7 @@ encoder stays frozen (latents, and the base models trained on them, stay valid) 
 learns to decode latent means. With `latent: mean` the encoder's log-variance head is pinned to
 its minimum (sigma ~ 3e-7), so the decoder always sees the latent mean: with sampled latents at
 sigma ~ 1 the shipped demo decoder learned to ignore the latent's detail (posterior collapse).
-The KL term then only keeps the means' scale in check. Writes `autoencoder.safetensors` and `autoencoder.json` (its
+The KL term then counts the means only: it keeps their scale in check. Writes `autoencoder.safetensors` and `autoencoder.json` (its
 AutoencoderKL keyword arguments) into the run directory.
 
     python training/train_autoencoder.py --config training/configs/demo_autoencoder.yaml \
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoencoderKL(**params)
     if config.get("init_from"):
         model.load_state_dict(common.load_autoencoder(config["init_from"])[0].state_dict())
-    if config.get("latent", "sample") == "mean":
+    latent_is_mean = config.get("latent", "sample") == "mean"
+    if latent_is_mean:
         pin_latent_to_mean(model)
     decoder_only = bool(config.get("decoder_only"))
     if decoder_only and context.world_size > 1:
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             reconstruction, mu, sigma = module(batch)
         l1 = (reconstruction - batch).abs().mean()
         edges = edge_loss(reconstruction, batch)
-        kl = kl_divergence(mu, sigma)
+        # A pinned sigma only adds a constant (~15 per latent value) that would swamp the logged loss.
+        kl = kl_divergence(mu, torch.ones_like(sigma) if latent_is_mean else sigma)
         loss = l1 + weights["edge"] * edges + weights["kl"] * kl
         return loss, {"l1": l1.detach(), "edge": edges.detach(), "kl": kl.detach()}
 

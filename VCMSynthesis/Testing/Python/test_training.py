@@ -260,6 +260,10 @@ def test_latent_mean_trains_a_deterministic_autoencoder(dataset, tmp_path):
     mu, sigma = model.encode(image)
     assert float(sigma.max()) < 1e-6
     assert torch.allclose(model.decode(model.sampling(mu, sigma)), model.decode(mu), atol=1e-5)
+    # The logged KL counts the means only: the pinned variance alone would add ~14.5 per latent value.
+    latent_values = 2 * (config["patch_size"] // 2) ** 3
+    logged = [float(row["kl"]) for row in common.read_log(tmp_path / "mean")]
+    assert max(logged) < 2.0 * latent_values
 
 
 def test_config_reads_exponent_floats_and_rejects_non_numbers(tmp_path):
