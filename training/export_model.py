@@ -85,7 +85,9 @@ def model_card(config: ModelConfig, figures: dict[str, Any] | None) -> str:
              "## Training (on 2 shared CPU cores)", ""]
     for part, summary in training.items():
         origin = summary.get("continued_from")
-        continued = f" (continued from `{origin}`)" if origin else ""
+        digest = summary.get("continued_from_sha256")
+        continued = (f" (continued from `{origin}`" + (f", sha256 {digest[:16]}" if digest else "") + ")"
+                     if origin else "")
         lines.append(f"- {part}: {summary['steps']} steps, {summary['minutes']} min, final loss "
                      f"{summary['final_loss']}{continued}")
     if figures:
@@ -105,6 +107,7 @@ def export_adapter(base_folder: Path, adapter_run: Path, out: Path, name: str, t
     summary = {**run_summary(adapter_run), "cases": info["cases"]}
     if info.get("init_adapter"):
         summary["continued_from"] = info["init_adapter"]
+        summary["continued_from_sha256"] = info.get("init_adapter_sha256")
     metadata = {"training": {**base.config.metadata.get("training", {}), "adapter": summary}}
     config_dict = {**config.to_dict(), "metadata": metadata}
     if steps:

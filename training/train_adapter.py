@@ -32,6 +32,7 @@ from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig, load_model_folder, load_state_strict
 from VCMSynthesisLib.networks import VCM
+from VCMSynthesisLib.registry import Checksums
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"base model {config['base_model']} already has an adapter; give a base-only model")
     model_config = adapter_model_config(base.config, config, "adapter", "synthesis", "")
     adapter = VCM(**model_config.adapter.params)
+    init_sha256 = None
     if config.get("init_adapter"):
         path = Path(config["init_adapter"])
         if not path.is_file():
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         state = {name: tensor.float() for name, tensor in load_file(str(path)).items()}
         load_state_strict(adapter, state, str(path),
                           "init_adapter must match this config's adapter and conditions")
+        init_sha256 = Checksums.of_file(path).sha256
     with common.main_rank_first(context):
         condition, latents = prepare_training_set(base, model_config, config, run_dir, context.device)
     schedule = base.config.noise_schedule
@@ -155,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
         common.save_safetensors(trained, run_dir / ADAPTER_WEIGHTS)
         description = {"base_model": str(config["base_model"]), "conditions": config["conditions"],
                        "adapter": config["adapter"], "data": config["data"], "cases": count,
-                       "init_adapter": config.get("init_adapter")}
+                       "init_adapter": config.get("init_adapter"),
+                       # An export may overwrite that file: the hash tells which weights the run began from.
+                       "init_adapter_sha256": init_sha256}
         common.write_json(run_dir / "adapter.json", description)
 
 

@@ -9,8 +9,9 @@ encoder stays frozen (latents, and the base models trained on them, stay valid) 
 learns to decode latent means. With `latent: mean` the encoder's log-variance head is pinned to
 its minimum (sigma ~ 3e-7), so the decoder always sees the latent mean: with sampled latents at
 sigma ~ 1 the shipped demo decoder learned to ignore the latent's detail (posterior collapse).
-The KL term then counts the means only: it keeps their scale in check. Writes `autoencoder.safetensors` and `autoencoder.json` (its
-AutoencoderKL keyword arguments) into the run directory.
+The KL term then counts the means only: it keeps their scale in check. Writes
+`autoencoder.safetensors` and `autoencoder.json` (its AutoencoderKL keyword arguments) into the
+run directory.
 
     python training/train_autoencoder.py --config training/configs/demo_autoencoder.yaml \
         --run-dir training/runs/autoencoder

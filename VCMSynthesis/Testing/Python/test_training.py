@@ -27,6 +27,7 @@ import train_diffusion  # noqa: E402
 from VCMSynthesisLib import sampler  # noqa: E402
 from VCMSynthesisLib.errors import UserError  # noqa: E402
 from VCMSynthesisLib.model_folder import load_model_folder  # noqa: E402
+from VCMSynthesisLib.registry import Checksums  # noqa: E402
 
 SIZE = 16  # voxels per side of the tiny phantoms
 
@@ -183,7 +184,8 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
                        "--name", "tiny", "--description", "tiny"])
     card = (tmp_path / "continued-model" / "README.md").read_text()
     # Stopped at step 3 with rows logged at step 2: the card counts the steps actually run.
-    assert "adapter: 3 steps" in card and f"continued from `{trained}`" in card
+    digest = Checksums.of_file(trained).sha256
+    assert "adapter: 3 steps" in card and f"continued from `{trained}`, sha256 {digest[:16]})" in card
     wider = {**continued, "adapter": {**config["adapter"], "head_channels": 16}}
     with pytest.raises(UserError, match="init_adapter must match"):
         train_adapter.main(["--config", str(write_config(tmp_path / "wider.yaml", wider)),
