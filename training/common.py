@@ -42,6 +42,7 @@ from VCMSynthesisLib.errors import UserError  # noqa: E402
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.csv"
+INIT_FROM_NAME = "init_from.json"  # a run that began from another run's weights names it here
 
 # Training settings every trainer understands; a config file overrides any of them.
 DEFAULT_TRAINING = {

@@ -30,11 +30,19 @@ from VCMSynthesisLib.networks import VCM
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """Steps (from the checkpoint: a run stopped by `max_minutes` may end between log rows), wall
-    minutes and last logged loss of a run."""
+    minutes and last logged loss of a run, counting the runs it began from (`init_from`) as stages."""
     rows = common.read_log(run_dir)
     step = common.checkpoint_step(run_dir)
-    return {"steps": step if step is not None else int(rows[-1]["step"]),
-            "minutes": round(rows[-1]["minutes"], 1), "final_loss": round(rows[-1]["loss"], 5)}
+    summary = {"steps": step if step is not None else int(rows[-1]["step"]),
+               "minutes": round(rows[-1]["minutes"], 1), "final_loss": round(rows[-1]["loss"], 5)}
+    origin = run_dir / common.INIT_FROM_NAME
+    if not origin.is_file():
+        return summary
+    earlier = run_summary(Path(read_json(origin)["init_from"]))
+    stages = [*earlier.pop("stages", [earlier]), summary]
+    return {"steps": sum(stage["steps"] for stage in stages),
+            "minutes": round(sum(stage["minutes"] for stage in stages), 1),
+            "final_loss": summary["final_loss"], "stages": stages}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -88,7 +96,9 @@ def model_card(config: ModelConfig, figures: dict[str, Any] | None) -> str:
         digest = summary.get("continued_from_sha256")
         continued = (f" (continued from `{origin}`" + (f", sha256 {digest[:16]}" if digest else "") + ")"
                      if origin else "")
-        lines.append(f"- {part}: {summary['steps']} steps, {summary['minutes']} min, final loss "
+        stages = summary.get("stages")
+        staged = f" ({' + '.join(str(stage['steps']) for stage in stages)})" if stages else ""
+        lines.append(f"- {part}: {summary['steps']} steps{staged}, {summary['minutes']} min, final loss "
                      f"{summary['final_loss']}{continued}")
     if figures:
         lines += ["", "## Figures (held-out deformations, medians; `training/evaluate.py`)", "",

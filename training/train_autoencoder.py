@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     if context.is_main:
         common.save_safetensors(trained, Path(run_dir) / "autoencoder.safetensors")
         common.write_json(Path(run_dir) / "autoencoder.json", params)
+        if config.get("init_from"):
+            common.write_json(Path(run_dir) / common.INIT_FROM_NAME, {"init_from": str(config["init_from"])})
 
 
 if __name__ == "__main__":

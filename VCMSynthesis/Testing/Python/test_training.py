@@ -252,6 +252,18 @@ def test_decoder_only_keeps_the_encoder(dataset, base_runs, tmp_path):
     assert any(not torch.equal(before[key], after[key]) for key in before if key.startswith("decoder."))
 
 
+def test_a_base_counts_every_autoencoder_stage(dataset, base_runs, tmp_path):
+    config = {**autoencoder_config(dataset, 2), "init_from": str(base_runs["ae"])}
+    path = write_config(tmp_path / "stage2.yaml", config)
+    train_autoencoder.main(["--config", str(path), "--run-dir", str(tmp_path / "stage2")])
+    export_model.main(["base", "--autoencoder-run", str(tmp_path / "stage2"), "--diffusion-run",
+                       str(base_runs["dm"]), "--out", str(tmp_path / "base")])
+    config = load_model_folder(tmp_path / "base").config
+    summary = config.metadata["training"]["autoencoder"]
+    assert [stage["steps"] for stage in summary["stages"]] == [40, 2] and summary["steps"] == 42
+    assert "- autoencoder: 42 steps (40 + 2), " in export_model.model_card(config, None)
+
+
 def test_latent_mean_trains_a_deterministic_autoencoder(dataset, tmp_path):
     config = autoencoder_config(dataset, 3)
     config["latent"] = "mean"
