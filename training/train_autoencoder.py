@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoencoderKL(**params)
     if config.get("init_from"):
         model.load_state_dict(common.load_autoencoder(config["init_from"])[0].state_dict())
-    latent_is_mean = config.get("latent", "sample") == "mean"
+    latent = config.get("latent", "sample")
+    if latent not in ("sample", "mean"):
+        raise UserError(f"latent is {latent!r}; write 'latent: mean' (deterministic) or 'latent: sample'")
+    latent_is_mean = latent == "mean"
     if latent_is_mean:
         pin_latent_to_mean(model)
     decoder_only = bool(config.get("decoder_only"))

@@ -278,6 +278,10 @@ def test_latent_mean_trains_a_deterministic_autoencoder(dataset, tmp_path):
     latent_values = 2 * (config["patch_size"] // 2) ** 3
     logged = [float(row["kl"]) for row in common.read_log(tmp_path / "mean")]
     assert max(logged) < 2.0 * latent_values
+    typo = write_config(tmp_path / "typo.yaml", {**config, "latent": "means"})
+    with pytest.raises(UserError, match="latent is 'means'; write 'latent: mean'"):
+        train_autoencoder.main(["--config", str(typo), "--run-dir", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()
 
 
 def test_config_reads_exponent_floats_and_rejects_non_numbers(tmp_path):
