@@ -77,7 +77,17 @@ def histogram_matching(source: sitk.Image, reference: sitk.Image) -> sitk.Image:
 
 
 def case_conditions(model: LoadedModel, case: common.Case, keys: dict[str, str]) -> conditions.Conditions:
-    """A case's condition channels built as the worker builds them."""
+    """A case's condition channels built as the worker builds them.
+
+    A base model (no conditions) gets none, on the grid a labels model would place on this case:
+    its autoencoder ceiling and unguided samples are still measured.
+    """
+    if not model.config.labels and not model.config.modalities:
+        reference = sitk.ReadImage(str(case.files[keys["labels"]]))
+        content = sitk.GetArrayViewFromImage(reference) > 0
+        return conditions.Conditions(channels=np.zeros((0, *model.config.grid.size), np.float32),
+                                     grid=conditions.model_grid_for(reference, model.config.grid, content),
+                                     reference=reference)
     segmentation = volumes.read_segmentation(case.files[keys["labels"]]) if model.config.labels else None
     modalities = {modality.name: volumes.read_volume(case.files[keys[modality.name]])
                   for modality in model.config.modalities}
@@ -88,7 +98,7 @@ def synthesize(model: LoadedModel, built: conditions.Conditions, guided: bool, s
                seed: int) -> tuple[np.ndarray, float]:
     """(image on the case's reference grid in SimpleITK order, seconds)."""
     start = time.perf_counter()
-    condition = torch.from_numpy(built.channels)[None]
+    condition = torch.from_numpy(built.channels)[None] if len(built.channels) else None
     image = sampler.sample(model, condition, steps=steps, seed=seed, guided=guided)
     on_reference = built.to_reference(image[0, 0].numpy(), default_value=model.config.intensity_range[0])
     return sitk.GetArrayFromImage(on_reference), time.perf_counter() - start
@@ -107,7 +117,8 @@ def autoencoder_reconstruction(model: LoadedModel, built: conditions.Conditions,
 
 def evaluate_case(model: LoadedModel, case: common.Case, keys: dict[str, str], steps: int | None,
                   seed: int, baseline_reference: sitk.Image | None) -> list[dict]:
-    """One row per method (true T1, its autoencoder reconstruction, guided, unguided, baseline)."""
+    """One row per method (true T1, its autoencoder reconstruction, guided unless a base model,
+    unguided, baseline)."""
     tissue_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case.files[keys["labels"]])))
     truth_image = sitk.ReadImage(str(case.files[keys["image"]]), sitk.sitkFloat32)
     truth = sitk.GetArrayFromImage(truth_image)
@@ -115,7 +126,8 @@ def evaluate_case(model: LoadedModel, case: common.Case, keys: dict[str, str], s
     built = case_conditions(model, case, keys)
     estimates = {"true T1": (truth, 0.0)}
     estimates["autoencoder (ceiling)"] = (autoencoder_reconstruction(model, built, truth_image), 0.0)
-    estimates["guided"] = synthesize(model, built, True, steps, seed)
+    if model.adapter is not None:
+        estimates["guided"] = synthesize(model, built, True, steps, seed)
     estimates["unguided"] = synthesize(model, built, False, steps, seed)
     if baseline_reference is not None:
         t2 = sitk.ReadImage(str(case.files[keys["T2"]]), sitk.sitkFloat32)

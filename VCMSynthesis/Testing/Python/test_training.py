@@ -3,6 +3,7 @@ export to a model folder that the sampler runs, and the evaluation metrics on kn
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -292,3 +293,12 @@ def test_config_reads_exponent_floats_and_rejects_non_numbers(tmp_path):
     assert config["training"]["warmup_steps"] == 3 and config["training"]["steps"] == 5
     with pytest.raises(UserError, match="training.lr is 'fast', not a number"):
         common.load_config(path, ["training.lr=fast"])
+
+
+def test_evaluate_measures_a_base_model_without_conditions(dataset, base_runs, tmp_path):
+    out = tmp_path / "eval.json"
+    evaluate.main(["--model", str(base_runs["base"]), "--manifest", str(dataset), "--cases", "1",
+                   "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["true T1", "autoencoder (ceiling)", "unguided"]
+    assert rows[0]["dice mean"] > 0.9 and all(np.isfinite(row["psnr"]) for row in rows[1:])
