@@ -79,10 +79,10 @@ def histogram_matching(source: sitk.Image, reference: sitk.Image) -> sitk.Image:
 def case_conditions(model: LoadedModel, case: common.Case, keys: dict[str, str]) -> conditions.Conditions:
     """A case's condition channels built as the worker builds them.
 
-    A base model (no conditions) gets none, on the grid a labels model would place on this case:
-    its autoencoder ceiling and unguided samples are still measured.
+    A base model (no adapter, so no conditions) gets none, on the grid a labels model would place
+    on this case: its autoencoder ceiling and unguided samples are still measured.
     """
-    if not model.config.labels and not model.config.modalities:
+    if model.adapter is None:
         reference = sitk.ReadImage(str(case.files[keys["labels"]]))
         content = sitk.GetArrayViewFromImage(reference) > 0
         return conditions.Conditions(channels=np.zeros((0, *model.config.grid.size), np.float32),
