@@ -34,8 +34,9 @@ DEFAULT_MODEL = "demo-superres"
 MIN_THICKNESS_RATIO = 1.2
 #: Slabs this many times thicker than the thickest the model was trained on are refused.
 ABSURD_THICKNESS_FACTOR = 3.0
-#: Back-projection iterations; the slab residual shrinks about tenfold every two.
-CONSISTENCY_ITERATIONS = 5
+#: Back-projection iterations (under a second in all for a 2 mm brain); with the floor on dark
+#: voxels the estimate keeps improving up to about 20.
+CONSISTENCY_ITERATIONS = 20
 
 
 @dataclass(frozen=True)
@@ -192,21 +193,26 @@ def slab_average(fine: sitk.Image, thick: sitk.Image, axis: int) -> sitk.Image:
 
 
 def enforce_consistency(
-    estimate: sitk.Image, thick: sitk.Image, axis: int, iterations: int = 5
+    estimate: sitk.Image, thick: sitk.Image, axis: int, iterations: int = CONSISTENCY_ITERATIONS
 ) -> sitk.Image:
-    """Iterative back-projection: correct `estimate` until its slab averages match `thick`.
+    """Alternating projections: slab averages that match `thick`, no voxel below its darkest slab.
 
     The acquired slabs are the one thing known for certain; each iteration adds the slab
     residual, linearly interpolated onto the estimate's grid. The correction is smooth along
-    the slice axis, so the anatomy the model drew between slices is kept.
+    the slice axis, so the anatomy the model drew between slices is kept. Every iteration then
+    raises voxels darker than the darkest acquired slab to its value: in a scan with background
+    (an MRI's zero, a CT's air) that slab is the background, and the sampler's speckle there,
+    which the slab residual alone only averages out, goes.
     """
     corrected = sitk.Cast(estimate, sitk.sitkFloat32)
     thick = sitk.Cast(thick, sitk.sitkFloat32)
+    floor = float(sitk.GetArrayViewFromImage(thick).min())
     for _ in range(iterations):
         residual = thick - slab_average(corrected, thick, axis)
         corrected = corrected + sitk.Resample(
             residual, corrected, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True
         )
+        corrected = sitk.Maximum(corrected, floor)
     return corrected
 
 
