@@ -179,7 +179,11 @@ class VCM(nn.Module):
     reference) reads cat(z_t, eps_t, encoded condition); a shared convolution (LeakyReLU) feeds
     two convolution heads for gamma and beta (`modulation`). `forward` is the two in a row. As in
     the reference, both heads end in an affine-free instance normalisation (MONAI `Convolution`'s
-    default norm), so a fresh VCM does not start at gamma = beta = 0.
+    default norm), so a fresh VCM does not start at gamma = beta = 0. `head_norm=None` drops it
+    and zero-initialises the heads instead (ControlNet's zero convolution): a fresh VCM then
+    leaves the base's noise as it is and learns from there, where a unit-variance start first
+    learns to silence itself (our small demo adapters then stayed at gamma = beta = 0 for
+    hundreds of steps).
 
     Shapes: `x` is cat(z_t, eps_t), `(B, 2 * latent_channels, d, h, w)`; `y` is
     `(B, condition_channels, d * 2**L, h * 2**L, w * 2**L)` with L = len(encoder_channels);
@@ -202,6 +206,8 @@ class VCM(nn.Module):
         unet_out_channels: channels the U-Net hands to the shared convolution.
         unet_norm_groups: group-norm groups in the U-Net.
         head_channels: channels of the shared convolution feeding both heads.
+        head_norm: the heads' output normalisation (MONAI name; the reference's "INSTANCE"), or
+            None for zero-initialised heads without one.
         unet_cross_attention_dim: if set, the U-Net cross-attends to `context` of this width
             (the paper's VCM does not).
         norm_eps: epsilon of every group normalisation.
@@ -223,13 +229,14 @@ class VCM(nn.Module):
         unet_out_channels: int,
         unet_norm_groups: int,
         head_channels: int,
+        head_norm: str | None = "INSTANCE",
         unet_cross_attention_dim: int | None = None,
         norm_eps: float = 1e-6,
         use_flash_attention: bool = False,
     ) -> None:
         super().__init__()
         self.params = {
-            name: list(value) if isinstance(value, Sequence) else value
+            name: list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
             for name, value in locals().items()
             if name not in ("self", "__class__")
         }
@@ -258,8 +265,12 @@ class VCM(nn.Module):
             use_flash_attention=use_flash_attention,
         )
         self.shared = _head_conv(unet_out_channels, head_channels, act="LEAKYRELU", norm=None)
-        self.gamma_head = _head_conv(head_channels, latent_channels)
-        self.beta_head = _head_conv(head_channels, latent_channels)
+        self.gamma_head = _head_conv(head_channels, latent_channels, norm=head_norm)
+        self.beta_head = _head_conv(head_channels, latent_channels, norm=head_norm)
+        if head_norm is None:
+            for head in (self.gamma_head, self.beta_head):
+                nn.init.zeros_(head.conv.weight)
+                nn.init.zeros_(head.conv.bias)
 
     def encode_condition(self, y: torch.Tensor) -> torch.Tensor:
         """The condition `y` on the latent grid, `(B, encoder_channels[-1], d, h, w)`.

@@ -173,6 +173,23 @@ def test_forward_is_modulation_of_the_encoded_condition():
         assert not torch.equal(cached[1][0], direct[0])  # the timesteps still matter
 
 
+def test_zero_initialised_heads_start_at_the_identity_and_still_learn():
+    """head_norm=None: a fresh VCM leaves the noise unchanged, and one step moves it off zero."""
+    x, y, t = inputs(TINY_VCM_PARAMS)
+    reference_heads = VCM(**TINY_VCM_PARAMS)
+    with torch.no_grad():
+        assert reference_heads(x, y, t)[0].std() > 0.5  # the reference's instance norm: unit variance
+    vcm = VCM(**TINY_VCM_PARAMS, head_norm=None)
+    assert vcm.state_dict().keys() == reference_heads.state_dict().keys()
+    scale, shift = vcm(x, y, t)
+    assert not scale.any() and not shift.any()
+    optimizer = torch.optim.SGD(vcm.parameters(), lr=0.1)
+    torch.nn.functional.mse_loss(scale + shift, torch.ones_like(scale)).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert vcm(x, y, t)[1].abs().mean() > 0
+
+
 def test_condition_of_wrong_size_is_refused():
     vcm = VCM(**TINY_VCM_PARAMS)
     x, y, t = inputs(TINY_VCM_PARAMS)
