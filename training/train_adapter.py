@@ -9,6 +9,9 @@ autoencoder (latent means, and those of the left-right mirror images for flip au
 Per step: z_t = noisy latent at a random t, eps_t = frozen base(z_t, t),
 (gamma, beta) = VCM(cat(z_t, eps_t), condition, t), eps' = eps_t * (1 + gamma) + beta,
 loss = MSE(eps', eps) + lambda * (|gamma|_1 + |beta|_1) with lambda = 1 / numel(gamma).
+With `relative_mse: true` each sample's MSE is divided by the frozen base's on that sample: the
+plain MSE is dominated by the low-noise steps, where the base is already good and a condition
+that fixes only the anatomy (a label map) adds little, so such an adapter learns slowly.
 Writes `adapter.safetensors` and `adapter.json` (VCM kwargs, conditions, base) to the run dir.
 With `init_adapter: <adapter.safetensors>` a fresh run starts from those weights (e.g. a shipped
 model's adapter, to train it further on the same base with a new learning-rate schedule).
@@ -147,10 +150,12 @@ def main(argv: list[str] | None = None) -> None:
             eps = base_noise(base, noisy, timesteps)
         gamma, beta = module(torch.cat([noisy, eps], 1), cond.to(context.device), timesteps)
         modulated = eps * (1 + gamma) + beta
-        mse = torch.nn.functional.mse_loss(modulated, noise)
+        per_sample = ((modulated - noise) ** 2).flatten(1).mean(1)
+        base_per_sample = ((eps - noise) ** 2).flatten(1).mean(1)
+        mse, base_mse = per_sample.mean(), base_per_sample.mean()
+        fit = (per_sample / base_per_sample).mean() if config.get("relative_mse") else mse
         sparsity = gamma.abs().mean() + beta.abs().mean()
-        base_mse = torch.nn.functional.mse_loss(eps, noise)
-        loss = mse + config.get("sparsity_weight", 1.0) * sparsity
+        loss = fit + config.get("sparsity_weight", 1.0) * sparsity
         return loss, {"mse": mse.detach(), "base_mse": base_mse, "sparsity": sparsity.detach()}
 
     trained = common.train(adapter, loss_function, settings, run_dir, context, "adapter")

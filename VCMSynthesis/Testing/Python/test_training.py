@@ -198,6 +198,28 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     assert not (tmp_path / "missing").exists(), "nothing is written before the inputs are checked"
 
 
+def test_adapter_with_zero_heads_starts_at_the_base_and_relative_mse_learns(dataset, base_runs, tmp_path):
+    """head_norm None: the first step's noise is the base's, so the relative MSE is exactly 1."""
+    config = {
+        "base_model": str(base_runs["base"]),
+        "conditions": {"labels": None, "modalities": [
+            {"name": "T2", "normalization": {"kind": "percentile", "low": 1.0, "high": 99.0}}]},
+        "data": {"manifest": str(dataset), "image_key": "image", "modality_keys": {"T2": "t2"}},
+        "adapter": {"encoder_channels": [8], "encoder_res_blocks": 1, "encoder_norm_groups": 4,
+                    "unet_channels": [8, 8], "unet_res_blocks": 1, "unet_attention_levels": [False, False],
+                    "unet_head_channels": [0, 8], "unet_out_channels": 8, "unet_norm_groups": 4,
+                    "head_channels": 8, "head_norm": None},
+        "relative_mse": True,
+        "sparsity_weight": 0.0,
+        "training": {"steps": 25, "batch_size": 2, "lr": 2e-3, "log_every": 1, "threads": 1},
+    }
+    path = write_config(tmp_path / "adapter.yaml", config)
+    train_adapter.main(["--config", str(path), "--run-dir", str(tmp_path / "adapter")])
+    rows = common.read_log(tmp_path / "adapter")
+    assert rows[0]["mse"] == pytest.approx(rows[0]["base_mse"]) and rows[0]["loss"] == pytest.approx(1.0)
+    assert np.mean([r["loss"] for r in rows[-5:]]) < 1.0
+
+
 def test_a_script_given_a_bad_input_prints_one_error_line_and_exits_non_zero(tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(TRAINING)}
     command = [sys.executable, str(TRAINING / "train_adapter.py"), "--config", str(tmp_path / "missing.yaml"),
