@@ -12,6 +12,9 @@ loss = MSE(eps', eps) + lambda * (|gamma|_1 + |beta|_1) with lambda = 1 / numel(
 With `relative_mse: true` each sample's MSE is divided by the frozen base's on that sample: the
 plain MSE is dominated by the low-noise steps, where the base is already good and a condition
 that fixes only the anatomy (a label map) adds little, so such an adapter learns slowly.
+With `condition_latent_weight: w` the first latent-channels of the encoded condition are also
+fitted to the clean latent (+ w * MSE): the condition encoder then gets a direct signal from the
+start instead of one passed back through the U-Net (for a label map that signal is weak).
 Writes `adapter.safetensors` and `adapter.json` (VCM kwargs, conditions, base) to the run dir.
 With `init_adapter: <adapter.safetensors>` a fresh run starts from those weights (e.g. a shipped
 model's adapter, to train it further on the same base with a new learning-rate schedule).
@@ -119,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     if base.adapter is not None:
         raise UserError(f"base model {config['base_model']} already has an adapter; give a base-only model")
     model_config = adapter_model_config(base.config, config, "adapter", "synthesis", "")
+    latent_weight = config.get("condition_latent_weight", 0.0)
+    if latent_weight and model_config.adapter.params["encoder_channels"][-1] < base.config.latent_channels:
+        raise UserError("condition_latent_weight needs adapter.encoder_channels[-1] >= the base's "
+                        f"{base.config.latent_channels} latent channels; widen the encoder or drop the weight")
     adapter = VCM(**model_config.adapter.params)
     init_sha256 = None
     if config.get("init_adapter"):
@@ -136,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                               beta_start=schedule.beta_start, beta_end=schedule.beta_end,
                               clip_sample=schedule.clip_sample)
     count = len(condition)
+    encoded = {}
+    # A hook, not a second call: under DistributedDataParallel only `forward` syncs gradients.
+    adapter.condition_encoder.register_forward_hook(lambda _m, _i, output: encoded.update(output=output))
 
     def loss_function(module, step, generator):
         index = torch.randint(count, (settings["batch_size"],), generator=generator)
@@ -156,7 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         fit = (per_sample / base_per_sample).mean() if config.get("relative_mse") else mse
         sparsity = gamma.abs().mean() + beta.abs().mean()
         loss = fit + config.get("sparsity_weight", 1.0) * sparsity
-        return loss, {"mse": mse.detach(), "base_mse": base_mse, "sparsity": sparsity.detach()}
+        extras = {"mse": mse.detach(), "base_mse": base_mse, "sparsity": sparsity.detach()}
+        if latent_weight:
+            condition_latent = torch.nn.functional.mse_loss(encoded["output"][:, :clean.shape[1]], clean)
+            loss = loss + latent_weight * condition_latent
+            extras["condition_latent_mse"] = condition_latent.detach()
+        return loss, extras
 
     trained = common.train(adapter, loss_function, settings, run_dir, context, "adapter")
     if context.is_main:

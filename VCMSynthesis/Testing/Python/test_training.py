@@ -198,8 +198,8 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     assert not (tmp_path / "missing").exists(), "nothing is written before the inputs are checked"
 
 
-def test_adapter_with_zero_heads_starts_at_the_base_and_relative_mse_learns(dataset, base_runs, tmp_path):
-    """head_norm None: the first step's noise is the base's, so the relative MSE is exactly 1."""
+def test_adapter_options_for_slow_conditions(dataset, base_runs, tmp_path):
+    """Zero heads start at the base (relative MSE exactly 1); the condition encoder fits the latent."""
     config = {
         "base_model": str(base_runs["base"]),
         "conditions": {"labels": None, "modalities": [
@@ -210,14 +210,22 @@ def test_adapter_with_zero_heads_starts_at_the_base_and_relative_mse_learns(data
                     "unet_head_channels": [0, 8], "unet_out_channels": 8, "unet_norm_groups": 4,
                     "head_channels": 8, "head_norm": None},
         "relative_mse": True,
+        "condition_latent_weight": 1.0,
         "sparsity_weight": 0.0,
         "training": {"steps": 25, "batch_size": 2, "lr": 2e-3, "log_every": 1, "threads": 1},
     }
     path = write_config(tmp_path / "adapter.yaml", config)
     train_adapter.main(["--config", str(path), "--run-dir", str(tmp_path / "adapter")])
     rows = common.read_log(tmp_path / "adapter")
-    assert rows[0]["mse"] == pytest.approx(rows[0]["base_mse"]) and rows[0]["loss"] == pytest.approx(1.0)
-    assert np.mean([r["loss"] for r in rows[-5:]]) < 1.0
+    first = rows[0]
+    assert first["mse"] == pytest.approx(first["base_mse"])
+    assert first["loss"] == pytest.approx(1.0 + first["condition_latent_mse"])
+    assert np.mean([r["condition_latent_mse"] for r in rows[-5:]]) < 0.5 * first["condition_latent_mse"]
+
+    narrow = {**config, "adapter": {**config["adapter"], "encoder_channels": [1], "encoder_norm_groups": 1}}
+    with pytest.raises(UserError, match="condition_latent_weight needs adapter.encoder_channels"):
+        train_adapter.main(["--config", str(write_config(tmp_path / "narrow.yaml", narrow)),
+                            "--run-dir", str(tmp_path / "narrow")])
 
 
 def test_a_script_given_a_bad_input_prints_one_error_line_and_exits_non_zero(tmp_path):
