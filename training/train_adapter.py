@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     latent_weight = config.get("condition_latent_weight", 0.0)
     if latent_weight and model_config.adapter.params["encoder_channels"][-1] < base.config.latent_channels:
         raise UserError("condition_latent_weight needs adapter.encoder_channels[-1] >= the base's "
-                        f"{base.config.latent_channels} latent channels; widen the encoder or drop the weight")
+                        f"{base.config.latent_channels} latent channels; widen the encoder or drop it")
     adapter = VCM(**model_config.adapter.params)
     init_sha256 = None
     if config.get("init_adapter"):
