@@ -50,7 +50,8 @@ def reconstruct(method: str, thick: sitk.Image, grid: sitk.Image, model, steps: 
 def main(argv: list[str] | None = None) -> None:
     parser = common.evaluation_arguments(__doc__.splitlines()[0], "demo-superres")
     parser.add_argument("--thickness", type=float, nargs="+", default=[3.0, 5.0, 7.0])
-    parser.add_argument("--samples", type=int, default=1, help="samples averaged by the VCM method")
+    parser.add_argument("--samples", type=int, default=superres.DEFAULT_SAMPLES,
+                        help="samples averaged by the VCM method (default: the CLI's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,6 +37,9 @@ ABSURD_THICKNESS_FACTOR = 3.0
 #: Back-projection iterations (under a second in all for a 2 mm brain); with the floor on dark
 #: voxels the estimate keeps improving up to about 20.
 CONSISTENCY_ITERATIONS = 20
+#: Samples averaged by default: at 5 mm the mean of 4 (the posterior mean's estimate) beats one
+#: draw by 0.8 dB PSNR, and B-spline by 1.4 dB (training/README.md).
+DEFAULT_SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,7 @@ def super_resolve(
     thick: sitk.Image,
     output_grid: sitk.Image,
     *,
-    samples: int = 1,
+    samples: int = DEFAULT_SAMPLES,
     steps: int | None = None,
     seed: int = 0,
     consistency_iterations: int = CONSISTENCY_ITERATIONS,
@@ -373,8 +376,8 @@ def register(subparsers) -> None:
                                                                f"(default {DEFAULT_MODEL})")
     parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
                                                              "finest in-plane spacing)")
-    parser.add_argument("--samples", type=positive_int, default=1,
-                        help="samples to average (posterior mean; default 1)")
+    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
+                        help=f"samples to average (posterior mean; default {DEFAULT_SAMPLES})")
     parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
                                                          "across samples (needs --samples 2 or more)")
     parser.add_argument("--steps", type=positive_int,
