@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                               clip_sample=schedule.clip_sample)
     count = len(condition)
     encoded = {}
-    # A hook, not a second call: under DistributedDataParallel only `forward` syncs gradients.
-    adapter.condition_encoder.register_forward_hook(lambda _m, _i, output: encoded.update(output=output))
+    if latent_weight:  # a hook, not a second call: under DistributedDataParallel only `forward` syncs
+        adapter.condition_encoder.register_forward_hook(lambda _m, _i, output: encoded.update(output=output))
 
     def loss_function(module, step, generator):
         index = torch.randint(count, (settings["batch_size"],), generator=generator)
