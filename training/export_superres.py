@@ -20,6 +20,7 @@ from pathlib import Path
 
 import common
 from export_model import export_adapter, model_card
+from VCMSynthesisLib import superres
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
 
@@ -34,8 +35,9 @@ def superres_card(config, figures: dict | None) -> str:
              "thickness and slab offset per training pair, 4 pairs per subject), simulated as slab",
              "averages of the true 2 mm volume along the axial axis (`training/simulate_thick_slices.py`).",
              "At inference each sample is calibrated on the acquired slabs and made consistent with them",
-             "(back-projection). Oblique scans are resampled onto the model's axial grid; the model saw",
-             "only axial slabs."]
+             "(back-projection; voxels below the darkest slab are raised to it), and the CLI averages",
+             f"{superres.DEFAULT_SAMPLES} samples by default. Oblique scans are resampled onto the model's",
+             "axial grid; the model saw only axial slabs."]
     if figures:
         lines += ["", f"### Figures ({figures['heading']}; `training/evaluate_superres.py`)", "",
                   figures["table"], "", f"Command: `{figures['command']}`"]

@@ -68,11 +68,12 @@ def test_user_models_are_listed_after_registered_ones(home):
     (home / "models" / "broken" / "config.json").write_text("{")
     entries = list_models()
     names = [entry.name for entry in entries]
-    assert names[:5] == ["demo", "demo-t2-to-t1", "demo-superres", "demo-base", "brainldm-vcm-semantics"]
+    assert names[:6] == ["demo", "demo-t2-to-t1", "demo-superres", "demo-base", "demo-base-v2",
+                         "brainldm-vcm-semantics"]
     assert names[-1] == "mine" and "broken" not in names
     mine = entries[-1]
     assert (mine.source, mine.task, mine.conditions, mine.available) == ("user", "translation", "T2", True)
-    reference = entries[4]
+    reference = entries[5]
     assert reference.source == "download" and not reference.available
     assert reference.folder == home / "models" / "brainldm-vcm-semantics"
 
@@ -95,7 +96,7 @@ def test_resolve_names_and_folders(home, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name, message", [
     ("nonsense", "unknown model 'nonsense'; known models: demo, demo-t2-to-t1, demo-superres, "
-                 "demo-base, brainldm-vcm-semantics; or give the path of a model folder"),
+                 "demo-base, demo-base-v2, brainldm-vcm-semantics; or give the path of a model folder"),
     ("./not/here", "model folder not/here does not exist"),
     ("brainldm-vcm-semantics", "model 'brainldm-vcm-semantics' is not downloaded yet; run "
                                "`vcm-synthesis download-model brainldm-vcm-semantics`"),
