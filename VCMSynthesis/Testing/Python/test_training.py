@@ -63,6 +63,13 @@ def dataset(tmp_path_factory) -> Path:
     return folder / "manifest.csv"
 
 
+# The `adapter` section of the adapter tests' configs (VCM kwargs on the tiny base).
+TINY_ADAPTER = {"encoder_channels": [8], "encoder_res_blocks": 1, "encoder_norm_groups": 4,
+                "unet_channels": [8, 8], "unet_res_blocks": 1, "unet_attention_levels": [False, False],
+                "unet_head_channels": [0, 8], "unet_out_channels": 8, "unet_norm_groups": 4,
+                "head_channels": 8}
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
@@ -151,10 +158,7 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
                                   {"value": 2, "name": "grey matter"}, {"value": 3, "name": "white matter"}],
                        "modalities": []},
         "data": {"manifest": str(dataset), "image_key": "image", "segmentation_key": "labels"},
-        "adapter": {"encoder_channels": [8], "encoder_res_blocks": 1, "encoder_norm_groups": 4,
-                    "unet_channels": [8, 8], "unet_res_blocks": 1, "unet_attention_levels": [False, False],
-                    "unet_head_channels": [0, 8], "unet_out_channels": 8, "unet_norm_groups": 4,
-                    "head_channels": 8},
+        "adapter": TINY_ADAPTER,
         "training": {"steps": 25, "batch_size": 2, "lr": 2e-3, "log_every": 1, "threads": 1},
     }
     path = write_config(tmp_path / "adapter.yaml", config)
@@ -205,10 +209,7 @@ def test_adapter_options_for_slow_conditions(dataset, base_runs, tmp_path):
         "conditions": {"labels": None, "modalities": [
             {"name": "T2", "normalization": {"kind": "percentile", "low": 1.0, "high": 99.0}}]},
         "data": {"manifest": str(dataset), "image_key": "image", "modality_keys": {"T2": "t2"}},
-        "adapter": {"encoder_channels": [8], "encoder_res_blocks": 1, "encoder_norm_groups": 4,
-                    "unet_channels": [8, 8], "unet_res_blocks": 1, "unet_attention_levels": [False, False],
-                    "unet_head_channels": [0, 8], "unet_out_channels": 8, "unet_norm_groups": 4,
-                    "head_channels": 8, "head_norm": None},
+        "adapter": {**TINY_ADAPTER, "head_norm": None},
         "relative_mse": True,
         "condition_latent_weight": 1.0,
         "sparsity_weight": 0.0,
