@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--spacing", type=float, help="superres: output spacing in mm")
-    parser.add_argument("--samples", type=int, help="superres: samples to average")
+    parser.add_argument("--samples", type=int,
+                        help="superres: samples to average (default: that of vcm-synthesis superres)")
     parser.add_argument(
         "--python", help="Python executable for the worker (default: this one / PythonSlicer)"
     )
