@@ -3,6 +3,7 @@
 `base` makes a base-only model (adapter null) from an autoencoder run and a diffusion run: the
 frozen base that `train_adapter.py` takes. `adapter` adds a trained adapter run to a base model
 folder and writes the complete model, with a model card listing data, training and figures.
+`set-sampling` changes an exported model's default sampler or steps (and its card) in place.
 
     python training/export_model.py base --autoencoder-run training/runs/autoencoder \
         --diffusion-run training/runs/diffusion --out training/runs/demo-base
@@ -14,6 +15,7 @@ folder and writes the complete model, with a model card listing data, training a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from safetensors.torch import load_file
 from train_adapter import ADAPTER_WEIGHTS, adapter_model_config
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import ModelConfig, load_model_folder, save_model_folder
+from VCMSynthesisLib.model_folder import SAMPLING_SCHEDULERS, ModelConfig, load_model_folder, save_model_folder
 from VCMSynthesisLib.networks import VCM
 
 
@@ -107,8 +109,12 @@ def model_card(config: ModelConfig, figures: dict[str, Any] | None) -> str:
 
 
 def export_adapter(base_folder: Path, adapter_run: Path, out: Path, name: str, task: str, description: str,
-                   figures: Path | None, steps: int | None) -> Path:
-    """The complete model: base networks, the trained adapter, conditions and a model card."""
+                   figures: Path | None, steps: int | None, scheduler: str | None = None) -> Path:
+    """The complete model: base networks, the trained adapter, conditions and a model card.
+
+    `steps` and `scheduler` set the model's default sampling (else the base's): which one serves an
+    adapter best is measured with `training/evaluate.py`, so it belongs to the exported model.
+    """
     base = load_model_folder(base_folder)
     info = read_json(adapter_run / "adapter.json")
     config = adapter_model_config(base.config, info, name, task, description)
@@ -122,9 +128,26 @@ def export_adapter(base_folder: Path, adapter_run: Path, out: Path, name: str, t
     config_dict = {**config.to_dict(), "metadata": metadata}
     if steps:
         config_dict["sampling"]["steps"] = steps
+    if scheduler:
+        config_dict["sampling"]["scheduler"] = scheduler
     config = ModelConfig.from_dict(config_dict, source="adapter export")
     figures_data = json.loads(figures.read_text()) if figures else None
     return save_model_folder(out, config, base.autoencoder, base.diffusion, adapter,
+                             model_card=model_card(config, figures_data))
+
+
+def set_sampling(folder: Path, steps: int | None, scheduler: str | None, figures: Path | None) -> Path:
+    """Rewrites an exported model's default sampling and its card's figures, weights untouched.
+
+    For a model whose adapter run is gone, or to adopt a sampler measured better after export.
+    """
+    model = load_model_folder(folder)
+    if model.config.task == "superres":
+        raise UserError(f"{folder} is a super-resolution model; re-export it with export_superres.py")
+    config = dataclasses.replace(model.config, sampling_steps=steps or model.config.sampling_steps,
+                                 sampling_scheduler=scheduler or model.config.sampling_scheduler)
+    figures_data = json.loads(figures.read_text()) if figures else None
+    return save_model_folder(folder, config, model.autoencoder, model.diffusion, model.adapter,
                              model_card=model_card(config, figures_data))
 
 
@@ -145,12 +168,21 @@ def main(argv: list[str] | None = None) -> None:
     adapter.add_argument("--description", required=True)
     adapter.add_argument("--figures", type=Path, help="evaluation JSON (training/evaluate.py --out) to quote")
     adapter.add_argument("--steps", type=int, help="default sampling steps of the exported model")
+    adapter.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS,
+                         help="default sampler of the exported model (default: the base's)")
+    sampling = commands.add_parser("set-sampling", help="change an exported model's default sampling in place")
+    sampling.add_argument("--model", type=Path, required=True, help="exported model folder")
+    sampling.add_argument("--steps", type=int)
+    sampling.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS)
+    sampling.add_argument("--figures", type=Path, help="evaluation JSON measured with these defaults")
     args = parser.parse_args(argv)
     if args.kind == "base":
         folder = export_base(args.autoencoder_run, args.diffusion_run, args.out, args.name)
+    elif args.kind == "set-sampling":
+        folder = set_sampling(args.model, args.steps, args.scheduler, args.figures)
     else:
         folder = export_adapter(args.base, args.adapter_run, args.out, args.name, args.task, args.description,
-                                args.figures, args.steps)
+                                args.figures, args.steps, args.scheduler)
     print(f"wrote {folder}")
 
 

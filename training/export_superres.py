@@ -22,7 +22,7 @@ import common
 from export_model import export_adapter, model_card
 from VCMSynthesisLib import superres
 from VCMSynthesisLib.cli import run_reporting_errors
-from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
+from VCMSynthesisLib.model_folder import SAMPLING_SCHEDULERS, load_model_folder, save_model_folder
 
 DESCRIPTION = "isotropic 2 mm T1 brain MRI from a thick-slice T1 (axial super-resolution; demo base + VCM)"
 
@@ -52,12 +52,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("VCMSynthesis/Resources/Models/demo-superres"))
     parser.add_argument("--name", default="demo-superres")
     parser.add_argument("--steps", type=int, help="default sampling steps of the exported model")
+    parser.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS,
+                        help="default sampler of the exported model (default: the base's)")
     parser.add_argument("--figures", type=Path, help="evaluation JSON (evaluate_superres.py --out) to quote")
     args = parser.parse_args(argv)
 
     training_config = common.load_config(args.config)
     folder = export_adapter(args.base, args.adapter_run, args.out, args.name, "superres", DESCRIPTION,
-                            None, args.steps)
+                            None, args.steps, args.scheduler)
     model = load_model_folder(folder)
     superres = {"thickness_mm": [float(v) for v in training_config["superres"]["thickness_mm"]]}
     config = dataclasses.replace(model.config, metadata={**model.config.metadata, "superres": superres})

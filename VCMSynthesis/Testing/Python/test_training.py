@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_models import make_tiny_model_folder
 
 TRAINING = Path(__file__).resolve().parents[3] / "training"
 sys.path.insert(0, str(TRAINING))
@@ -167,8 +168,17 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     assert np.mean([r["mse"] for r in rows[-5:]]) < np.mean([r["mse"] for r in rows[:5]])
     export_model.main(["adapter", "--base", str(base_runs["base"]),
                        "--adapter-run", str(tmp_path / "adapter"), "--out", str(tmp_path / "model"),
-                       "--name", "tiny", "--description", "tiny test model", "--steps", "3"])
+                       "--name", "tiny", "--description", "tiny test model", "--steps", "3",
+                       "--scheduler", "ddpm"])
     model = load_model_folder(tmp_path / "model")
+    assert (model.config.sampling_steps, model.config.sampling_scheduler) == (3, "ddpm")
+    assert "- Default sampling: DDPM, 3 steps" in (tmp_path / "model" / "README.md").read_text()
+    adapter_bytes = (tmp_path / "model" / "adapter.safetensors").read_bytes()
+    export_model.main(["set-sampling", "--model", str(tmp_path / "model"), "--scheduler", "ddim"])
+    model = load_model_folder(tmp_path / "model")
+    assert (model.config.sampling_steps, model.config.sampling_scheduler) == (3, "ddim")
+    assert "- Default sampling: DDIM, 3 steps" in (tmp_path / "model" / "README.md").read_text()
+    assert (tmp_path / "model" / "adapter.safetensors").read_bytes() == adapter_bytes
     assert model.config.condition_channel_names == ["background", "CSF", "grey matter", "white matter"]
     assert "adapter" in (tmp_path / "model" / "README.md").read_text()
     case = common.read_manifest(dataset, split="test")[0]
@@ -239,6 +249,15 @@ def test_a_script_given_a_bad_input_prints_one_error_line_and_exits_non_zero(tmp
     assert result.stderr.startswith("error: cannot read config")
     assert "pass an existing YAML file" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_set_sampling_refuses_a_superres_model_and_leaves_it_unchanged(tmp_path):
+    folder = make_tiny_model_folder(tmp_path / "tiny-superres", labels=None, modalities=("thick",),
+                                    task="superres")
+    before = (folder / "config.json").read_bytes()
+    with pytest.raises(UserError, match="re-export it with export_superres.py"):
+        export_model.main(["set-sampling", "--model", str(folder), "--scheduler", "ddpm"])
+    assert (folder / "config.json").read_bytes() == before
 
 
 def test_dice_of_identical_maps_is_one():
