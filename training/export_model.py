@@ -26,7 +26,12 @@ from safetensors.torch import load_file
 from train_adapter import ADAPTER_WEIGHTS, adapter_model_config
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import SAMPLING_SCHEDULERS, ModelConfig, load_model_folder, save_model_folder
+from VCMSynthesisLib.model_folder import (
+    SAMPLING_SCHEDULERS,
+    ModelConfig,
+    load_model_folder,
+    save_model_folder,
+)
 from VCMSynthesisLib.networks import VCM
 
 
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     adapter.add_argument("--steps", type=int, help="default sampling steps of the exported model")
     adapter.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS,
                          help="default sampler of the exported model (default: the base's)")
-    sampling = commands.add_parser("set-sampling", help="change an exported model's default sampling in place")
+    sampling = commands.add_parser("set-sampling", help="change a model folder's default sampling in place")
     sampling.add_argument("--model", type=Path, required=True, help="exported model folder")
     sampling.add_argument("--steps", type=int)
     sampling.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS)
