@@ -142,7 +142,8 @@ def export_adapter(base_folder: Path, adapter_run: Path, out: Path, name: str, t
 
 
 def set_sampling(folder: Path, steps: int | None, scheduler: str | None, figures: Path | None) -> Path:
-    """Rewrites an exported model's default sampling and its card's figures, weights untouched.
+    """Rewrites an exported model's default sampling and its card's figures, weights untouched
+    (stored again in the type they had: the shipped ones are float16).
 
     For a model whose adapter run is gone, or to adopt a sampler measured better after export.
     """
@@ -152,8 +153,10 @@ def set_sampling(folder: Path, steps: int | None, scheduler: str | None, figures
     config = dataclasses.replace(model.config, sampling_steps=steps or model.config.sampling_steps,
                                  sampling_scheduler=scheduler or model.config.sampling_scheduler)
     figures_data = json.loads(figures.read_text()) if figures else None
+    stored = load_file(str(folder / (config.adapter or config.diffusion).weights))
+    dtype = next(tensor.dtype for tensor in stored.values() if tensor.is_floating_point())
     return save_model_folder(folder, config, model.autoencoder, model.diffusion, model.adapter,
-                             model_card=model_card(config, figures_data))
+                             model_card=model_card(config, figures_data), dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

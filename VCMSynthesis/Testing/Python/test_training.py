@@ -28,7 +28,7 @@ import train_autoencoder  # noqa: E402
 import train_diffusion  # noqa: E402
 from VCMSynthesisLib import sampler  # noqa: E402
 from VCMSynthesisLib.errors import UserError  # noqa: E402
-from VCMSynthesisLib.model_folder import load_model_folder  # noqa: E402
+from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder  # noqa: E402
 from VCMSynthesisLib.registry import Checksums  # noqa: E402
 
 SIZE = 16  # voxels per side of the tiny phantoms
@@ -173,6 +173,10 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     model = load_model_folder(tmp_path / "model")
     assert (model.config.sampling_steps, model.config.sampling_scheduler) == (3, "ddpm")
     assert "- Default sampling: DDPM, 3 steps" in (tmp_path / "model" / "README.md").read_text()
+    # set-sampling keeps the weights as stored, float16 ones too (as share_base.py stores them).
+    card = (tmp_path / "model" / "README.md").read_text()
+    save_model_folder(tmp_path / "model", model.config, model.autoencoder, model.diffusion, model.adapter,
+                      model_card=card, dtype=torch.float16)
     adapter_bytes = (tmp_path / "model" / "adapter.safetensors").read_bytes()
     export_model.main(["set-sampling", "--model", str(tmp_path / "model"), "--scheduler", "ddim"])
     model = load_model_folder(tmp_path / "model")
