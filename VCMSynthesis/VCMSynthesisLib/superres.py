@@ -38,7 +38,7 @@ ABSURD_THICKNESS_FACTOR = 3.0
 #: voxels the estimate keeps improving up to about 20.
 CONSISTENCY_ITERATIONS = 20
 #: Samples averaged by default: at 5 mm the mean of 4 (the posterior mean's estimate) beats one
-#: draw by 0.8 dB PSNR, and B-spline by 1.4 dB (training/README.md).
+#: draw by 0.6 dB PSNR, and B-spline by 3.0 dB (demo-superres, DDPM; training/README.md).
 DEFAULT_SAMPLES = 4
 
 
