@@ -15,7 +15,6 @@ folder and writes the complete model, with a model card listing data, training a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from VCMSynthesisLib.model_folder import (
     save_model_folder,
 )
 from VCMSynthesisLib.networks import VCM
+from VCMSynthesisLib.worker import positive_int
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -150,8 +150,12 @@ def set_sampling(folder: Path, steps: int | None, scheduler: str | None, figures
     model = load_model_folder(folder)
     if model.config.task == "superres":
         raise UserError(f"{folder} is a super-resolution model; re-export it with export_superres.py")
-    config = dataclasses.replace(model.config, sampling_steps=steps or model.config.sampling_steps,
-                                 sampling_scheduler=scheduler or model.config.sampling_scheduler)
+    config_dict = model.config.to_dict()
+    if steps is not None:
+        config_dict["sampling"]["steps"] = steps
+    if scheduler is not None:
+        config_dict["sampling"]["scheduler"] = scheduler
+    config = ModelConfig.from_dict(config_dict, source="set-sampling")
     figures_data = json.loads(figures.read_text()) if figures else None
     stored = load_file(str(folder / (config.adapter or config.diffusion).weights))
     dtype = next(tensor.dtype for tensor in stored.values() if tensor.is_floating_point())
@@ -175,12 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     adapter.add_argument("--task", default="synthesis")
     adapter.add_argument("--description", required=True)
     adapter.add_argument("--figures", type=Path, help="evaluation JSON (training/evaluate.py --out) to quote")
-    adapter.add_argument("--steps", type=int, help="default sampling steps of the exported model")
+    adapter.add_argument("--steps", type=positive_int, help="default sampling steps of the exported model")
     adapter.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS,
                          help="default sampler of the exported model (default: the base's)")
     sampling = commands.add_parser("set-sampling", help="change a model folder's default sampling in place")
     sampling.add_argument("--model", type=Path, required=True, help="exported model folder")
-    sampling.add_argument("--steps", type=int)
+    sampling.add_argument("--steps", type=positive_int)
     sampling.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS)
     sampling.add_argument("--figures", type=Path, help="evaluation JSON measured with these defaults")
     args = parser.parse_args(argv)

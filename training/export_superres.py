@@ -23,6 +23,7 @@ from export_model import export_adapter, model_card
 from VCMSynthesisLib import superres
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.model_folder import SAMPLING_SCHEDULERS, load_model_folder, save_model_folder
+from VCMSynthesisLib.worker import positive_int
 
 DESCRIPTION = "isotropic 2 mm T1 brain MRI from a thick-slice T1 (axial super-resolution; demo base + VCM)"
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=Path("training/configs/superres.yaml"))
     parser.add_argument("--out", type=Path, default=Path("VCMSynthesis/Resources/Models/demo-superres"))
     parser.add_argument("--name", default="demo-superres")
-    parser.add_argument("--steps", type=int, help="default sampling steps of the exported model")
+    parser.add_argument("--steps", type=positive_int, help="default sampling steps of the exported model")
     parser.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS,
                         help="default sampler of the exported model (default: the base's)")
     parser.add_argument("--figures", type=Path, help="evaluation JSON (evaluate_superres.py --out) to quote")

@@ -264,6 +264,15 @@ def test_set_sampling_refuses_a_superres_model_and_leaves_it_unchanged(tmp_path)
     assert (folder / "config.json").read_bytes() == before
 
 
+def test_set_sampling_refuses_zero_steps_and_leaves_the_model_unchanged(tmp_path, capsys):
+    folder = make_tiny_model_folder(tmp_path / "tiny")
+    before = (folder / "config.json").read_bytes()
+    with pytest.raises(SystemExit):
+        export_model.main(["set-sampling", "--model", str(folder), "--steps", "0"])
+    assert "argument --steps: must be at least 1, got 0" in capsys.readouterr().err
+    assert (folder / "config.json").read_bytes() == before
+
+
 def test_dice_of_identical_maps_is_one():
     labels = phantom(np.random.default_rng(0))["labels"]
     assert evaluate.dice_per_label(labels, labels) == {1: 1.0, 2: 1.0, 3: 1.0}
