@@ -113,6 +113,17 @@ def model_card(config: ModelConfig, figures: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_sampling(config_dict: dict[str, Any], steps: int | None,
+                  scheduler: str | None) -> dict[str, Any]:
+    """`config_dict` with its default sampling steps and scheduler replaced where given."""
+    sampling = dict(config_dict["sampling"])
+    if steps is not None:
+        sampling["steps"] = steps
+    if scheduler is not None:
+        sampling["scheduler"] = scheduler
+    return {**config_dict, "sampling": sampling}
+
+
 def export_adapter(base_folder: Path, adapter_run: Path, out: Path, name: str, task: str, description: str,
                    figures: Path | None, steps: int | None, scheduler: str | None = None) -> Path:
     """The complete model: base networks, the trained adapter, conditions and a model card.
@@ -131,11 +142,7 @@ def export_adapter(base_folder: Path, adapter_run: Path, out: Path, name: str, t
         summary["continued_from_sha256"] = info.get("init_adapter_sha256")
     metadata = {"training": {**base.config.metadata.get("training", {}), "adapter": summary}}
     config_dict = {**config.to_dict(), "metadata": metadata}
-    if steps:
-        config_dict["sampling"]["steps"] = steps
-    if scheduler:
-        config_dict["sampling"]["scheduler"] = scheduler
-    config = ModelConfig.from_dict(config_dict, source="adapter export")
+    config = ModelConfig.from_dict(with_sampling(config_dict, steps, scheduler), source="adapter export")
     figures_data = json.loads(figures.read_text()) if figures else None
     return save_model_folder(out, config, base.autoencoder, base.diffusion, adapter,
                              model_card=model_card(config, figures_data))
@@ -150,12 +157,8 @@ def set_sampling(folder: Path, steps: int | None, scheduler: str | None, figures
     model = load_model_folder(folder)
     if model.config.task == "superres":
         raise UserError(f"{folder} is a super-resolution model; re-export it with export_superres.py")
-    config_dict = model.config.to_dict()
-    if steps is not None:
-        config_dict["sampling"]["steps"] = steps
-    if scheduler is not None:
-        config_dict["sampling"]["scheduler"] = scheduler
-    config = ModelConfig.from_dict(config_dict, source="set-sampling")
+    config = ModelConfig.from_dict(with_sampling(model.config.to_dict(), steps, scheduler),
+                                   source="set-sampling")
     figures_data = json.loads(figures.read_text()) if figures else None
     stored = load_file(str(folder / (config.adapter or config.diffusion).weights))
     dtype = next(tensor.dtype for tensor in stored.values() if tensor.is_floating_point())
