@@ -106,6 +106,7 @@ class VCMSynthesisParameterNode:
     model: str = "demo"
     steps: Annotated[int, WithinRange(1, 1000)] = 50
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+    strength: Annotated[float, WithinRange(0.0, 4.0)] = 1.0
     device: str = "auto"
 
 
@@ -222,6 +223,9 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not entry.available:
             description += " " + _("(not downloaded yet: see Set-up in the documentation)")
         self.ui.modelDescriptionLabel.text = description
+        config = self.logic.modelConfig(entry.name)
+        if self._parameterNode and config is not None:
+            self._parameterNode.strength = config.sampling_strength
         self.updateSegmentMapping()
         self.updateModalityTable()
 
@@ -351,6 +355,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 modalityNodes=self.modalityNodes(),
                 steps=parameters.steps,
                 seed=parameters.seed,
+                strength=parameters.strength,
                 device=parameters.device,
                 outputVolumeNode=parameters.outputVolume,
             )
@@ -571,6 +576,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         modalityNodes=None,
         steps=None,
         seed=None,
+        strength=None,
         device: str = "auto",
         outputVolumeNode=None,
     ):
@@ -583,7 +589,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         job = self._writeJob(
             scene.write_synthesis_job, segmentationNode, labelOfSegment, model=model,
             reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps, seed=seed,
-            device=device,
+            strength=strength, device=device,
         )
         inputNode = segmentationNode or next(iter(modalityNodes.values()))
         name = inputNode.GetName() + " synthesized"

@@ -93,6 +93,7 @@ def segmentation_job(
         "model": arguments.model,
         "steps": arguments.steps,
         "seed": arguments.seed if case.seed is None else case.seed,
+        "strength": arguments.strength,
         "device": arguments.device,
         "output": case.output,
     }
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--strength", type=float,
+                        help="condition strength: 1 as trained, above 1 follows the segmentation more closely "
+                             "(default: the model's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--spacing", type=float, help="superres: output spacing in mm")
     parser.add_argument("--samples", type=int,

@@ -419,7 +419,8 @@ def evaluation_arguments(description: str, default_model: str) -> argparse.Argum
     """The options both evaluation scripts share; callers add their own and parse."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default=default_model, help="model name or folder")
-    parser.add_argument("--manifest", type=Path, default=Path("training/data/manifest.csv"))
+    parser.add_argument("--manifest", type=Path, default=Path("training/data/heldout/recipe/manifest.csv"),
+                        help="held-out cases (default: those drawn with the first demo's recipe)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--cases", type=int, default=8, help="at most this many cases")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")

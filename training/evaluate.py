@@ -1,4 +1,4 @@
-"""Evaluate synthesis models on held-out cases: tissue Dice, PSNR and SSIM, guided against unguided.
+"""Evaluate synthesis models on held-out sets: tissue Dice, PSNR and SSIM, guided against unguided.
 
 Tissue Dice checks that a synthesized T1 follows its condition without trusting the model: a
 k-means classifier (3 clusters of the intensities inside the brain, sorted by mean intensity:
@@ -6,14 +6,19 @@ CSF < grey < white matter in T1) labels the image, and the labels are compared w
 map. PSNR and SSIM (MONAI metrics) compare with the true T1 inside the brain. For translation
 models the no-learning baseline is histogram matching of the T2-like image to a training T1.
 
-    python training/evaluate.py --model demo --cases 8
-    python training/evaluate.py --model demo-t2-to-t1 --cases 8
+By default every held-out set that `prepare_demo_data.py` writes is measured and reported side by
+side: a set drawn with the training recipe hides exactly the failures users meet (another brain,
+other grids, stronger deformations).
+
+    python training/evaluate.py --model demo --cases 6
+    python training/evaluate.py --model demo-t2-to-t1 --sets training/data/heldout/recipe
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import common
 import numpy as np
@@ -27,6 +32,7 @@ from VCMSynthesisLib.model_folder import LoadedModel, load_model_folder
 from VCMSynthesisLib.registry import resolve_model
 
 TISSUES = {1: "CSF", 2: "grey matter", 3: "white matter"}
+HELDOUT = common.REPO_ROOT / "training" / "data" / "heldout"
 
 
 def tissue_classes(image: np.ndarray, brain: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -95,12 +101,12 @@ def case_conditions(model: LoadedModel, case: common.Case, keys: dict[str, str])
 
 
 def synthesize(model: LoadedModel, built: conditions.Conditions, guided: bool, steps: int | None,
-               seed: int) -> tuple[np.ndarray, float]:
+               seed: int, strength: float | None = None) -> tuple[np.ndarray, float]:
     """(image on the case's reference grid in SimpleITK order, seconds)."""
     start = time.perf_counter()
     condition = torch.from_numpy(built.channels)[None] if len(built.channels) else None
-    image = sampler.sample(model, condition, steps=steps, seed=seed, guided=guided)
-    on_reference = built.to_reference(image[0, 0].numpy(), default_value=model.config.intensity_range[0])
+    image = sampler.sample(model, condition, steps=steps, seed=seed, guided=guided, strength=strength)
+    on_reference = built.synthesized_to_reference(image[0, 0].numpy(), model.config)
     return sitk.GetArrayFromImage(on_reference), time.perf_counter() - start
 
 
@@ -116,34 +122,39 @@ def autoencoder_reconstruction(model: LoadedModel, built: conditions.Conditions,
 
 
 def evaluate_case(model: LoadedModel, case: common.Case, keys: dict[str, str], steps: int | None,
-                  seed: int, baseline_reference: sitk.Image | None) -> list[dict]:
+                  seed: int, baseline_reference: sitk.Image | None, strength: float | None = None,
+                  guided_only: bool = False) -> list[dict]:
     """One row per method (true T1, its autoencoder reconstruction, guided unless a base model,
-    unguided, baseline)."""
+    unguided, baseline; only the guided sample with `guided_only`)."""
     tissue_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case.files[keys["labels"]])))
     truth_image = sitk.ReadImage(str(case.files[keys["image"]]), sitk.sitkFloat32)
     truth = sitk.GetArrayFromImage(truth_image)
     brain = tissue_map > 0
     built = case_conditions(model, case, keys)
-    estimates = {"true T1": (truth, 0.0)}
-    estimates["autoencoder (ceiling)"] = (autoencoder_reconstruction(model, built, truth_image), 0.0)
+    estimates = {}
+    if not guided_only:
+        estimates["true T1"] = (truth, 0.0)
+        estimates["autoencoder (ceiling)"] = (autoencoder_reconstruction(model, built, truth_image), 0.0)
     if model.adapter is not None:
-        estimates["guided"] = synthesize(model, built, True, steps, seed)
-    estimates["unguided"] = synthesize(model, built, False, steps, seed)
-    if baseline_reference is not None:
+        estimates["guided"] = synthesize(model, built, True, steps, seed, strength)
+    if not guided_only:
+        estimates["unguided"] = synthesize(model, built, False, steps, seed)
+    if baseline_reference is not None and not guided_only:
         t2 = sitk.ReadImage(str(case.files[keys["T2"]]), sitk.sitkFloat32)
         estimates["histogram matching"] = (sitk.GetArrayFromImage(histogram_matching(t2, baseline_reference)),
                                            0.0)
     rows = []
     for method, (array, seconds) in estimates.items():
         dice = tissue_dice(array, tissue_map)
-        rows.append({"case": case.name, "method": method, **{f"dice {k}": v for k, v in dice.items()},
+        rows.append({"set": case.files[keys["labels"]].parent.parent.name, "case": case.name, "method": method,
+                     **{f"dice {k}": v for k, v in dice.items()},
                      **masked_psnr_ssim(array, truth, brain), "seconds": seconds})
     return rows
 
 
 def median_table(rows: list[dict]) -> str:
     """Medians per method as a Markdown table."""
-    columns = [key for key in rows[0] if key not in ("case", "method")]
+    columns = [key for key in rows[0] if key not in ("set", "case", "method")]
     lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method in dict.fromkeys(row["method"] for row in rows):
         chosen = [row for row in rows if row["method"] == method]
@@ -152,29 +163,58 @@ def median_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sets_table(rows: list[dict]) -> str:
+    """Median mean tissue Dice per held-out set (rows) and method (columns), guided PSNR / SSIM."""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    lines = ["| held-out set | " + " | ".join(f"Dice {m}" for m in methods) + " | PSNR / SSIM guided |",
+             "|---" * (len(methods) + 2) + "|"]
+    for name in dict.fromkeys(row["set"] for row in rows):
+        chosen = [row for row in rows if row["set"] == name]
+
+        def median(method, column, chosen=chosen):
+            values = [row[column] for row in chosen if row["method"] == method]
+            return np.median(values) if values else float("nan")
+        dice = " | ".join(f"{median(m, 'dice mean'):.3f}" for m in methods)
+        lines.append(f"| {name} | {dice} | {median('guided', 'psnr'):.2f} / {median('guided', 'ssim'):.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = common.evaluation_arguments(__doc__.splitlines()[0], "demo").parse_args(argv)
+    parser = common.evaluation_arguments(__doc__.splitlines()[0], "demo")
+    parser.add_argument("--sets", nargs="+", type=Path,
+                        help="held-out manifests or folders (default: every folder of training/data/heldout, "
+                             "else --manifest)")
+    parser.add_argument("--strength", type=float, help="condition strength (default: the model's)")
+    parser.add_argument("--guided-only", action="store_true", help="only the guided sample (for tuning)")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    sets = args.sets or sorted(path.parent for path in HELDOUT.glob("*/manifest.csv")) or [args.manifest]
 
     model = load_model_folder(resolve_model(args.model))
     keys = {"image": "image", "labels": "labels", "T2": "t2"}
     baseline_reference = None
     if model.config.modalities:
-        first_training_case = common.read_manifest(args.manifest, split="train")[0]
+        first_training_case = common.read_manifest(HELDOUT.parent / "manifest.csv", split="train")[0]
         baseline_reference = sitk.ReadImage(str(first_training_case.files["image"]), sitk.sitkFloat32)
     rows = []
-    for case in common.read_manifest(args.manifest, split=args.split)[: args.cases]:
-        case_rows = evaluate_case(model, case, keys, args.steps, args.seed, baseline_reference)
-        for row in case_rows:
-            print(f"{row['case']} {row['method']}: Dice {row['dice mean']:.3f}, PSNR {row['psnr']:.2f}, "
-                  f"SSIM {row['ssim']:.3f}, {row['seconds']:.1f} s", flush=True)
-        rows += case_rows
-    table = median_table(rows)
-    print(f"\nMedians over {len(rows) // max(1, len({r['method'] for r in rows}))} {args.split} cases, "
-          f"model {args.model}:\n\n{table}")
+    tables = {}
+    for manifest in sets:
+        set_rows = []
+        for case in common.read_manifest(manifest, split=args.split)[: args.cases]:
+            case_rows = evaluate_case(model, case, keys, args.steps, args.seed, baseline_reference,
+                                      args.strength, args.guided_only)
+            for row in case_rows:
+                print(f"{row['case']} {row['method']}: Dice {row['dice mean']:.3f}, PSNR {row['psnr']:.2f}, "
+                      f"SSIM {row['ssim']:.3f}, {row['seconds']:.1f} s", flush=True)
+            set_rows += case_rows
+        tables[set_rows[0]["set"]] = median_table(set_rows)
+        print(f"\nMedians, set {set_rows[0]['set']}, model {args.model}:\n\n{tables[set_rows[0]['set']]}\n")
+        rows += set_rows
+    summary = sets_table(rows)
+    print(f"Median tissue Dice per held-out set, model {args.model}:\n\n{summary}")
     if args.out is not None:
-        common.write_json(args.out, {"model": str(args.model), "rows": rows, "table": table,
+        common.write_json(args.out, {"model": str(args.model), "rows": rows, "tables": tables, "table": summary,
                                      "command": " ".join(["python", *sys.argv])})
 
 

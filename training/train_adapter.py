@@ -37,7 +37,7 @@ from VCMSynthesisLib import conditions, volumes
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig, load_model_folder, load_state_strict
-from VCMSynthesisLib.networks import VCM
+from VCMSynthesisLib.networks import VCM, modulate
 from VCMSynthesisLib.registry import Checksums
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             eps = base_noise(base, noisy, timesteps)
         gamma, beta = module(torch.cat([noisy, eps], 1), cond.to(context.device), timesteps)
-        modulated = eps * (1 + gamma) + beta
+        modulated = modulate(eps, gamma, beta)
         per_sample = ((modulated - noise) ** 2).flatten(1).mean(1)
         base_per_sample = ((eps - noise) ** 2).flatten(1).mean(1)
         mse, base_mse = per_sample.mean(), base_per_sample.mean()

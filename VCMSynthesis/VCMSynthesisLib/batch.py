@@ -115,8 +115,8 @@ def _barrier(ranks: Ranks) -> None:
         dist.barrier()
 
 
-def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None = None, device: str = "auto",
-              json_progress: bool = False) -> int:
+def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None = None,
+              strength: float | None = None, device: str = "auto", json_progress: bool = False) -> int:
     """Run this rank's pending cases; returns the exit code (1 if any case failed)."""
     from VCMSynthesisLib.worker import (
         SignalCancellation,
@@ -160,7 +160,8 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
             for case in mine:
                 cancellation.raise_if_requested()
                 request = SynthesisRequest(segmentation=case.segmentation, modalities=case.modalities,
-                                           output=case.output, steps=steps, seed=case.seed)
+                                           output=case.output, steps=steps, seed=case.seed,
+                                           strength=strength)
                 start = time.perf_counter()
                 try:
                     synthesize(model, request, cancellation=cancellation)
@@ -183,7 +184,7 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, positive_int
+    from VCMSynthesisLib.worker import DEVICES, add_strength_argument, positive_int
 
     parser = subparsers.add_parser(
         "batch", help="synthesize every case of a CSV manifest (resumable; splits across torchrun ranks)",
@@ -194,6 +195,7 @@ def register(subparsers) -> None:
                         help="CSV with columns output, segmentation, seed, modality:<NAME>")
     parser.add_argument("--model", required=True, help="model name or folder")
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
+    add_strength_argument(parser)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
                         help="one line per case, as text or JSON")
@@ -201,5 +203,5 @@ def register(subparsers) -> None:
 
 
 def _run_batch_command(args: argparse.Namespace) -> int:
-    return run_batch(args.manifest, args.model, steps=args.steps, device=args.device,
+    return run_batch(args.manifest, args.model, steps=args.steps, strength=args.strength, device=args.device,
                      json_progress=args.progress == "json")

@@ -72,6 +72,7 @@ class Conditions:
         reference: an image holding the reference geometry (the output's).
         scalings: modality name -> how its intensities were normalized.
         cropped: the content extends beyond the model grid, so results cover only part of it.
+        content: the labelled voxels of the reference, [k, j, i] (None without a segmentation).
     """
 
     channels: np.ndarray
@@ -79,11 +80,34 @@ class Conditions:
     reference: sitk.Image
     scalings: dict[str, IntensityScaling] = field(default_factory=dict)
     cropped: bool = False
+    content: np.ndarray | None = None
 
     def to_reference(self, array: np.ndarray, *, default_value: float, labels: bool = False) -> sitk.Image:
         """A model-grid array [i, j, k] resampled onto the reference geometry (float32 unless labels)."""
         on_grid = image_from_array(np.asarray(array), self.grid)
         return resample_to_grid(on_grid, self.reference, labels=labels, default_value=default_value)
+
+    def synthesized_to_reference(self, array: np.ndarray, config: ModelConfig) -> sitk.Image:
+        """A synthesized model-grid image on the reference geometry, with a clean background.
+
+        A model trained on skull-stripped images (`intensity.background` set) draws faint haze
+        outside the anatomy, and the model grid's edge would show as a rectangle on the
+        reference: there the image is set to the background value, exactly, beyond a soft edge
+        of about one reference voxel around the labelled voxels.
+        """
+        background = config.intensity_range[0] if config.intensity_background is None \
+            else config.intensity_background
+        image = self.to_reference(array, default_value=background)
+        if config.intensity_background is None or self.content is None or not self.content.any():
+            return image
+        content = _with_geometry(self.content.astype(np.uint8), image)
+        grown = sitk.Cast(sitk.BinaryDilate(content, [1, 1, 1]), sitk.sitkFloat32)
+        weight = sitk.GetArrayFromImage(sitk.DiscreteGaussian(grown, variance=0.5, useImageSpacing=False))
+        weight *= sitk.GetArrayViewFromImage(sitk.BinaryDilate(content, [2, 2, 2]))  # nothing beyond 2 voxels
+        values = sitk.GetArrayFromImage(image)
+        cleaned = sitk.GetImageFromArray((background + weight * (values - background)).astype(np.float32))
+        cleaned.CopyInformation(image)
+        return cleaned
 
 
 def grid_direction(orientation: str) -> tuple[float, ...]:
@@ -267,7 +291,8 @@ def assemble_conditions(config: ModelConfig, segmentation: Segmentation | None,
         on_grid = resample_to_grid(normalized[modality.name], grid, labels=False)
         channels.append(array_from_image(on_grid))
     return Conditions(channels=np.stack(channels), grid=grid, reference=reference, scalings=scalings,
-                      cropped=_is_cropped(content, reference, grid))
+                      cropped=_is_cropped(content, reference, grid),
+                      content=np.asarray(content) if segmentation is not None else None)
 
 
 def _match_modalities(config: ModelConfig, modalities: dict[str, sitk.Image]) -> list[tuple[Modality, str]]:

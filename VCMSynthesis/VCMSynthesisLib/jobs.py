@@ -82,6 +82,7 @@ def synthesis_job(
     output: Path | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    strength: float | None = None,
     device: str = "auto",
 ) -> Job:
     """The `vcm-synthesis synthesize` job for conditions already written into `folder`."""
@@ -96,6 +97,8 @@ def synthesis_job(
         arguments += ["--steps", str(int(steps))]
     if seed is not None:
         arguments += ["--seed", str(int(seed))]
+    if strength is not None:
+        arguments += ["--strength", repr(float(strength))]
     return Job(folder=Path(folder), arguments=arguments, output=output)
 
 

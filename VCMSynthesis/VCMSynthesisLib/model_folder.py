@@ -34,6 +34,8 @@ CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
 TASKS = ("synthesis", "translation", "superres")
 SAMPLING_SCHEDULERS = ("ddim", "ddpm")
+# Condition strengths above this overshoot any condition (gamma and beta are trained at 1).
+MAX_STRENGTH = 4.0
 NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
 _TOP_LEVEL_FIELDS = (
     "format_version", "name", "task", "description", "grid", "intensity", "autoencoder", "diffusion",
@@ -123,6 +125,18 @@ def _number(fields: _Fields, key: str, value: Any, positive: bool) -> float:
     return float(value)
 
 
+def _optional_number(fields: _Fields, key: str, default: float | None, bounds: tuple[float, float]
+                     ) -> float | None:
+    """An optional number within `bounds` (inclusive); `default` where it is absent or null."""
+    value = fields.raw(key, optional=True)
+    if value is None:
+        return default
+    value = _number(fields, key, value, positive=False)
+    if not bounds[0] <= value <= bounds[1]:
+        fields.fail(key, f"must be between {bounds[0]:g} and {bounds[1]:g}, got {value:g}")
+    return value
+
+
 @dataclass(frozen=True)
 class Grid:
     """The model's working grid: conditions are resampled onto it (see DEVELOPERS.md)."""
@@ -185,6 +199,8 @@ class ModelConfig:
         description: one line shown in model lists.
         grid: working grid of the image (conditions and output).
         intensity_range: (low, high) of the base model's output intensities.
+        intensity_background: the value the model's images take outside the anatomy (skull-stripped
+            training images), or None; synthesized images are set to it outside the segmentation.
         autoencoder: MONAI `AutoencoderKL` weights file and kwargs.
         diffusion: MONAI `DiffusionModelUNet` weights file and kwargs.
         covariates: the base model's covariates, or None for an unconditioned base model.
@@ -194,6 +210,7 @@ class ModelConfig:
         noise_schedule: the base model's training noise schedule.
         sampling_scheduler: default sampler, "ddim" or "ddpm".
         sampling_steps: default number of sampling steps.
+        sampling_strength: default condition strength (`networks.modulate`; 1 as trained).
         labels: label table (one one-hot condition channel per row, in order).
         modalities: modality channels, after the label channels.
         metadata: free-form JSON (training details); not interpreted.
@@ -213,6 +230,8 @@ class ModelConfig:
     noise_schedule: NoiseSchedule
     sampling_scheduler: str
     sampling_steps: int
+    sampling_strength: float = 1.0
+    intensity_background: float | None = None
     labels: tuple[Label, ...] = ()
     modalities: tuple[Modality, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -293,6 +312,8 @@ class ModelConfig:
             ),
             sampling_scheduler=sampling.string("scheduler", choices=SAMPLING_SCHEDULERS),
             sampling_steps=sampling.integer("steps", minimum=1),
+            sampling_strength=_optional_number(sampling, "strength", 1.0, (0.0, MAX_STRENGTH)),
+            intensity_background=_optional_number(intensity, "background", None, (low, high)),
             labels=_parse_labels(conditions.obj("labels", optional=True)),
             modalities=_parse_modalities(conditions),
             metadata=metadata,
@@ -330,7 +351,7 @@ class ModelConfig:
             "description": self.description,
             "grid": {"spacing": list(self.grid.spacing), "size": list(self.grid.size),
                      "orientation": self.grid.orientation},
-            "intensity": {"range": list(self.intensity_range)},
+            "intensity": {"range": list(self.intensity_range), "background": self.intensity_background},
             "autoencoder": network(self.autoencoder),
             "diffusion": {
                 **network(self.diffusion),
@@ -346,7 +367,8 @@ class ModelConfig:
                 "beta_end": self.noise_schedule.beta_end,
                 "clip_sample": self.noise_schedule.clip_sample,
             },
-            "sampling": {"scheduler": self.sampling_scheduler, "steps": self.sampling_steps},
+            "sampling": {"scheduler": self.sampling_scheduler, "steps": self.sampling_steps,
+                         "strength": self.sampling_strength},
             "conditions": {
                 "labels": {"table": [{"value": label.value, "name": label.name} for label in self.labels]}
                 if self.labels else None,

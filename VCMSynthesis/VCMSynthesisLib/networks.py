@@ -37,6 +37,15 @@ PAPER_VCM_PARAMS: dict = {
 }
 
 
+def modulate(noise: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The paper's modulated noise eps' = eps * (1 + w * gamma) + w * beta.
+
+    `strength` w is ControlNet's conditioning scale: 1 is the paper's (and training's) rule,
+    0 the frozen base alone, above 1 follows the condition more closely than training did.
+    """
+    return noise * (1 + strength * gamma) + strength * beta
+
+
 def _conv3(in_channels: int, out_channels: int, kernel_size: int = 3) -> Convolution:
     """A plain 3D convolution ('same' padding) as a MONAI block, so keys read `<name>.conv.*`."""
     return Convolution(

@@ -18,7 +18,8 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from VCMSynthesisLib.errors import Cancelled, UserError
-from VCMSynthesisLib.model_folder import SAMPLING_SCHEDULERS, LoadedModel, NoiseSchedule
+from VCMSynthesisLib.model_folder import MAX_STRENGTH, SAMPLING_SCHEDULERS, LoadedModel, NoiseSchedule
+from VCMSynthesisLib.networks import modulate
 
 
 @dataclass
@@ -70,6 +71,14 @@ def build_scheduler(
     return scheduler, model_timesteps
 
 
+def check_strength(strength: float) -> float:
+    """A condition strength a user gave: a finite number in [0, MAX_STRENGTH]."""
+    if not 0.0 <= strength <= MAX_STRENGTH:  # NaN fails both comparisons
+        raise UserError(f"strength must be between 0 and {MAX_STRENGTH:g}, got {strength}; 1 is the "
+                        "strength the adapter was trained at")
+    return float(strength)
+
+
 class _Timer:
     """Adds the wall time of a block to a `SamplingStats` field (synchronising CUDA first)."""
 
@@ -113,6 +122,7 @@ def sample(
     guided: bool = True,
     covariates: Sequence[float] | None = None,
     scheduler: str | None = None,
+    strength: float | None = None,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     stats: SamplingStats | None = None,
@@ -128,6 +138,8 @@ def sample(
         guided: False samples the frozen base model alone (for comparison).
         covariates: the base model's covariates in config order (default: the config's).
         scheduler: "ddim" or "ddpm" (default: the model's `sampling.scheduler`).
+        strength: condition strength w, eps' = eps (1 + w gamma) + w beta (default: the model's
+            `sampling.strength`; `networks.modulate`).
         progress: called as `progress(step, total)` after each denoising step.
         should_cancel: checked before each step and before decoding; True raises `Cancelled`.
         stats: if given, receives the seconds spent in each network's forward passes.
@@ -146,6 +158,7 @@ def sample(
             raise ValueError(f"condition must have shape {expected} for model {config.name!r}, got {got}")
         condition = condition.to(device=device, dtype=torch.float32)
     steps = config.sampling_steps if steps is None else steps
+    strength = config.sampling_strength if strength is None else check_strength(strength)
     noise_scheduler, model_timesteps = build_scheduler(
         config.noise_schedule, scheduler or config.sampling_scheduler, steps)
     context = _covariate_tensor(model, covariates, device)
@@ -176,7 +189,7 @@ def sample(
                 with timer("adapter_s"):
                     gamma, beta = model.adapter.modulation(torch.cat([latent, noise], 1), encoded_condition,
                                                            timesteps, context=adapter_context)
-                noise = noise * (1 + gamma.float()) + beta.float()
+                noise = modulate(noise, gamma.float(), beta.float(), strength)
             latent, _ = noise_scheduler.step(noise, int(scheduler_t), latent, generator=generator)
             if stats is not None:
                 stats.steps += 1

@@ -209,6 +209,7 @@ def write_synthesis_job(
     modality_nodes: Mapping[str, object] | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    strength: float | None = None,
     device: str = "auto",
     output: str | Path | None = None,
 ) -> jobs.Job:
@@ -237,7 +238,7 @@ def write_synthesis_job(
     }
     return jobs.synthesis_job(
         folder, model=model, segmentation=segmentation_path, modalities=modality_paths,
-        output=output, steps=steps, seed=seed, device=device,
+        output=output, steps=steps, seed=seed, strength=strength, device=device,
     )
 
 

@@ -54,6 +54,7 @@ class SynthesisRequest:
         steps: denoising steps (None: the model's default).
         seed: random seed; the same seed gives the same image on the same device.
         guided: False samples the base model alone, ignoring the adapter.
+        strength: condition strength (None: the model's default; `networks.modulate`).
     """
 
     segmentation: Path | None
@@ -62,6 +63,7 @@ class SynthesisRequest:
     steps: int | None = None
     seed: int = 0
     guided: bool = True
+    strength: float | None = None
 
     @property
     def reference_path(self) -> Path:
@@ -252,12 +254,12 @@ def synthesize(
     stats = SamplingStats()
     start = time.perf_counter()
     image = sample(model, condition, steps=request.steps, seed=request.seed, guided=request.guided,
-                   progress=progress, should_cancel=cancellation.should_cancel, stats=stats)
+                   strength=request.strength, progress=progress, should_cancel=cancellation.should_cancel, stats=stats)
     timings["sampling_s"] = time.perf_counter() - start
     timings.update(model_s=stats.model_s, base_s=stats.base_s, adapter_s=stats.adapter_s,
                    decoder_s=stats.decoder_s)
     start = time.perf_counter()
-    result = conditions.to_reference(image[0, 0].numpy(), default_value=config.intensity_range[0])
+    result = conditions.synthesized_to_reference(image[0, 0].numpy(), config)
     with cancellation.deferred():
         output = write_volume_atomic(result, request.output, reference=request.reference_path)
     timings["write_s"] = time.perf_counter() - start
@@ -285,6 +287,13 @@ def _modality(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def add_strength_argument(parser: argparse.ArgumentParser) -> None:
+    """`--strength W`, the condition strength, as every sampling command takes it."""
+    parser.add_argument("--strength", type=float, metavar="W",
+                        help="condition strength: 1 as trained, 0 ignores the condition, above 1 follows it "
+                             "more closely (default: the model's, see `vcm-synthesis models`)")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "synthesize", help="synthesize a volume from a segmentation and/or modalities",
@@ -297,6 +306,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_strength_argument(parser)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
                         help="progress bar on stderr, or JSON lines on stdout")
@@ -408,7 +418,8 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
     if args.segmentation is None and not modalities:
         raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
     request = SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
-                               steps=args.steps, seed=args.seed, guided=not args.unguided)
+                               steps=args.steps, seed=args.seed, guided=not args.unguided,
+                               strength=args.strength)
     from VCMSynthesisLib.volumes import check_output_writable
 
     check_output_writable(request.output)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 from tiny_models import tiny_config
 from VCMSynthesisLib.conditions import (
     IntensityScaling,
@@ -139,6 +142,27 @@ def test_modality_only_model_uses_the_first_modality_as_reference():
     assert conditions.channels.shape == (1, 48, 48, 48)
     assert geometry_of(conditions.reference) == geometry_of(t2)
     assert array_from_image(conditions.grid).shape == (48, 48, 48)
+
+
+@pytest.mark.parametrize("geometry", ["oblique", "anisotropic"])
+def test_background_outside_the_labels_is_exactly_the_models_where_it_has_one(geometry):
+    """A skull-stripped model's haze and the model grid's edge never reach the reference."""
+    labels = _labelmap()
+    segmentation = Segmentation(labelmap=make_image(labels.astype(np.int32), geometry), path="labels.nrrd")
+    config = _config(modalities=None)
+    conditions = assemble_conditions(config, segmentation, {})
+    haze = np.full(config.grid.size, 0.3, np.float32)  # a model output that is grey everywhere
+    assert conditions.content is not None and conditions.content.sum() == (labels > 0).sum()
+
+    plain = sitk.GetArrayFromImage(conditions.synthesized_to_reference(haze, config))
+    assert plain[labels > 0] == pytest.approx(0.3, abs=1e-4)  # no background value: untouched
+    cleaned_config = replace(config, intensity_background=0.0)
+    cleaned = sitk.GetArrayFromImage(conditions.synthesized_to_reference(haze, cleaned_config))
+    far = ndimage.distance_transform_edt(labels == 0) > 3  # voxels, not mm: the edge is about a voxel
+    assert (cleaned[far] == 0.0).all()  # exactly the background value away from the labels
+    assert cleaned[labels > 0] == pytest.approx(0.3, abs=0.02)  # the labelled voxels keep the image
+    assert geometry_of(conditions.synthesized_to_reference(haze, cleaned_config)) == geometry_of(
+        segmentation.labelmap)
 
 
 def test_seg_nrrd_segments_match_the_table_by_name_then_value():

@@ -8,7 +8,7 @@ from monai.networks.schedulers import DDPMScheduler
 from tiny_models import TINY_STEPS, make_tiny_model_folder
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.model_folder import NoiseSchedule, load_model_folder
-from VCMSynthesisLib.networks import VCM
+from VCMSynthesisLib.networks import VCM, modulate
 from VCMSynthesisLib.sampler import SamplingStats, build_scheduler, sample
 
 COVARIATES = ("sex", "age", "ventricular_volume", "brain_volume")
@@ -59,6 +59,29 @@ def test_guidance_changes_the_sample(model, condition):
     guided = sample(model, condition, seed=3)
     unguided = sample(model, None, seed=3, guided=False)
     assert not torch.equal(guided, unguided)
+
+
+def test_strength_scales_the_modulation(model, condition):
+    """w = 0 is the frozen base alone, w = 1 the model's default, and w changes the sample."""
+    unguided = sample(model, None, seed=3, guided=False)
+    assert torch.equal(sample(model, condition, seed=3, strength=0.0), unguided)
+    assert model.config.sampling_strength == 1.0
+    assert torch.equal(sample(model, condition, seed=3, strength=1.0), sample(model, condition, seed=3))
+    assert not torch.equal(sample(model, condition, seed=3, strength=2.0), sample(model, condition, seed=3))
+
+
+@pytest.mark.parametrize("strength", [-0.5, 4.5, float("nan"), float("inf")])
+def test_strength_out_of_range_is_refused_in_one_line(model, condition, strength):
+    with pytest.raises(UserError, match="strength must be between 0 and 4") as error:
+        sample(model, condition, seed=3, strength=strength)
+    assert "\n" not in str(error.value)
+
+
+def test_modulate_is_the_papers_rule_times_the_strength():
+    eps, gamma, beta = (torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(k)) for k in range(3))
+    assert torch.allclose(modulate(eps, gamma, beta), eps * (1 + gamma) + beta)
+    assert torch.allclose(modulate(eps, gamma, beta, 0.5), eps * (1 + 0.5 * gamma) + 0.5 * beta)
+    assert torch.equal(modulate(eps, gamma, beta, 0.0), eps)
 
 
 def test_condition_encoded_once_per_run_gives_the_per_step_result(model, condition, monkeypatch):

@@ -100,6 +100,14 @@ def test_unguided_differs_from_guided(case, tmp_path):
     assert not np.array_equal(guided, unguided)
 
 
+def test_strength_zero_is_the_unguided_sample(case, tmp_path):
+    for name, extra in (("zero", ["--strength", "0"]), ("unguided", ["--unguided"])):
+        code, _, err = run_cli(synthesize_arguments(case, tmp_path / f"{name}.nrrd", "--steps", 2, *extra))
+        assert code == 0, err
+    zero, unguided = (sitk.GetArrayFromImage(read_volume(tmp_path / f"{name}.nrrd")) for name in ("zero", "unguided"))
+    assert np.array_equal(zero, unguided)
+
+
 def test_content_beyond_the_field_of_view_is_warned_about(case, tmp_path):
     # 46 mm along k, against the tiny model's 32 mm field of view.
     sitk.WriteImage(make_image(np.ones(SHAPE, np.int16), "anisotropic"), str(tmp_path / "big.nrrd"))
@@ -204,6 +212,8 @@ SEGMENTATION, T2, MODEL, OUTPUT, EXTRA = "segmentation", "t2", "model", "output"
     (EXTRA, lambda case, tmp_path: ["--steps", "0"], 2, "--steps: must be at least 1"),
     (EXTRA, lambda case, tmp_path: ["--steps", "-3"], 2, "--steps: must be at least 1"),
     (EXTRA, lambda case, tmp_path: ["--device", "tpu"], 2, "invalid choice: 'tpu'"),
+    (EXTRA, lambda case, tmp_path: ["--strength", "9"], 1, "strength must be between 0 and 4"),
+    (EXTRA, lambda case, tmp_path: ["--strength", "nan"], 1, "strength must be between 0 and 4"),
     (EXTRA, lambda case, tmp_path: ["--modality", "T2"], 2, "must be NAME=FILE"),
 ])
 def test_bad_inputs_give_one_line_and_write_nothing(case, tmp_path, replace, make, code, expected):
