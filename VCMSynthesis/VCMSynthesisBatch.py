@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--strength", type=float,
-                        help="condition strength: 1 as trained, above 1 follows the segmentation more closely "
-                             "(default: the model's)")
+                        help="condition strength: 1 as trained, above 1 follows the segmentation more "
+                             "closely (default: the model's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--spacing", type=float, help="superres: output spacing in mm")
     parser.add_argument("--samples", type=int,

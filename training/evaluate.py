@@ -146,7 +146,8 @@ def evaluate_case(model: LoadedModel, case: common.Case, keys: dict[str, str], s
     rows = []
     for method, (array, seconds) in estimates.items():
         dice = tissue_dice(array, tissue_map)
-        rows.append({"set": case.files[keys["labels"]].parent.parent.name, "case": case.name, "method": method,
+        held_out_set = case.files[keys["labels"]].parent.parent.name
+        rows.append({"set": held_out_set, "case": case.name, "method": method,
                      **{f"dice {k}": v for k, v in dice.items()},
                      **masked_psnr_ssim(array, truth, brain), "seconds": seconds})
     return rows
@@ -214,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = sets_table(rows)
     print(f"Median tissue Dice per held-out set, model {args.model}:\n\n{summary}")
     if args.out is not None:
-        common.write_json(args.out, {"model": str(args.model), "rows": rows, "tables": tables, "table": summary,
+        common.write_json(args.out, {"model": str(args.model), "rows": rows, "tables": tables,
+                                     "table": summary,
                                      "command": " ".join(["python", *sys.argv])})
 
 

@@ -193,7 +193,7 @@ def edited_t1(t1: np.ndarray, labels: np.ndarray, edited: np.ndarray, rng: np.ra
 def smooth_field(grid: sitk.Image, rng: np.random.Generator, amplitude: float) -> np.ndarray:
     """A smooth multiplicative field exp(amplitude * noise), noise a cubic upsampling of 4^3 values."""
     coarse = sitk.GetImageFromArray(rng.normal(0.0, 1.0, size=(4, 4, 4)).astype(np.float32))
-    coarse.SetSpacing([s * n / 4 for s, n in zip(grid.GetSpacing(), grid.GetSize())])
+    coarse.SetSpacing([s * n / 4 for s, n in zip(grid.GetSpacing(), grid.GetSize(), strict=True)])
     coarse.SetOrigin(grid.GetOrigin())
     coarse.SetDirection(grid.GetDirection())
     fine = sitk.Resample(coarse, grid, sitk.Transform(), sitk.sitkBSpline, 0.0, sitk.sitkFloat32)
@@ -239,7 +239,8 @@ def make_subject(brain: Brain, rng: np.random.Generator, recipe: Recipe, image_g
     warped_t1 = warp(t1_image, image_grid) ** rng.uniform(0.9, 1.1) * smooth_field(image_grid, rng, 0.03)
     warped_t1 = warped_t1 * rng.uniform(0.95, 1.05) + warped_mask * rng.normal(0.0, 0.01, warped_t1.shape)
     on_image_grid = [np.clip(warp(t, image_grid), 0, 1) for t in tissues]
-    t2 = sum(w * t for w, t in zip(T2_TISSUE_INTENSITY, on_image_grid)) * smooth_field(image_grid, rng, 0.1)
+    t2 = sum(w * t for w, t in zip(T2_TISSUE_INTENSITY, on_image_grid, strict=True))
+    t2 = t2 * smooth_field(image_grid, rng, 0.1)
     t2 = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_like(t2, image_grid), 0.6))
     t2 = np.abs(t2 + rng.normal(0.0, 0.02, size=t2.shape)) * 1000.0  # magnitude, scanner-like units
     label_mask = warp(brain.mask, label_grid) > 0.5
@@ -293,8 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     def cases(brain, recipe, name, oblique, grid=None):
         for i in range(args.test):
             rng = np.random.default_rng([args.seed, 1000 + i, len(name)])
-            image_grid = grid if grid is not None else (
-                acquisition_grid(brain.mask, rng, spacing=(2.0, 2.0, 2.2)) if oblique else brain_grid(brain.mask))
+            if grid is not None:
+                image_grid = grid
+            elif oblique:
+                image_grid = acquisition_grid(brain.mask, rng, spacing=(2.0, 2.0, 2.2))
+            else:
+                image_grid = brain_grid(brain.mask)
             yield f"{name}-{i:02d}", make_subject(brain, rng, recipe, image_grid, image_grid)
 
     no_edit = {"edit_probability": 0.0, "oblique_probability": 0.0}

@@ -37,7 +37,8 @@ PAPER_VCM_PARAMS: dict = {
 }
 
 
-def modulate(noise: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+def modulate(noise: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, strength: float = 1.0
+             ) -> torch.Tensor:
     """The paper's modulated noise eps' = eps * (1 + w * gamma) + w * beta.
 
     `strength` w is ControlNet's conditioning scale: 1 is the paper's (and training's) rule,

@@ -254,7 +254,8 @@ def synthesize(
     stats = SamplingStats()
     start = time.perf_counter()
     image = sample(model, condition, steps=request.steps, seed=request.seed, guided=request.guided,
-                   strength=request.strength, progress=progress, should_cancel=cancellation.should_cancel, stats=stats)
+                   strength=request.strength, progress=progress, should_cancel=cancellation.should_cancel,
+                   stats=stats)
     timings["sampling_s"] = time.perf_counter() - start
     timings.update(model_s=stats.model_s, base_s=stats.base_s, adapter_s=stats.adapter_s,
                    decoder_s=stats.decoder_s)

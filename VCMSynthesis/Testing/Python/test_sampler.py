@@ -78,7 +78,8 @@ def test_strength_out_of_range_is_refused_in_one_line(model, condition, strength
 
 
 def test_modulate_is_the_papers_rule_times_the_strength():
-    eps, gamma, beta = (torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(k)) for k in range(3))
+    eps, gamma, beta = (torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(k))
+                        for k in range(3))
     assert torch.allclose(modulate(eps, gamma, beta), eps * (1 + gamma) + beta)
     assert torch.allclose(modulate(eps, gamma, beta, 0.5), eps * (1 + 0.5 * gamma) + 0.5 * beta)
     assert torch.equal(modulate(eps, gamma, beta, 0.0), eps)

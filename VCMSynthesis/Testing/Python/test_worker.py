@@ -104,7 +104,8 @@ def test_strength_zero_is_the_unguided_sample(case, tmp_path):
     for name, extra in (("zero", ["--strength", "0"]), ("unguided", ["--unguided"])):
         code, _, err = run_cli(synthesize_arguments(case, tmp_path / f"{name}.nrrd", "--steps", 2, *extra))
         assert code == 0, err
-    zero, unguided = (sitk.GetArrayFromImage(read_volume(tmp_path / f"{name}.nrrd")) for name in ("zero", "unguided"))
+    zero, unguided = (sitk.GetArrayFromImage(read_volume(tmp_path / f"{name}.nrrd"))
+                      for name in ("zero", "unguided"))
     assert np.array_equal(zero, unguided)
 
 
