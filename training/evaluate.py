@@ -28,6 +28,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from sklearn.cluster import KMeans
 from VCMSynthesisLib import conditions, sampler, volumes
 from VCMSynthesisLib.cli import run_reporting_errors
+from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_folder import LoadedModel, load_model_folder
 from VCMSynthesisLib.registry import resolve_model
 
@@ -182,15 +183,19 @@ def sets_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.evaluation_arguments(__doc__.splitlines()[0], "demo")
+    parser.set_defaults(manifest=None)
     parser.add_argument("--sets", nargs="+", type=Path,
-                        help="held-out manifests or folders (default: every folder of training/data/heldout, "
-                             "else --manifest)")
+                        help="held-out manifests or folders (default: --manifest if given, else every folder "
+                             "of training/data/heldout)")
     parser.add_argument("--strength", type=float, help="condition strength (default: the model's)")
     parser.add_argument("--guided-only", action="store_true", help="only the guided sample (for tuning)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sets = args.sets or sorted(path.parent for path in HELDOUT.glob("*/manifest.csv")) or [args.manifest]
+    sets = args.sets or ([args.manifest] if args.manifest else sorted(
+        path.parent for path in HELDOUT.glob("*/manifest.csv")))
+    if not sets:
+        raise UserError(f"no held-out sets in {HELDOUT}; run training/prepare_demo_data.py or pass --sets")
 
     model = load_model_folder(resolve_model(args.model))
     keys = {"image": "image", "labels": "labels", "T2": "t2"}

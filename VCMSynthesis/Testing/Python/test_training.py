@@ -169,19 +169,24 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     export_model.main(["adapter", "--base", str(base_runs["base"]),
                        "--adapter-run", str(tmp_path / "adapter"), "--out", str(tmp_path / "model"),
                        "--name", "tiny", "--description", "tiny test model", "--steps", "3",
-                       "--scheduler", "ddpm"])
+                       "--scheduler", "ddpm", "--strength", "1.5"])
     model = load_model_folder(tmp_path / "model")
     assert (model.config.sampling_steps, model.config.sampling_scheduler) == (3, "ddpm")
-    assert "- Default sampling: DDPM, 3 steps" in (tmp_path / "model" / "README.md").read_text()
+    assert model.config.sampling_strength == 1.5
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "- Default sampling: DDPM, 3 steps, condition strength 1.5" in card
     # set-sampling keeps the weights as stored, float16 ones too (as share_base.py stores them).
     card = (tmp_path / "model" / "README.md").read_text()
     save_model_folder(tmp_path / "model", model.config, model.autoencoder, model.diffusion, model.adapter,
                       model_card=card, dtype=torch.float16)
     adapter_bytes = (tmp_path / "model" / "adapter.safetensors").read_bytes()
-    export_model.main(["set-sampling", "--model", str(tmp_path / "model"), "--scheduler", "ddim"])
+    export_model.main(["set-sampling", "--model", str(tmp_path / "model"), "--scheduler", "ddim",
+                       "--strength", "2", "--background", "0"])
     model = load_model_folder(tmp_path / "model")
     assert (model.config.sampling_steps, model.config.sampling_scheduler) == (3, "ddim")
-    assert "- Default sampling: DDIM, 3 steps" in (tmp_path / "model" / "README.md").read_text()
+    assert (model.config.sampling_strength, model.config.intensity_background) == (2.0, 0.0)
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "- Default sampling: DDIM, 3 steps, condition strength 2" in card
     assert (tmp_path / "model" / "adapter.safetensors").read_bytes() == adapter_bytes
     assert model.config.condition_channel_names == ["background", "CSF", "grey matter", "white matter"]
     assert "adapter" in (tmp_path / "model" / "README.md").read_text()
