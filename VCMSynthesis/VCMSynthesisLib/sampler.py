@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from VCMSynthesisLib.errors import Cancelled, UserError
+from VCMSynthesisLib.errors import Cancelled, UsageError, UserError
 from VCMSynthesisLib.model_folder import SAMPLING_SCHEDULERS, LoadedModel, NoiseSchedule
 
 
@@ -263,3 +264,31 @@ def _noise_back(scheduler, timestep: int, stepped: torch.Tensor, generator: torc
         scheduler, timestep)))
     noise = torch.randn(stepped.shape, generator=generator, device=stepped.device, dtype=stepped.dtype)
     return ratio**0.5 * stepped + (1 - ratio) ** 0.5 * noise
+
+
+def sample_spread(
+    draw: Callable[[int, Callable[[int, int], None]], np.ndarray],
+    *,
+    samples: int,
+    steps: int,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and per-voxel standard deviation of `samples` draws with seeds `seed`, `seed + 1`, ...
+
+    The mean of several draws estimates the posterior mean; their spread shows where the model
+    is unsure. `draw(seed, progress)` makes one sample (an array) and reports its `steps` steps to
+    the `progress` it is given; they reach `progress` counted over all samples.
+    """
+    if samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {samples}")
+    total = samples * steps
+    drawn = []
+    for index in range(samples):
+        def sample_progress(step: int, _total: int, done: int = index * steps) -> None:
+            if progress is not None:
+                progress(done + step, total)
+
+        drawn.append(draw(seed + index, sample_progress))
+    stack = np.stack(drawn)
+    return stack.mean(axis=0), stack.std(axis=0)

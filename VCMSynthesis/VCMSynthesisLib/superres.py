@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from VCMSynthesisLib.errors import UsageError, UserError
+from VCMSynthesisLib.errors import UserError
 
 if TYPE_CHECKING:  # torch and the networks load only when a run starts (fast --help)
     from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig
@@ -301,11 +301,9 @@ def super_resolve(
     import torch
 
     from VCMSynthesisLib import conditions
-    from VCMSynthesisLib.sampler import sample
+    from VCMSynthesisLib.sampler import sample, sample_spread
 
     check_superres_model(model.config)
-    if samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {samples}")
     axis = slice_geometry(thick).axis
     thick = sitk.Cast(thick, sitk.sitkFloat32)
     modality = model.config.modalities[0].name
@@ -321,15 +319,8 @@ def super_resolve(
     interpolated = sitk.GetArrayFromImage(
         sitk.Resample(thick, output_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
     )
-    steps = steps or model.config.sampling_steps
-    total = samples * steps
-    results = []
-    for index in range(samples):
-        def sample_progress(step: int, _total: int, done: int = index * steps) -> None:
-            if progress is not None:
-                progress(done + step, total)
-
-        drawn = sample(model, channels, steps=steps, seed=seed + index, progress=sample_progress,
+    def draw(sample_seed: int, sample_progress) -> np.ndarray:
+        drawn = sample(model, channels, steps=steps, seed=sample_seed, progress=sample_progress,
                        should_cancel=should_cancel, stats=stats)[0, 0].numpy()
         on_output = conditions.resample_to_grid(
             conditions.image_from_array(scaling.restore(drawn), condition.grid), output_grid,
@@ -341,10 +332,12 @@ def super_resolve(
         if consistency_iterations:
             estimate = calibrate_intensity(estimate, thick, axis, in_view)
             estimate = enforce_consistency(estimate, thick, axis, consistency_iterations)
-        results.append(sitk.GetArrayFromImage(estimate))
-    stack = np.stack(results)
-    mean = sitk.GetImageFromArray(stack.mean(axis=0).astype(np.float32))
-    std = sitk.GetImageFromArray(stack.std(axis=0).astype(np.float32))
+        return sitk.GetArrayFromImage(estimate)
+
+    mean_array, std_array = sample_spread(draw, samples=samples, steps=steps or model.config.sampling_steps,
+                                          seed=seed, progress=progress)
+    mean = sitk.GetImageFromArray(mean_array.astype(np.float32))
+    std = sitk.GetImageFromArray(std_array.astype(np.float32))
     mean.CopyInformation(output_grid)
     std.CopyInformation(output_grid)
     return mean, std
@@ -364,7 +357,7 @@ def _positive_mm(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, positive_int
+    from VCMSynthesisLib.worker import DEVICES, add_samples_arguments, positive_int
 
     parser = subparsers.add_parser(
         "superres", help="super-resolve a thick-slice volume to an isotropic one",
@@ -376,10 +369,7 @@ def register(subparsers) -> None:
                                                                f"(default {DEFAULT_MODEL})")
     parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
                                                              "finest in-plane spacing)")
-    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
-                        help=f"samples to average (posterior mean; default {DEFAULT_SAMPLES})")
-    parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
-                                                         "across samples (needs --samples 2 or more)")
+    add_samples_arguments(parser, default=DEFAULT_SAMPLES)
     parser.add_argument("--steps", type=positive_int,
                         help="denoising steps per sample (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
@@ -400,15 +390,17 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volume_atomic
-    from VCMSynthesisLib.worker import JsonProgress, TextProgress, emit_json, load_model, process_age_s
+    from VCMSynthesisLib.worker import (
+        JsonProgress,
+        TextProgress,
+        check_samples_arguments,
+        emit_json,
+        load_model,
+        process_age_s,
+    )
 
     started = process_age_s()
-    if args.uncertainty is not None:
-        if args.samples < 2:
-            raise UsageError("--uncertainty needs --samples 2 or more (one sample has no spread)")
-        if args.uncertainty.resolve() == args.output.resolve():
-            raise UsageError("--uncertainty and --output name the same file; give two different files")
-        check_output_writable(args.uncertainty)
+    check_samples_arguments(args.samples, args.uncertainty, args.output)
     check_output_writable(args.output)
     thick = read_volume(args.input)
     geometry = slice_geometry(thick)

@@ -33,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UserError
+from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UsageError, UserError
 
 if TYPE_CHECKING:
     from VCMSynthesisLib.model_folder import LoadedModel
@@ -278,11 +278,33 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _modality(text: str) -> tuple[str, Path]:
+def modality_argument(text: str) -> tuple[str, Path]:
+    """argparse type of `--modality NAME=FILE`."""
     name, separator, path = text.partition("=")
     if not separator or not name or not path:
         raise argparse.ArgumentTypeError(f"must be NAME=FILE (e.g. T2=t2.nrrd), got '{text}'")
     return name, Path(path)
+
+
+def add_samples_arguments(parser: argparse.ArgumentParser, default: int) -> None:
+    """`--samples K` (average K draws) and `--uncertainty FILE` (their per-voxel std)."""
+    parser.add_argument("--samples", type=positive_int, default=default,
+                        help=f"samples to average (posterior mean; default {default})")
+    parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
+                                                         "across samples (needs --samples 2 or more)")
+
+
+def check_samples_arguments(samples: int, uncertainty: Path | None, output: Path) -> None:
+    """Refuse an uncertainty map without a spread to show, or on the output's file; check it is writable."""
+    from VCMSynthesisLib.volumes import check_output_writable
+
+    if uncertainty is None:
+        return
+    if samples < 2:
+        raise UsageError("--uncertainty needs --samples 2 or more (one sample has no spread)")
+    if uncertainty.resolve() == output.resolve():
+        raise UsageError("--uncertainty and --output name the same file; give two different files")
+    check_output_writable(uncertainty)
 
 
 def register(subparsers) -> None:
@@ -292,7 +314,8 @@ def register(subparsers) -> None:
                     "segmentation (or of the first modality).")
     parser.add_argument("--model", required=True, help="model name (see `vcm-synthesis models`) or folder")
     parser.add_argument("--segmentation", type=Path, help="labelmap (.nrrd, .nii.gz) or Slicer .seg.nrrd")
-    parser.add_argument("--modality", type=_modality, action="append", default=[], metavar="NAME=FILE",
+    parser.add_argument("--modality", type=modality_argument, action="append", default=[],
+                        metavar="NAME=FILE",
                         help="a modality condition, e.g. T2=t2.nrrd (repeatable)")
     parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
