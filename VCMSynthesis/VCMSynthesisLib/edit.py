@@ -37,6 +37,8 @@ DEFAULT_MARGIN_MM = 8.0
 #: The scan's percentiles mapped onto the ends of the model's intensity range, as the
 #: percentile-normalized modalities of the model configs do.
 SCAN_PERCENTILES = (1.0, 99.0)
+#: Relative (and, in mm, absolute) difference up to which geometries count as the same grid.
+GRID_TOLERANCE = 1e-5
 #: RePaint resampling rounds per step by default (1 = plain blended latent diffusion).
 DEFAULT_RESAMPLE = 1
 
@@ -70,14 +72,15 @@ class EditResult:
 
 
 def check_on_scan_grid(image: sitk.Image, scan: sitk.Image, what: str) -> None:
-    """Refuse a volume that is not on the scan's voxel grid (exactly: size, spacing, origin, direction)."""
+    """Refuse a volume that is not on the scan's voxel grid: same size, same spacing, origin and
+    direction to float32 precision (NIfTI headers store them in float32), so voxel for voxel."""
     for name, mine, theirs in (("size", image.GetSize(), scan.GetSize()),
                                ("spacing", image.GetSpacing(), scan.GetSpacing()),
                                ("origin", image.GetOrigin(), scan.GetOrigin()),
                                ("direction", image.GetDirection(), scan.GetDirection())):
-        if mine != theirs:
+        if not np.allclose(mine, theirs, rtol=GRID_TOLERANCE, atol=GRID_TOLERANCE):
             def show(values):
-                return " x ".join(f"{value:g}" for value in values)
+                return " x ".join(f"{value:.6g}" for value in values)
             raise UserError(f"{what} is not on the scan's voxel grid ({name} {show(mine)}, the scan's "
                             f"{show(theirs)}); export it with the scan as the reference geometry")
 
