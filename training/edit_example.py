@@ -78,7 +78,7 @@ def run_cli(arguments: list) -> tuple[dict, float]:
 
 
 def write_figure(path: Path, scan: np.ndarray, edited_image: np.ndarray, original: np.ndarray,
-                 edited: np.ndarray, weight: np.ndarray) -> None:
+                 edited: np.ndarray, blended: np.ndarray) -> None:
     """Before, after and difference on the axial and coronal slices through the edit's centre."""
     import matplotlib
 
@@ -99,7 +99,7 @@ def write_figure(path: Path, scan: np.ndarray, edited_image: np.ndarray, origina
             axis.imshow(image, cmap=colours, vmin=low, vmax=high, origin="lower")
             if column == 0:
                 axis.contour(take(edited != original), levels=[0.5], colors="yellow", linewidths=0.6)
-            axis.contour(take(weight > 0), levels=[0.5], colors="cyan", linewidths=0.4)
+            axis.contour(take(blended), levels=[0.5], colors="cyan", linewidths=0.4)
             axis.set_title(f"{title}, {name}", fontsize=9)
             axis.set_axis_off()
     figure.suptitle("vcm-synthesis edit: CSF grown (yellow: edited voxels, cyan: edge of the margin)",
@@ -111,13 +111,65 @@ def write_figure(path: Path, scan: np.ndarray, edited_image: np.ndarray, origina
     plt.close(figure)
 
 
+def measure_case(args: argparse.Namespace, case: common.Case, png: Path | None) -> list[dict]:
+    """Edit one case (and synthesize it in full): one row of measures per image."""
+    scan_path, original_path = case.files["image"], case.files["labels"]
+    scan_image = sitk.ReadImage(str(scan_path))
+    scan = sitk.GetArrayFromImage(scan_image)
+    original = sitk.GetArrayFromImage(sitk.ReadImage(str(original_path)))
+    edited, _ = grown_ventricles(original, args.grow, args.radius_mm / min(scan_image.GetSpacing()))
+    folder = args.out / case.name
+    folder.mkdir(parents=True, exist_ok=True)
+    edited_path = folder / "edited_labels.nii.gz"
+    edited_image = sitk.GetImageFromArray(edited)
+    edited_image.CopyInformation(scan_image)
+    with common.atomic_path(edited_path) as temporary:
+        sitk.WriteImage(edited_image, str(temporary), useCompression=True)
+
+    output = folder / "edited_t1.nii.gz"
+    extra = ["--seed", args.seed, "--device", args.device] + (["--steps", args.steps] if args.steps else [])
+    result, edit_s = run_cli(["edit", "--model", args.model, "--image", scan_path,
+                              "--segmentation", edited_path, "--original-segmentation", original_path,
+                              "--output", output, "--margin-mm", args.margin_mm, "--resample", args.resample,
+                              "--samples", args.samples, *extra])
+    after = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+    images = {"scan (before)": (scan, None, None), "edit": (after, edit_s, result["timings"].get("edit_s"))}
+    if not args.no_synthesis:
+        synthesis_path = folder / "synthesized_t1.nii.gz"
+        synthesis, synthesize_s = run_cli(["synthesize", "--model", args.model, "--segmentation", edited_path,
+                                           "--output", synthesis_path, *extra])
+        images["full synthesis"] = (sitk.GetArrayFromImage(sitk.ReadImage(str(synthesis_path))), synthesize_s,
+                                    synthesis["timings"].get("sampling_s"))
+
+    changed = edited != original
+    distance = distance_mm(changed, scan_image.GetSpacing())
+    far = distance > args.margin_mm
+    shell = (distance > 0) & (distance <= args.margin_mm)
+    brain = edited > 0
+    scan_laplacian = mean_abs_laplacian(scan, shell)
+    rows = []
+    for name, (image, wall, sampling) in images.items():
+        rows.append({"case": case.name, "image": name, "new CSF": int(changed.sum()),
+                     "CSF-dark": float((tissue_classes(image, brain)[changed] == CSF).mean()),
+                     "differ beyond margin": int((image[far] != scan[far]).sum()),
+                     "seam": mean_abs_laplacian(image, shell) / scan_laplacian,
+                     "wall_s": wall, "sampling_s": sampling})
+    if png is not None:
+        write_figure(png, scan, after, original, edited, distance <= args.margin_mm)
+    return rows
+
+
+def _cell(value, digits=2) -> str:
+    return "" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True,
                         help="folder with manifest.csv (prepare_demo_data.py)")
-    parser.add_argument("--case", help="case name (default: the first test case)")
+    parser.add_argument("--cases", type=int, default=4, help="how many test cases to edit (the first N)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the inputs and outputs")
-    parser.add_argument("--png", type=Path, required=True, help="figure to write")
+    parser.add_argument("--png", type=Path, required=True, help="figure of the first case to write")
     parser.add_argument("--model", default="demo")
     parser.add_argument("--grow", type=int, default=2, help="voxels to grow the CSF by")
     parser.add_argument("--radius-mm", type=float, default=24.0, help="radius of the sphere grown in")
@@ -131,60 +183,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.data, args.out, args.png = args.data.resolve(), args.out.resolve(), args.png.resolve()
 
-    cases = common.read_manifest(args.data / "manifest.csv", split="test")
-    case = next((c for c in cases if c.name == args.case), None) if args.case else cases[0]
-    if case is None:
-        raise SystemExit(f"no test case {args.case!r} in {args.data / 'manifest.csv'}")
-    scan_path, original_path = case.files["image"], case.files["labels"]
-    scan_image = sitk.ReadImage(str(scan_path))
-    scan = sitk.GetArrayFromImage(scan_image)
-    original = sitk.GetArrayFromImage(sitk.ReadImage(str(original_path)))
-    radius_vox = args.radius_mm / min(scan_image.GetSpacing())
-    edited, _ = grown_ventricles(original, args.grow, radius_vox)
-    args.out.mkdir(parents=True, exist_ok=True)
-    edited_path = args.out / "edited_labels.nii.gz"
-    edited_image = sitk.GetImageFromArray(edited)
-    edited_image.CopyInformation(scan_image)
-    with common.atomic_path(edited_path) as temporary:
-        sitk.WriteImage(edited_image, str(temporary), useCompression=True)
+    cases = common.read_manifest(args.data / "manifest.csv", split="test")[:args.cases]
+    rows = []
+    for index, case in enumerate(cases):
+        rows += measure_case(args, case, args.png if index == 0 else None)
+        print(f"{case.name}: done", file=sys.stderr, flush=True)
+    columns = ("case", "image", "new CSF", "CSF-dark", "differ beyond margin", "seam", "wall_s", "sampling_s")
+    print(f"grow {args.grow} voxels within {args.radius_mm:g} mm, margin {args.margin_mm:g} mm, "
+          f"resample {args.resample}, samples {args.samples}, seed {args.seed}\n")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(_cell(row[column]) for column in columns) + " |")
+    print("\nmedians over the cases:\n")
+    print("| image | CSF-dark | differ beyond margin (max) | seam | wall_s | sampling_s |\n"
+          "|---|---|---|---|---|---|")
+    for name in dict.fromkeys(row["image"] for row in rows):
+        mine = [row for row in rows if row["image"] == name]
 
-    output = args.out / "edited_t1.nii.gz"
-    extra = ["--seed", args.seed, "--device", args.device] + (["--steps", args.steps] if args.steps else [])
-    result, edit_s = run_cli(["edit", "--model", args.model, "--image", scan_path,
-                              "--segmentation", edited_path, "--original-segmentation", original_path,
-                              "--output", output,
-                              "--margin-mm", args.margin_mm, "--resample", args.resample,
-                              "--samples", args.samples, *extra])
-    rows = {}
-    if not args.no_synthesis:
-        synthesis_path = args.out / "synthesized_t1.nii.gz"
-        synthesis, synthesize_s = run_cli(["synthesize", "--model", args.model, "--segmentation", edited_path,
-                                           "--output", synthesis_path, *extra])
-        rows["full synthesis"] = (sitk.GetArrayFromImage(sitk.ReadImage(str(synthesis_path))), synthesize_s,
-                                  synthesis["timings"].get("sampling_s"))
-    after = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
-    rows = {"scan (before)": (scan, None, None), "edit": (after, edit_s, result["timings"].get("edit_s")),
-            **rows}
+        def median(key, mine=mine):
+            values = [row[key] for row in mine if row[key] is not None]
+            return float(np.median(values)) if values else None
 
-    changed = edited != original
-    distance = distance_mm(changed, scan_image.GetSpacing())
-    far = distance > args.margin_mm
-    shell = (distance > 0) & (distance <= args.margin_mm)
-    brain = edited > 0
-    weight = np.where(distance <= args.margin_mm, 1.0, 0.0)
-    print(f"case {case.name}: {int(changed.sum())} voxels turned CSF (grown {args.grow} voxels within "
-          f"{args.radius_mm:g} mm), margin {args.margin_mm:g} mm; {int(far.sum())} voxels beyond it")
-    print(f"voxels beyond the margin that differ from the scan: {int((after[far] != scan[far]).sum())}")
-    scan_laplacian = mean_abs_laplacian(scan, shell)
-    print("\n| image | new CSF voxels CSF-dark | mean abs Laplacian on the shell (x scan) | "
-          "wall s (process) | sampling s |\n|---|---|---|---|---|")
-    for name, (image, wall, sampling) in rows.items():
-        dark = float((tissue_classes(image, brain)[changed] == CSF).mean())
-        ratio = mean_abs_laplacian(image, shell) / scan_laplacian
-        wall_text = "" if wall is None else f"{wall:.1f}"
-        sampling_text = "" if sampling is None else f"{sampling:.1f}"
-        print(f"| {name} | {100 * dark:.0f} % | {ratio:.2f} | {wall_text} | {sampling_text} |")
-    write_figure(args.png, scan, after, original, edited, weight)
+        differing = max(row["differ beyond margin"] for row in mine)
+        print(f"| {name} | {100 * median('CSF-dark'):.0f} % | {differing} | {_cell(median('seam'))} "
+              f"| {_cell(median('wall_s'), 1)} | {_cell(median('sampling_s'), 1)} |")
     print(f"\nwrote {args.png} ({args.png.stat().st_size // 1024} KB)")
 
 

@@ -54,6 +54,8 @@ class SynthesisRequest:
         steps: denoising steps (None: the model's default).
         seed: random seed; the same seed gives the same image on the same device.
         guided: False samples the base model alone, ignoring the adapter.
+        samples: draws averaged into the output (seeds `seed`, `seed + 1`, ...).
+        uncertainty: where to write their per-voxel standard deviation (needs `samples` >= 2).
     """
 
     segmentation: Path | None
@@ -62,6 +64,8 @@ class SynthesisRequest:
     steps: int | None = None
     seed: int = 0
     guided: bool = True
+    samples: int = 1
+    uncertainty: Path | None = None
 
     @property
     def reference_path(self) -> Path:
@@ -72,6 +76,7 @@ class SynthesisRequest:
 class SynthesisResult:
     output: Path
     timings: dict[str, float] = field(default_factory=dict)
+    uncertainty: Path | None = None
 
 
 class SignalCancellation:
@@ -220,7 +225,7 @@ def synthesize(
 
     from VCMSynthesisLib.conditions import assemble_conditions
     from VCMSynthesisLib.memory import check_memory
-    from VCMSynthesisLib.sampler import SamplingStats, sample
+    from VCMSynthesisLib.sampler import SamplingStats, sample, sample_spread
     from VCMSynthesisLib.volumes import (
         check_output_writable,
         read_segmentation,
@@ -234,6 +239,7 @@ def synthesize(
     if config.task == "superres":
         raise UserError(f"model '{config.name}' is a super-resolution model; run `vcm-synthesis superres "
                         f"--model {config.name} --input FILE --output FILE` instead")
+    check_samples_arguments(request.samples, request.uncertainty, request.output)
     check_output_writable(request.output)
     check_memory(config, model.folder, model.device, available=available_memory)
 
@@ -251,17 +257,27 @@ def synthesize(
 
     stats = SamplingStats()
     start = time.perf_counter()
-    image = sample(model, condition, steps=request.steps, seed=request.seed, guided=request.guided,
-                   progress=progress, should_cancel=cancellation.should_cancel, stats=stats)
+
+    def draw(seed: int, sample_progress):
+        image = sample(model, condition, steps=request.steps, seed=seed, guided=request.guided,
+                       progress=sample_progress, should_cancel=cancellation.should_cancel, stats=stats)
+        return image[0, 0].numpy()
+
+    mean, std = sample_spread(draw, samples=request.samples, steps=request.steps or config.sampling_steps,
+                              seed=request.seed, progress=progress)
     timings["sampling_s"] = time.perf_counter() - start
     timings.update(model_s=stats.model_s, base_s=stats.base_s, adapter_s=stats.adapter_s,
                    decoder_s=stats.decoder_s)
     start = time.perf_counter()
-    result = conditions.to_reference(image[0, 0].numpy(), default_value=config.intensity_range[0])
+    result = conditions.to_reference(mean, default_value=config.intensity_range[0])
     with cancellation.deferred():
+        # The uncertainty first: the main output appears only once everything is written.
+        if request.uncertainty is not None:
+            write_volume_atomic(conditions.to_reference(std, default_value=0.0), request.uncertainty,
+                                reference=request.reference_path)
         output = write_volume_atomic(result, request.output, reference=request.reference_path)
     timings["write_s"] = time.perf_counter() - start
-    return SynthesisResult(output=output, timings=timings)
+    return SynthesisResult(output=output, timings=timings, uncertainty=request.uncertainty)
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -325,6 +341,7 @@ def register(subparsers) -> None:
                         help="progress bar on stderr, or JSON lines on stdout")
     parser.add_argument("--unguided", action="store_true",
                         help="sample the base model alone, without the adapter (for comparison)")
+    add_samples_arguments(parser, default=1)
     parser.set_defaults(handler=run_synthesize_command)
 
     models = subparsers.add_parser("models", help="list the models this installation can use",
@@ -431,9 +448,11 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
     if args.segmentation is None and not modalities:
         raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
     request = SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
-                               steps=args.steps, seed=args.seed, guided=not args.unguided)
+                               steps=args.steps, seed=args.seed, guided=not args.unguided,
+                               samples=args.samples, uncertainty=args.uncertainty)
     from VCMSynthesisLib.volumes import check_output_writable
 
+    check_samples_arguments(request.samples, request.uncertainty, request.output)
     check_output_writable(request.output)
     start = time.perf_counter()
     model = load_model(args.model, args.device)
@@ -448,7 +467,10 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
                "total_s": process_age_s()}
     timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
     if json_mode:
-        emit_json({"result": str(result.output), "timings": timings})
+        payload = {"result": str(result.output), "timings": timings}
+        if result.uncertainty is not None:
+            payload["uncertainty"] = str(result.uncertainty)
+        emit_json(payload)
     else:
         print(f"wrote {result.output} ({timings.get('sampling_s', 0):.1f} s sampling, "
               f"{timings.get('total_s', 0):.1f} s in all)")

@@ -126,6 +126,30 @@ def test_slicer_seg_nrrd_in_nrrd_out_keeps_its_geometry(case, tmp_path):
     assert geometry_of(read_volume(output)) == geometry_of(labelmap)
 
 
+def test_several_samples_give_their_mean_and_the_per_voxel_spread(case, tmp_path):
+    output, spread, single = tmp_path / "mean.nrrd", tmp_path / "std.nii.gz", tmp_path / "one.nrrd"
+    code, out, err = run_cli(synthesize_arguments(case, output, "--steps", 2, "--samples", 3,
+                                                  "--uncertainty", spread, "--progress", "json"))
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    steps = [line["step"] for line in lines if "step" in line]
+    assert steps == list(range(1, 7)) and lines[-1]["uncertainty"] == str(spread)
+    assert run_cli(synthesize_arguments(case, single, "--steps", 2, "--samples", 1))[0] == 0
+    reference = geometry_of(read_volume(case["segmentation"]))
+    assert geometry_of(read_volume(output)) == reference
+    std = sitk.GetArrayFromImage(read_volume(spread))
+    assert std.min() >= 0 and std.max() > 0
+    mean, one = (sitk.GetArrayFromImage(read_volume(path)) for path in (output, single))
+    assert not np.array_equal(mean, one)  # seed 0 alone is not the mean of seeds 0, 1, 2
+
+
+def test_an_uncertainty_map_needs_two_samples_and_nothing_is_written(case, tmp_path):
+    arguments = synthesize_arguments(case, tmp_path / "o.nrrd", "--uncertainty", tmp_path / "s.nrrd")
+    code, _, err = run_cli(arguments)
+    assert code == 2 and "--uncertainty needs --samples 2 or more" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- bad inputs: one line, non-zero exit, nothing written ----------------------------------------
 
 
