@@ -288,7 +288,12 @@ def _margin(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, add_samples_arguments, modality_argument, positive_int
+    from VCMSynthesisLib.worker import (
+        add_run_arguments,
+        add_samples_arguments,
+        modality_argument,
+        positive_int,
+    )
 
     parser = subparsers.add_parser(
         "edit", help="re-synthesize the edited region of a scan, keep the rest",
@@ -312,11 +317,7 @@ def register(subparsers) -> None:
                         help="RePaint resampling rounds per step: more agreement with the kept scan, "
                              f"proportionally slower (default {DEFAULT_RESAMPLE})")
     add_samples_arguments(parser, default=1)
-    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
-    parser.add_argument("--progress", choices=("text", "json"), default="text",
-                        help="progress bar on stderr, or JSON lines on stdout")
+    add_run_arguments(parser)
     parser.set_defaults(handler=run_edit_command)
 
 
@@ -337,7 +338,7 @@ def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
         JsonProgress,
         TextProgress,
         check_samples_arguments,
-        emit_json,
+        emit_result,
         emit_warning,
         load_model,
         process_age_s,
@@ -377,14 +378,8 @@ def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
         output = write_volume_atomic(result.image, args.output, reference=args.image)
     timings = {"startup_s": started, "read_s": read_s, "load_s": load_s, "edit_s": edit_s,
                "model_s": stats.model_s, "total_s": process_age_s()}
-    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
     edited = int((result.weight > 0).sum())
-    if json_mode:
-        payload = {"result": str(output), "timings": timings, "edited_voxels": edited}
-        if args.uncertainty is not None:
-            payload["uncertainty"] = str(args.uncertainty)
-        emit_json(payload)
-    else:
-        print(f"wrote {output} ({edited} voxels re-synthesized or blended; {edit_s:.1f} s editing, "
-              f"{timings.get('total_s', 0):.1f} s in all)")
+    emit_result(json_mode, output, timings, uncertainty=args.uncertainty, edited_voxels=edited,
+                describe=lambda t: f"{edited} voxels re-synthesized or blended; {edit_s:.1f} s editing, "
+                                   f"{t.get('total_s', 0):.1f} s in all")
     return 0

@@ -357,7 +357,7 @@ def _positive_mm(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, add_samples_arguments, positive_int
+    from VCMSynthesisLib.worker import add_run_arguments, add_samples_arguments
 
     parser = subparsers.add_parser(
         "superres", help="super-resolve a thick-slice volume to an isotropic one",
@@ -370,12 +370,7 @@ def register(subparsers) -> None:
     parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
                                                              "finest in-plane spacing)")
     add_samples_arguments(parser, default=DEFAULT_SAMPLES)
-    parser.add_argument("--steps", type=positive_int,
-                        help="denoising steps per sample (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
-    parser.add_argument("--progress", choices=("text", "json"), default="text",
-                        help="progress bar on stderr, or JSON lines on stdout")
+    add_run_arguments(parser)
     parser.set_defaults(handler=run_superres_command)
 
 
@@ -395,6 +390,7 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
         TextProgress,
         check_samples_arguments,
         emit_json,
+        emit_result,
         load_model,
         process_age_s,
     )
@@ -435,14 +431,8 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
         output = write_volume_atomic(mean, args.output)
     timings = {"startup_s": started, "load_s": load_s, "superres_s": superres_s, "model_s": stats.model_s,
                "total_s": process_age_s()}
-    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
-    if json_mode:
-        result = {"result": str(output), "timings": timings}
-        if args.uncertainty is not None:
-            result["uncertainty"] = str(args.uncertainty)
-        emit_json(result)
-    else:
-        size = " x ".join(map(str, grid.GetSize()))
-        print(f"wrote {output} ({size} voxels at {grid.GetSpacing()[0]:g} mm; {superres_s:.1f} s "
-              f"super-resolution, {timings.get('total_s', 0):.1f} s in all)")
+    size = " x ".join(map(str, grid.GetSize()))
+    emit_result(json_mode, output, timings, uncertainty=args.uncertainty,
+                describe=lambda t: f"{size} voxels at {grid.GetSpacing()[0]:g} mm; {superres_s:.1f} s "
+                                   f"super-resolution, {t.get('total_s', 0):.1f} s in all")
     return 0

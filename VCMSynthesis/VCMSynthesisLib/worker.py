@@ -302,6 +302,16 @@ def modality_argument(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--steps --seed --device --progress`, as every sampling command takes them."""
+    parser.add_argument("--steps", type=positive_int,
+                        help="denoising steps per sample (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
+    parser.add_argument("--progress", choices=("text", "json"), default="text",
+                        help="progress bar on stderr, or JSON lines on stdout")
+
+
 def add_samples_arguments(parser: argparse.ArgumentParser, default: int) -> None:
     """`--samples K` (average K draws) and `--uncertainty FILE` (their per-voxel std)."""
     parser.add_argument("--samples", type=positive_int, default=default,
@@ -334,11 +344,7 @@ def register(subparsers) -> None:
                         metavar="NAME=FILE",
                         help="a modality condition, e.g. T2=t2.nrrd (repeatable)")
     parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
-    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
-    parser.add_argument("--progress", choices=("text", "json"), default="text",
-                        help="progress bar on stderr, or JSON lines on stdout")
+    add_run_arguments(parser)
     parser.add_argument("--unguided", action="store_true",
                         help="sample the base model alone, without the adapter (for comparison)")
     add_samples_arguments(parser, default=1)
@@ -390,6 +396,21 @@ def emit_warning(json_mode: bool, message: str) -> None:
         emit_json({"warning": message})
     else:
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def emit_result(json_mode: bool, output: Path, timings: dict[str, float | None],
+                describe: Callable[[dict[str, float]], str], uncertainty: Path | None = None,
+                **extra) -> None:
+    """A worker command's last line: `{"result", "timings", "uncertainty"?, **extra}` in JSON mode,
+    else `wrote OUTPUT (describe(timings))`. Timings are rounded to 0.1 ms, unknown ones left out."""
+    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
+    if json_mode:
+        payload = {"result": str(output), "timings": timings, **extra}
+        if uncertainty is not None:
+            payload["uncertainty"] = str(uncertainty)
+        emit_json(payload)
+    else:
+        print(f"wrote {output} ({describe(timings)})")
 
 
 def process_age_s() -> float | None:
@@ -463,17 +484,10 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
     progress = JsonProgress() if json_mode else TextProgress()
     result = synthesize(model, request, progress=progress, cancellation=cancellation,
                         warn=partial(emit_warning, json_mode))
-    timings = {"startup_s": started, "load_s": load_s, **result.timings,
-               "total_s": process_age_s()}
-    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
-    if json_mode:
-        payload = {"result": str(result.output), "timings": timings}
-        if result.uncertainty is not None:
-            payload["uncertainty"] = str(result.uncertainty)
-        emit_json(payload)
-    else:
-        print(f"wrote {result.output} ({timings.get('sampling_s', 0):.1f} s sampling, "
-              f"{timings.get('total_s', 0):.1f} s in all)")
+    timings = {"startup_s": started, "load_s": load_s, **result.timings, "total_s": process_age_s()}
+    emit_result(json_mode, result.output, timings, uncertainty=result.uncertainty,
+                describe=lambda t: f"{t.get('sampling_s', 0):.1f} s sampling, "
+                                   f"{t.get('total_s', 0):.1f} s in all")
     return 0
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from test_worker import LIB_PARENT, run_cli, terminate
+from test_worker import assert_sigterm_stops_it, run_cli
 from tiny_models import TINY_STEPS, make_tiny_model_folder
 from VCMSynthesisLib import edit
 from VCMSynthesisLib.errors import Cancelled, UserError
@@ -159,19 +156,7 @@ def test_cancelling_between_steps_raises_and_the_cli_writes_nothing(case, tmp_pa
 
     output = tmp_path / "out" / "edited.nrrd"
     output.parent.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "VCMSynthesisLib", *map(str, edit_arguments(case, output)), "--steps", "1000",
-         "--progress", "json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(LIB_PARENT)})
-    while "step" not in json.loads(process.stdout.readline()):
-        pass
-    stopped_after = terminate(process)
-    lines = [json.loads(line) for line in process.stdout.read().splitlines()]
-    assert process.returncode == 143
-    assert stopped_after < 2.0
-    assert lines[-1] == {"error": "cancelled; nothing was written"}
-    assert list(output.parent.iterdir()) == []
+    assert_sigterm_stops_it(edit_arguments(case, output, "--steps", 1000), output.parent)
 
 
 # --- bad inputs: one line, non-zero exit, nothing written ----------------------------------------
