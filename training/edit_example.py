@@ -2,7 +2,7 @@
 
 Takes a case's T1 as the scan and its tissue map as the original segmentation, grows CSF (label 1)
 by `--grow` voxels inside a sphere around the ventricles, runs `vcm-synthesis edit` and, for the
-time, `vcm-synthesize synthesize` of the same edited segmentation, and measures what issue 14
+time, `vcm-synthesis synthesize` of the same edited segmentation, and measures what issue 14
 asks of an edit:
 
 - voxels farther than the margin from every edited voxel that differ from the scan (must be 0);
@@ -17,8 +17,10 @@ It writes the inputs and outputs under `--out`, a PNG (before, after, difference
 Markdown table.
 
     python training/prepare_demo_data.py --out /tmp/demo-data --train 0 --test 8 --seed 1
-    python training/edit_example.py --data /tmp/demo-data --out /tmp/edit-example \\
-        --png docs/images/edit_example.png
+    python training/edit_example.py --data /tmp/demo-data --out /tmp/edit-example --cases 8 \\
+        --png VCMSynthesis/Resources/Images/edit_example.png
+
+(`--seed 1` makes subjects the demo models never saw: they were trained on `--seed 0`.)
 """
 
 from __future__ import annotations
