@@ -274,6 +274,87 @@ def _in_pixel_type(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
+@dataclass
+class EditRequest:
+    """One edit job: files in, one volume (and optionally its spread) out; see `edit_scan`."""
+
+    image: Path
+    segmentation: Path
+    output: Path
+    original_segmentation: Path | None = None
+    region: Path | None = None
+    modalities: dict[str, Path] = field(default_factory=dict)
+    margin_mm: float = DEFAULT_MARGIN_MM
+    resample: int = DEFAULT_RESAMPLE
+    samples: int = 1
+    uncertainty: Path | None = None
+    steps: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class EditOutcome:
+    output: Path
+    uncertainty: Path | None
+    edited_voxels: int  # voxels with a blend weight above 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def check_edit_request(request: EditRequest) -> None:
+    """What can be refused before anything is read: an output naming an input, a bad uncertainty
+    request, an output that cannot be written."""
+    from VCMSynthesisLib.volumes import check_output_writable
+    from VCMSynthesisLib.worker import check_samples_arguments
+
+    inputs = (request.image, request.segmentation, request.original_segmentation, request.region,
+              *request.modalities.values())
+    for path in inputs:
+        if path is not None and Path(path).resolve() == Path(request.output).resolve():
+            raise UsageError(f"--output names the input '{path}'; write the edit to a new file")
+    check_samples_arguments(request.samples, request.uncertainty, request.output)
+    check_output_writable(request.output)
+
+
+def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[int, int], None] | None = None,
+             cancellation=None, warn: Callable[[str], None] | None = None) -> EditOutcome:
+    """Run one edit with a loaded model; the outputs appear complete or not at all.
+
+    Args:
+        model: from `worker.load_model`.
+        request: inputs, output and settings.
+        progress: `progress(step, total)` after each denoising step.
+        cancellation: a `worker.SignalCancellation`, polled between steps; None runs to the end.
+        warn: called with one-line warnings.
+    """
+    from VCMSynthesisLib.memory import check_memory
+    from VCMSynthesisLib.sampler import SamplingStats
+    from VCMSynthesisLib.volumes import write_volume_atomic
+    from VCMSynthesisLib.worker import SignalCancellation
+
+    cancellation = cancellation or SignalCancellation()
+    check_edit_request(request)
+    check_memory(model.config, model.folder, model.device)
+    start = time.perf_counter()
+    inputs = read_edit_inputs(request.image, request.segmentation, original=request.original_segmentation,
+                              region=request.region, modalities=request.modalities)
+    timings = {"read_s": time.perf_counter() - start}
+    stats = SamplingStats()
+    start = time.perf_counter()
+    result = edit_scan(model, inputs, margin_mm=request.margin_mm, samples=request.samples,
+                       steps=request.steps, seed=request.seed, resample=request.resample, progress=progress,
+                       should_cancel=cancellation.should_cancel, stats=stats, warn=warn)
+    timings.update(edit_s=time.perf_counter() - start, model_s=stats.model_s)
+    start = time.perf_counter()
+    with cancellation.deferred():
+        # The uncertainty first: the main output appears only once everything is written.
+        if request.uncertainty is not None:
+            write_volume_atomic(result.std, request.uncertainty, reference=request.image)
+        output = write_volume_atomic(result.image, request.output, reference=request.image)
+    timings["write_s"] = time.perf_counter() - start
+    return EditOutcome(output=output, uncertainty=request.uncertainty,
+                       edited_voxels=int((result.weight > 0).sum()), timings=timings)
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -331,13 +412,9 @@ def run_edit_command(args: argparse.Namespace) -> int:
 def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
     from functools import partial
 
-    from VCMSynthesisLib.memory import check_memory
-    from VCMSynthesisLib.sampler import SamplingStats
-    from VCMSynthesisLib.volumes import check_output_writable, write_volume_atomic
     from VCMSynthesisLib.worker import (
         JsonProgress,
         TextProgress,
-        check_samples_arguments,
         emit_result,
         emit_warning,
         load_model,
@@ -348,38 +425,21 @@ def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
     modalities = dict(args.modality)
     if len(modalities) != len(args.modality):
         raise UserError("a modality was given twice; give each --modality NAME=FILE once")
-    for path in (args.image, args.segmentation, args.original_segmentation, args.region):
-        if path is not None and path.resolve() == args.output.resolve():
-            raise UsageError(f"--output names the input '{path}'; write the edit to a new file")
-    check_samples_arguments(args.samples, args.uncertainty, args.output)
-    check_output_writable(args.output)
-    start = time.perf_counter()
-    inputs = read_edit_inputs(args.image, args.segmentation, original=args.original_segmentation,
-                              region=args.region, modalities=modalities)
-    read_s = time.perf_counter() - start
+    request = EditRequest(image=args.image, segmentation=args.segmentation, output=args.output,
+                          original_segmentation=args.original_segmentation, region=args.region,
+                          modalities=modalities, margin_mm=args.margin_mm, resample=args.resample,
+                          samples=args.samples, uncertainty=args.uncertainty, steps=args.steps,
+                          seed=args.seed)
+    check_edit_request(request)  # before the model loads: a wrong path fails at once
     start = time.perf_counter()
     model = load_model(args.model, args.device)
     load_s = time.perf_counter() - start
     gc.freeze()  # as `synthesize` does: the loaded modules live until exit
-    check_memory(model.config, model.folder, model.device)
-
-    stats = SamplingStats()
-    start = time.perf_counter()
-    result = edit_scan(model, inputs, margin_mm=args.margin_mm, samples=args.samples, steps=args.steps,
-                       seed=args.seed, resample=args.resample,
-                       progress=JsonProgress() if json_mode else TextProgress(),
-                       should_cancel=cancellation.should_cancel, stats=stats,
-                       warn=partial(emit_warning, json_mode))
-    edit_s = time.perf_counter() - start
-    with cancellation.deferred():
-        # The uncertainty first: the main output appears only once everything is written.
-        if args.uncertainty is not None:
-            write_volume_atomic(result.std, args.uncertainty, reference=args.image)
-        output = write_volume_atomic(result.image, args.output, reference=args.image)
-    timings = {"startup_s": started, "read_s": read_s, "load_s": load_s, "edit_s": edit_s,
-               "model_s": stats.model_s, "total_s": process_age_s()}
-    edited = int((result.weight > 0).sum())
-    emit_result(json_mode, output, timings, uncertainty=args.uncertainty, edited_voxels=edited,
-                describe=lambda t: f"{edited} voxels re-synthesized or blended; {edit_s:.1f} s editing, "
-                                   f"{t.get('total_s', 0):.1f} s in all")
+    result = run_edit(model, request, progress=JsonProgress() if json_mode else TextProgress(),
+                      cancellation=cancellation, warn=partial(emit_warning, json_mode))
+    timings = {"startup_s": started, "load_s": load_s, **result.timings, "total_s": process_age_s()}
+    emit_result(json_mode, result.output, timings, uncertainty=result.uncertainty,
+                edited_voxels=result.edited_voxels,
+                describe=lambda t: f"{result.edited_voxels} voxels re-synthesized or blended; "
+                                   f"{t.get('edit_s', 0):.1f} s editing, {t.get('total_s', 0):.1f} s in all")
     return 0
