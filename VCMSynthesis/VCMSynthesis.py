@@ -97,12 +97,16 @@ class VCMSynthesisParameterNode:
     referenceVolume - grid of the result; None: the segmentation's reference geometry.
     outputVolume - volume replaced by the result on success; None: a new volume.
     superResolutionInput - thick-slice volume for axial super-resolution.
+    editScan - the scan that *Edit the loaded scan* re-synthesizes where the segmentation changed.
+    editMarginMm - blend zone around the edited voxels.
     """
 
     inputSegmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     superResolutionInput: vtkMRMLScalarVolumeNode
+    editScan: vtkMRMLScalarVolumeNode
+    editMarginMm: Annotated[float, WithinRange(0.0, 50.0)] = 8.0
     model: str = "demo"
     steps: Annotated[int, WithinRange(1, 1000)] = 50
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -144,6 +148,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.superResolutionButton.connect("clicked(bool)", self.onSuperResolutionButton)
+        self.ui.startEditingButton.connect("clicked(bool)", self.onStartEditing)
+        self.ui.regenerateButton.connect("clicked(bool)", self.onRegenerateButton)
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
@@ -171,6 +177,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.cancel()
+        self.logic.editSession = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -325,8 +332,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.logic is not None and self.logic.isRunning()
         synthesizing = running and self.logic.activeTask == "synthesis"
         superResolving = running and self.logic.activeTask == "superres"
+        editing = running and self.logic.activeTask == "edit"
         self.ui.applyButton.text = _("Cancel") if synthesizing else _("Synthesize")
         self.ui.superResolutionButton.text = _("Cancel") if superResolving else _("Axial super-resolution")
+        self.ui.regenerateButton.text = _("Cancel") if editing else _("Regenerate edited region")
         segmentationReady = bool(
             self._parameterNode and self._parameterNode.inputSegmentation and self.segmentMapping()
         )
@@ -334,6 +343,11 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = synthesizing or (not running and ready)
         superResolutionReady = bool(self._parameterNode and self._parameterNode.superResolutionInput)
         self.ui.superResolutionButton.enabled = superResolving or (not running and superResolutionReady)
+        self.ui.startEditingButton.enabled = not running and bool(
+            self._parameterNode and self._parameterNode.editScan and self._parameterNode.inputSegmentation
+        )
+        editReady = bool(self.logic and self.logic.editSession and self.segmentMapping())
+        self.ui.regenerateButton.enabled = editing or (not running and editReady)
         self.ui.showLogButton.enabled = self._lastLogPath is not None
 
     def onApplyButton(self) -> None:
@@ -365,6 +379,30 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             lambda: self.logic.startSuperResolution(
                 parameters.superResolutionInput, steps=parameters.steps, seed=parameters.seed,
                 device=parameters.device,
+            )
+        )
+
+    def onStartEditing(self) -> None:
+        parameters = self._parameterNode
+        try:
+            self.logic.startEditing(parameters.editScan, parameters.inputSegmentation)
+        except UserError as error:
+            self.showStatus(str(error), error=True)
+            return
+        self.showStatus(_("Remembered '{name}' as it is now: change it in Segment Editor, then press "
+                          "Regenerate edited region.").format(name=parameters.inputSegmentation.GetName()))
+        self.updateButtons()
+
+    def onRegenerateButton(self) -> None:
+        if self.logic.isRunning():
+            self.logic.cancel()
+            return
+        parameters = self._parameterNode
+        self.startRun(
+            lambda: self.logic.startEdit(
+                self.segmentMapping(), model=parameters.model, marginMm=parameters.editMarginMm,
+                steps=parameters.steps, seed=parameters.seed, device=parameters.device,
+                outputVolumeNode=parameters.outputVolume,
             )
         )
 
@@ -434,9 +472,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
-    """Runs synthesis and super-resolution jobs on scene nodes; usable without the widget.
+    """Runs synthesis, super-resolution and edit jobs on scene nodes; usable without the widget.
 
-    Start a run with `startSynthesis` or `startSuperResolution`, `poll()` it (from a QTimer),
+    Start a run with `startSynthesis`, `startSuperResolution` or (after `startEditing`)
+    `startEdit`, `poll()` it (from a QTimer),
     then `finish()` puts the result into the scene. `process` does all three, blocking.
     """
 
@@ -447,6 +486,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         self._run = None
         self._target = None
         self.activeTask = None
+        self.editSession = None  # scene.EditSession while *Edit the loaded scan* is on
         self.lastEnvironmentSummary = ""
         self.cpuOnly = False
         self._completeWorkerPythons = set()
@@ -602,6 +642,24 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         )
         name = volumeNode.GetName() + " super-resolved"
         return self._start(job, "superres", outputVolumeNode, name, volumeNode)
+
+    def startEditing(self, scanNode, segmentationNode) -> None:
+        """*Edit the loaded scan*: remember the segmentation as it is now (`scene.EditSession`)."""
+        self.editSession = scene.EditSession(scanNode, segmentationNode)
+
+    def startEdit(self, labelOfSegment: dict, *, model: str, marginMm=None, steps=None, seed=None,
+                  device: str = "auto", outputVolumeNode=None):
+        """Start `vcm-synthesis edit` on what changed since `startEditing`; the scan stays as it is."""
+        if self.isRunning():
+            raise UserError(_("a run is already in progress; wait for it or cancel it"))
+        if self.editSession is None:
+            raise UserError(_("press Start editing before changing the segmentation"))
+        job = self._writeJob(
+            self.editSession.write_job, labelOfSegment, model=model, margin_mm=marginMm, steps=steps,
+            seed=seed, device=device,
+        )
+        scanNode = self.editSession.scan_node
+        return self._start(job, "edit", outputVolumeNode, scanNode.GetName() + " edited", scanNode)
 
     @staticmethod
     def _writeJob(write, *args, **kwargs):

@@ -122,6 +122,32 @@ def superres_job(
     return Job(folder=Path(folder), arguments=arguments, output=output)
 
 
+def edit_job(
+    folder: Path,
+    *,
+    model: str,
+    image: Path,
+    segmentation: Path,
+    original_segmentation: Path,
+    output: Path | None = None,
+    margin_mm: float | None = None,
+    samples: int | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+) -> Job:
+    """The `vcm-synthesis edit` job: re-synthesize where `segmentation` differs from the original."""
+    output = Path(output) if output is not None else folder / RESULT_NAME
+    arguments = ["edit", "--model", str(model), "--image", str(image), "--segmentation", str(segmentation),
+                 "--original-segmentation", str(original_segmentation), "--output", str(output),
+                 "--device", device]
+    options = (("--margin-mm", margin_mm), ("--samples", samples), ("--steps", steps), ("--seed", seed))
+    for flag, value in options:
+        if value is not None:
+            arguments += [flag, str(value)]
+    return Job(folder=Path(folder), arguments=arguments, output=output)
+
+
 def default_python() -> str:
     """Slicer's `PythonSlicer` when running inside Slicer, else this interpreter."""
     slicer_python = shutil.which("PythonSlicer")

@@ -248,6 +248,77 @@ def write_superres_job(folder: str | Path, volume_node, **options) -> jobs.Job:
     return jobs.superres_job(folder, input_path=input_path, **options)
 
 
+def _register_segmentation_converters() -> None:
+    """The labelmap <-> surface rules Slicer registers at start-up; the slicer-core wheel does not,
+    and without them copying a segmentation cannot construct its labelmaps."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+def remember_segmentation(segmentation_node):
+    """An unattached copy of the segmentation as it is now: the "before" of an edit.
+
+    The panel takes it when *Edit the loaded scan* starts, so the user edits one segmentation and
+    never handles two; the copy keeps the segment IDs, so the same label mapping applies to it.
+    """
+    _register_segmentation_converters()
+    copy = slicer.vtkMRMLSegmentationNode()
+    copy.SetName(f"{segmentation_node.GetName()} before the edit")
+    copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+    return copy
+
+
+def write_edit_job(
+    folder: str | Path,
+    scan_node,
+    segmentation_node,
+    original_node,
+    label_of_segment: Mapping[str, int],
+    *,
+    model: str,
+    **options,
+) -> jobs.Job:
+    """Export the scan and the segmentation before and after the edit (both on the scan's grid) into
+    `folder`, and describe the `edit` run on them (`options` as `jobs.edit_job` takes them).
+
+    Segments added during the edit are not in the copy taken before it; they count as unlabelled
+    there, so all their voxels are edited.
+    """
+    folder = Path(folder)
+    scan = export_volume(scan_node, folder / "scan.nrrd", role="scan")
+    edited = export_segmentation(segmentation_node, label_of_segment, folder / "edited.nrrd", scan_node)
+    existing = set(segment_names(original_node))
+    before = {segment_id: value for segment_id, value in label_of_segment.items() if segment_id in existing}
+    if not before:
+        raise UserError("none of the mapped segments existed before the edit; map a segment of the "
+                        "original segmentation to a model label")
+    original = export_segmentation(original_node, before, folder / "original.nrrd", scan_node)
+    return jobs.edit_job(folder, model=model, image=scan, segmentation=edited, original_segmentation=original,
+                         **options)
+
+
+class EditSession:
+    """The panel's *Edit the loaded scan* mode: a scan, its segmentation, and that segmentation as
+    it was when editing started (`remember_segmentation`), so that *Regenerate edited region*
+    re-synthesizes exactly what the user changed since."""
+
+    def __init__(self, scan_node, segmentation_node):
+        if scan_node is None or segmentation_node is None:
+            raise UserError("pick the scan and its segmentation, then start editing")
+        self.scan_node = scan_node
+        self.segmentation_node = segmentation_node
+        self.before = remember_segmentation(segmentation_node)
+
+    def write_job(self, folder: str | Path, label_of_segment: Mapping[str, int], **options) -> jobs.Job:
+        """The `edit` job for the segmentation as it is now (`options` as `jobs.edit_job`)."""
+        if self.segmentation_node.GetScene() is None or self.scan_node.GetScene() is None:
+            raise UserError("the scan or the segmentation being edited was removed; start editing again")
+        return write_edit_job(folder, self.scan_node, self.segmentation_node, self.before, label_of_segment,
+                              **options)
+
+
 def read_volume_file(path: str | Path, node=None):
     """Read a volume file into `node` (a new, unattached scalar volume node by default)."""
     path = Path(path)

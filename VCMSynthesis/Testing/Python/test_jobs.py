@@ -175,6 +175,63 @@ def test_probe_reports_what_the_worker_python_has():
     assert environment.summary().startswith("ready: torch")
 
 
+def grow_segment(segmentation, reference, segment_index: int, mask) -> None:
+    """Replace a segment's voxels, as painting in Segment Editor does."""
+    import slicer
+    from slicer_scenes import image_from_array, vtk_matrix
+
+    image = slicer.vtkOrientedImageData()
+    image.DeepCopy(image_from_array(mask.astype(np.uint8)))
+    image.SetImageToWorldMatrix(vtk_matrix(matrix_of(reference)))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(segment_index)
+    assert logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, logic.MODE_REPLACE)
+
+
+def test_edit_path_regenerates_the_edit_and_keeps_the_rest_of_the_scan(tmp_path):
+    from VCMSynthesisLib.edit import distance_mm
+    from VCMSynthesisLib.volumes import read_volume
+
+    model = make_tiny_model_folder(tmp_path / "tiny-labels", modalities=None)
+    mrml = new_scene()
+    values = (1000.0 * np.random.default_rng(3).random(SHAPE_KJI)).astype(np.float32)
+    scan = add_volume(mrml, GEOMETRIES["oblique"], values, name="scan")
+    segmentation = add_segmentation(mrml, scan, blob_labelmap(), SEGMENT_NAMES)
+    output = add_volume(mrml, GEOMETRIES["oblique"], np.zeros(SHAPE_KJI, np.float32), name="edited scan")
+    session = scene.EditSession(scan, segmentation)  # the panel's "Start editing"
+    assert session.before.GetScene() is None
+    assert scene.segment_names(session.before) == scene.segment_names(segmentation)
+    grown = np.zeros(SHAPE_KJI, bool)
+    grown[2:9, 3:12, 2:11] = True  # label 1's box, one voxel larger on three sides
+    grow_segment(segmentation, scan, 0, grown)
+    mapping = scene.default_label_mapping(scene.segment_names(segmentation), scene.model_label_table(model))
+    nodes = node_ids(mrml)
+
+    job = session.write_job(tmp_path / "job", mapping, model=str(model), margin_mm=2.0, steps=1, device="cpu")
+    assert job.arguments[0] == "edit"
+    changed = (array_of(scene.read_volume_file(job.folder / "edited.nrrd"))
+               != array_of(scene.read_volume_file(job.folder / "original.nrrd")))
+    assert changed.any()
+    node = scene.apply_outcome(jobs.run_job(job, python=sys.executable), mrml, output_node=output,
+                               name="edited scan")
+
+    assert node is output and node_ids(mrml) == nodes  # the chosen output volume, replaced
+    np.testing.assert_allclose(matrix_of(node), matrix_of(scan), rtol=0, atol=1e-9)
+    beyond = distance_mm(changed, read_volume(job.folder / "scan.nrrd").GetSpacing()) >= 2.0
+    np.testing.assert_array_equal(array_of(node)[beyond], values[beyond])
+    assert not np.array_equal(array_of(node)[changed], values[changed])
+
+
+def test_an_edit_session_needs_its_nodes(tmp_path):
+    mrml, reference, segmentation = scene_case("oblique")
+    with pytest.raises(UserError, match="pick the scan and its segmentation"):
+        scene.EditSession(None, segmentation)
+    session = scene.EditSession(reference, segmentation)
+    mrml.RemoveNode(segmentation)
+    with pytest.raises(UserError, match="was removed; start editing again"):
+        session.write_job(tmp_path / "job", {}, model="demo")
+
+
 def test_job_command_lines():
     folder = jobs.new_job_folder()
     try:
@@ -191,6 +248,13 @@ def test_job_command_lines():
         assert job.arguments == [
             "superres", "--input", str(folder / "thick.nrrd"), "--output", str(folder / "result.nrrd"),
             "--device", "cpu", "--spacing", "1.0",
+        ]
+        job = jobs.edit_job(folder, model="demo", image=folder / "scan.nrrd", segmentation=folder / "e.nrrd",
+                            original_segmentation=folder / "o.nrrd", margin_mm=4.0, seed=2)
+        assert job.arguments == [
+            "edit", "--model", "demo", "--image", str(folder / "scan.nrrd"), "--segmentation",
+            str(folder / "e.nrrd"), "--original-segmentation", str(folder / "o.nrrd"), "--output",
+            str(folder / "result.nrrd"), "--device", "auto", "--margin-mm", "4.0", "--seed", "2",
         ]
     finally:
         os.rmdir(folder)
