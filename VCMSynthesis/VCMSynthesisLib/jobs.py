@@ -128,7 +128,8 @@ def edit_job(
     model: str,
     image: Path,
     segmentation: Path,
-    original_segmentation: Path,
+    original_segmentation: Path | None = None,
+    region: Path | None = None,
     output: Path | None = None,
     margin_mm: float | None = None,
     samples: int | None = None,
@@ -136,12 +137,13 @@ def edit_job(
     seed: int | None = None,
     device: str = "auto",
 ) -> Job:
-    """The `vcm-synthesis edit` job: re-synthesize where `segmentation` differs from the original."""
+    """The `vcm-synthesis edit` job: re-synthesize where `segmentation` differs from
+    `original_segmentation`, or the non-zero voxels of `region`."""
     output = Path(output) if output is not None else folder / RESULT_NAME
-    arguments = ["edit", "--model", str(model), "--image", str(image), "--segmentation", str(segmentation),
-                 "--original-segmentation", str(original_segmentation), "--output", str(output),
-                 "--device", device]
-    options = (("--margin-mm", margin_mm), ("--samples", samples), ("--steps", steps), ("--seed", seed))
+    arguments = ["edit", "--model", str(model), "--image", str(image), "--segmentation", str(segmentation)]
+    options = (("--original-segmentation", original_segmentation), ("--region", region), ("--output", output),
+               ("--device", device), ("--margin-mm", margin_mm), ("--samples", samples), ("--steps", steps),
+               ("--seed", seed))
     for flag, value in options:
         if value is not None:
             arguments += [flag, str(value)]
