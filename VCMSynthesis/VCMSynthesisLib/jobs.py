@@ -28,6 +28,7 @@ LIB_PARENT = Path(__file__).resolve().parent.parent
 JOB_DESCRIPTION = "job.json"
 LOG_NAME = "worker.log"
 RESULT_NAME = "result.nrrd"
+PREVIEW_NAME = "preview.nrrd"
 TERMINATE_GRACE_S = 5.0
 
 
@@ -83,8 +84,13 @@ def synthesis_job(
     steps: int | None = None,
     seed: int | None = None,
     device: str = "auto",
+    preview_every: int | None = None,
 ) -> Job:
-    """The `vcm-synthesis synthesize` job for conditions already written into `folder`."""
+    """The `vcm-synthesis synthesize` job for conditions already written into `folder`.
+
+    `preview_every` N: a live preview every N steps, written to `folder/preview.nrrd`
+    (announced in `WorkerRun.preview`).
+    """
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["synthesize", "--model", str(model)]
     if segmentation is not None:
@@ -96,6 +102,9 @@ def synthesis_job(
         arguments += ["--steps", str(int(steps))]
     if seed is not None:
         arguments += ["--seed", str(int(seed))]
+    if preview_every is not None:
+        arguments += ["--preview", str(Path(folder) / PREVIEW_NAME),
+                      "--preview-every", str(int(preview_every))]
     return Job(folder=Path(folder), arguments=arguments, output=output)
 
 
@@ -279,6 +288,7 @@ class WorkerRun:
         self._result_line: dict | None = None
         self._error_line: str | None = None
         self.warnings: list[str] = []  # the worker's {"warning": ...} lines, as they come
+        self.preview: tuple[Path, int] | None = None  # the latest {"preview": path, "step"} line
         self._cancel_requested = False
         self._outcome: Outcome | None = None
         job.folder.mkdir(parents=True, exist_ok=True)
@@ -335,6 +345,8 @@ class WorkerRun:
                 self._error_line = str(message["error"])
             elif "result" in message:
                 self._result_line = message
+            elif "preview" in message:
+                self.preview = (Path(message["preview"]), int(message.get("step") or 0))
             elif "step" in message and "total" in message:
                 self._events.put(
                     Progress(

@@ -152,6 +152,7 @@ def sample(
     should_cancel: Callable[[], bool] | None = None,
     stats: SamplingStats | None = None,
     known: KnownLatent | None = None,
+    preview: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Samples one image, steered by `condition` through the model's adapter.
 
@@ -168,6 +169,8 @@ def sample(
         should_cancel: checked before each step and before decoding; True raises `Cancelled`.
         stats: if given, receives the seconds spent in each network's forward passes.
         known: inpaint: keep this latent outside its mask (see `KnownLatent`); None draws all.
+        preview: called as `preview(step, total, x0)` after each step with the scheduler's
+            prediction of the clean latent (times `scale_factor`; `decode_latent` makes it an image).
 
     Returns:
         The decoded image `(1, 1, *grid.size)`, float32 on the CPU, clipped to the model's
@@ -222,7 +225,8 @@ def sample(
                     gamma, beta = model.adapter.modulation(torch.cat([latent, noise], 1), encoded_condition,
                                                            timesteps, context=adapter_context)
                 noise = noise * (1 + gamma.float()) + beta.float()
-            latent, _ = noise_scheduler.step(noise, int(scheduler_t), latent, generator=generator)
+            latent, predicted_clean = noise_scheduler.step(noise, int(scheduler_t), latent,
+                                                           generator=generator)
             if stats is not None:
                 stats.steps += 1
             if known is not None:
@@ -233,12 +237,23 @@ def sample(
                     continue
             if progress is not None:
                 progress(step, total)
+            if preview is not None:
+                preview(step, total, predicted_clean)
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         with timer("decoder_s"):
             image = model.autoencoder.decode(latent / config.scale_factor).float()
     low, high = config.intensity_range
     return image.clamp(low, high).cpu()
+
+
+def decode_latent(model: LoadedModel, latent: torch.Tensor) -> np.ndarray:
+    """A latent (times `scale_factor`, e.g. a preview's predicted clean latent) as an image
+    `[i, j, k]` on the model grid, clipped to the model's intensity range, as `sample` decodes."""
+    with torch.inference_mode():
+        image = model.autoencoder.decode(latent / model.config.scale_factor).float()
+    low, high = model.config.intensity_range
+    return image.clamp(low, high)[0, 0].cpu().numpy()
 
 
 def _repeated(step_pairs, rounds: int):

@@ -211,6 +211,7 @@ def write_synthesis_job(
     seed: int | None = None,
     device: str = "auto",
     output: str | Path | None = None,
+    preview_every: int | None = None,
 ) -> jobs.Job:
     """Export the conditions into `folder` and describe the `synthesize` run on them.
 
@@ -237,7 +238,7 @@ def write_synthesis_job(
     }
     return jobs.synthesis_job(
         folder, model=model, segmentation=segmentation_path, modalities=modality_paths,
-        output=output, steps=steps, seed=seed, device=device,
+        output=output, steps=steps, seed=seed, device=device, preview_every=preview_every,
     )
 
 
@@ -375,6 +376,27 @@ def apply_outcome(outcome: jobs.Outcome, scene, *, output_node=None, name: str, 
         return None
     outcome.raise_for_status()
     return load_result(outcome.result, scene, output_node=output_node, name=name, next_to=next_to)
+
+
+def show_preview(preview_path: str | Path, scene, preview_node=None, *, name: str):
+    """The live preview of a running job in the scene: a "<name> (preview)" volume, created on the
+    first call and updated after; `remove_preview` takes it out again when the run ends, whatever
+    the outcome, so a cancelled run still leaves the scene as it was."""
+    return load_result(preview_path, scene, output_node=preview_node, name=f"{name} (preview)")
+
+
+def remove_preview(preview_node) -> None:
+    """Take the preview volume and its display and storage nodes out of the scene."""
+    if preview_node is None or preview_node.GetScene() is None:
+        return
+    mrml = preview_node.GetScene()
+    node = preview_node
+    helpers = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
+    helpers += [node.GetNthStorageNode(index) for index in range(node.GetNumberOfStorageNodes())]
+    mrml.RemoveNode(preview_node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is not None:
+            mrml.RemoveNode(helper)
 
 
 def place_next_to(node, neighbour) -> None:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from VCMSynthesisLib.model_folder import LoadedModel
 
 DEVICES = ("auto", "cpu", "cuda")
+#: Steps between live previews: each costs one decoder forward (README: "Live preview").
+DEFAULT_PREVIEW_EVERY = 5
 _MISSING = {"shipped": ", missing", "download": ", not downloaded", "user": ", missing"}
 
 
@@ -56,6 +58,8 @@ class SynthesisRequest:
         guided: False samples the base model alone, ignoring the adapter.
         samples: draws averaged into the output (seeds `seed`, `seed + 1`, ...).
         uncertainty: where to write their per-voxel standard deviation (needs `samples` >= 2).
+        preview: where to write the live preview (the predicted clean image every
+            `preview_every` steps, on the output's grid); None: no preview.
     """
 
     segmentation: Path | None
@@ -66,6 +70,8 @@ class SynthesisRequest:
     guided: bool = True
     samples: int = 1
     uncertainty: Path | None = None
+    preview: Path | None = None
+    preview_every: int = DEFAULT_PREVIEW_EVERY
 
     @property
     def reference_path(self) -> Path:
@@ -210,6 +216,7 @@ def synthesize(
     cancellation: SignalCancellation | None = None,
     available_memory: int | None = None,
     warn: Callable[[str], None] | None = None,
+    on_preview: Callable[[Path, int], None] | None = None,
 ) -> SynthesisResult:
     """Run one request with a loaded model; the output appears complete or not at all.
 
@@ -220,6 +227,7 @@ def synthesize(
         cancellation: polled between steps; None runs to the end.
         available_memory: bytes the job may use (default: measured on the model's device).
         warn: called with a one-line warning (content beyond the model's field of view).
+        on_preview: called as `on_preview(path, step)` after each preview is written.
     """
     import torch
 
@@ -241,6 +249,11 @@ def synthesize(
                         f"--model {config.name} --input FILE --output FILE` instead")
     check_samples_arguments(request.samples, request.uncertainty, request.output)
     check_output_writable(request.output)
+    if request.preview is not None:
+        others = {Path(path).resolve() for path in (request.output, request.uncertainty) if path is not None}
+        if Path(request.preview).resolve() in others:
+            raise UsageError("--preview names another output; give it a file of its own")
+        check_output_writable(request.preview)
     check_memory(config, model.folder, model.device, available=available_memory)
 
     start = time.perf_counter()
@@ -256,11 +269,16 @@ def synthesize(
              "outside it the output is background")
 
     stats = SamplingStats()
+    preview = None
+    if request.preview is not None:
+        preview = PreviewWriter(model, conditions, request.preview, request.preview_every,
+                                request.reference_path, cancellation, on_preview)
     start = time.perf_counter()
 
     def draw(seed: int, sample_progress):
         image = sample(model, condition, steps=request.steps, seed=seed, guided=request.guided,
-                       progress=sample_progress, should_cancel=cancellation.should_cancel, stats=stats)
+                       progress=sample_progress, should_cancel=cancellation.should_cancel, stats=stats,
+                       preview=preview)
         return image[0, 0].numpy()
 
     mean, std = sample_spread(draw, samples=request.samples, steps=request.steps or config.sampling_steps,
@@ -268,6 +286,8 @@ def synthesize(
     timings["sampling_s"] = time.perf_counter() - start
     timings.update(model_s=stats.model_s, base_s=stats.base_s, adapter_s=stats.adapter_s,
                    decoder_s=stats.decoder_s)
+    if preview is not None:
+        timings["preview_s"] = preview.seconds
     start = time.perf_counter()
     result = conditions.to_reference(mean, default_value=config.intensity_range[0])
     with cancellation.deferred():
@@ -278,6 +298,35 @@ def synthesize(
         output = write_volume_atomic(result, request.output, reference=request.reference_path)
     timings["write_s"] = time.perf_counter() - start
     return SynthesisResult(output=output, timings=timings, uncertainty=request.uncertainty)
+
+
+class PreviewWriter:
+    """`sample`'s preview callback: every `every` steps but the last (the result follows), the
+    predicted clean image on the output's grid, written atomically to `path`, then announced.
+
+    Each preview costs one decoder forward and a write; `seconds` adds them up.
+    """
+
+    def __init__(self, model: LoadedModel, conditions, path: Path, every: int, reference: Path,
+                 cancellation: SignalCancellation, announce: Callable[[Path, int], None] | None = None):
+        self.model, self.conditions, self.path, self.every = model, conditions, Path(path), every
+        self.reference, self.cancellation, self.announce = reference, cancellation, announce
+        self.seconds = 0.0
+
+    def __call__(self, step: int, total: int, predicted_clean) -> None:
+        from VCMSynthesisLib.sampler import decode_latent
+        from VCMSynthesisLib.volumes import write_volume_atomic
+
+        if step % self.every or step == total:
+            return
+        start = time.perf_counter()
+        image = decode_latent(self.model, predicted_clean)
+        on_reference = self.conditions.to_reference(image, default_value=self.model.config.intensity_range[0])
+        with self.cancellation.deferred():
+            write_volume_atomic(on_reference, self.path, reference=self.reference)
+        self.seconds += time.perf_counter() - start
+        if self.announce is not None:
+            self.announce(self.path, step)
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -348,6 +397,10 @@ def register(subparsers) -> None:
     parser.add_argument("--unguided", action="store_true",
                         help="sample the base model alone, without the adapter (for comparison)")
     add_samples_arguments(parser, default=1)
+    parser.add_argument("--preview", type=Path, help="live preview: write the predicted clean image here "
+                                                     "every --preview-every steps (JSON line {\"preview\"})")
+    parser.add_argument("--preview-every", type=positive_int, default=DEFAULT_PREVIEW_EVERY,
+                        help=f"steps between previews (default {DEFAULT_PREVIEW_EVERY})")
     parser.set_defaults(handler=run_synthesize_command)
 
     models = subparsers.add_parser("models", help="list the models this installation can use",
@@ -470,7 +523,8 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
         raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
     request = SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
                                steps=args.steps, seed=args.seed, guided=not args.unguided,
-                               samples=args.samples, uncertainty=args.uncertainty)
+                               samples=args.samples, uncertainty=args.uncertainty, preview=args.preview,
+                               preview_every=args.preview_every)
     from VCMSynthesisLib.volumes import check_output_writable
 
     check_samples_arguments(request.samples, request.uncertainty, request.output)
@@ -482,8 +536,9 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
     # also cuts interpreter teardown (MONAI's many modules) from ~1.7 s to ~0.4 s.
     gc.freeze()
     progress = JsonProgress() if json_mode else TextProgress()
+    announce = (lambda path, step: emit_json({"preview": str(path), "step": step})) if json_mode else None
     result = synthesize(model, request, progress=progress, cancellation=cancellation,
-                        warn=partial(emit_warning, json_mode))
+                        warn=partial(emit_warning, json_mode), on_preview=announce)
     timings = {"startup_s": started, "load_s": load_s, **result.timings, "total_s": process_age_s()}
     emit_result(json_mode, result.output, timings, uncertainty=result.uncertainty,
                 describe=lambda t: f"{t.get('sampling_s', 0):.1f} s sampling, "

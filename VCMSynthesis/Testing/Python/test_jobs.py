@@ -232,6 +232,27 @@ def test_an_edit_session_needs_its_nodes(tmp_path):
         session.write_job(tmp_path / "job", {}, model="demo")
 
 
+def test_live_preview_shows_in_a_preview_node_that_goes_when_the_run_ends(tmp_path, tiny_model):
+    mrml, reference, segmentation = scene_case("oblique")
+    table = scene.model_label_table(tiny_model)
+    mapping = scene.default_label_mapping(scene.segment_names(segmentation), table)
+    job = scene.write_synthesis_job(tmp_path / "job", segmentation, mapping, model=str(tiny_model),
+                                    modality_nodes={"T2": reference}, steps=3, device="cpu", preview_every=1)
+    nodes = node_ids(mrml)
+    run = jobs.WorkerRun(job, python=sys.executable)
+    outcome = run.wait()
+    assert outcome.status == "succeeded", outcome.message
+    path, step = run.preview
+    assert path == job.folder / jobs.PREVIEW_NAME and step == 2
+    preview = scene.show_preview(path, mrml, name="condition synthesized")
+    assert preview.GetName() == "condition synthesized (preview)" and node_ids(mrml) != nodes
+    again = scene.show_preview(path, mrml, preview, name="condition synthesized")
+    assert again is preview  # the next preview updates the same node
+    np.testing.assert_allclose(matrix_of(preview), matrix_of(reference), rtol=0, atol=1e-9)
+    scene.remove_preview(preview)
+    assert node_ids(mrml) == nodes
+
+
 def test_job_command_lines():
     folder = jobs.new_job_folder()
     try:

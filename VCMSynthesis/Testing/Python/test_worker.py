@@ -143,6 +143,29 @@ def test_several_samples_give_their_mean_and_the_per_voxel_spread(case, tmp_path
     assert not np.array_equal(mean, one)  # seed 0 alone is not the mean of seeds 0, 1, 2
 
 
+def test_live_preview_writes_the_predicted_image_every_n_steps(case, tmp_path):
+    output, preview = tmp_path / "t1.nrrd", tmp_path / "preview.nrrd"
+    code, out, err = run_cli(synthesize_arguments(case, output, "--steps", 5, "--preview", preview,
+                                                  "--preview-every", 2, "--progress", "json"))
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["step"] for line in lines if "preview" in line] == [2, 4]  # not the last: the result follows
+    assert all(line["preview"] == str(preview) for line in lines if "preview" in line)
+    assert lines[-1]["timings"]["preview_s"] > 0
+    reference = geometry_of(read_volume(case["segmentation"]))
+    assert geometry_of(read_volume(preview)) == reference
+    values = sitk.GetArrayFromImage(read_volume(preview))
+    assert np.isfinite(values).all() and 0.0 <= values.min() and values.max() <= 1.0
+    assert not np.array_equal(values, sitk.GetArrayFromImage(read_volume(output)))  # step 4's guess
+
+
+def test_a_preview_on_the_output_file_is_refused(case, tmp_path):
+    output = tmp_path / "t1.nrrd"
+    code, _, err = run_cli(synthesize_arguments(case, output, "--preview", output))
+    assert code == 2 and "--preview names another output" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_uncertainty_map_needs_two_samples_and_nothing_is_written(case, tmp_path):
     arguments = synthesize_arguments(case, tmp_path / "o.nrrd", "--uncertainty", tmp_path / "s.nrrd")
     code, _, err = run_cli(arguments)
