@@ -26,6 +26,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 from VCMSynthesisLib import jobs, scene
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY
 
 MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DATA_DIR = MODULE_DIR / "Resources" / "SampleData"
@@ -99,6 +100,7 @@ class VCMSynthesisParameterNode:
     superResolutionInput - thick-slice volume for axial super-resolution.
     editScan - the scan that *Edit the loaded scan* re-synthesizes where the segmentation changed.
     editMarginMm - blend zone around the edited voxels.
+    livePreview - show the predicted image every few steps while Synthesize runs.
     """
 
     inputSegmentation: vtkMRMLSegmentationNode
@@ -107,6 +109,7 @@ class VCMSynthesisParameterNode:
     superResolutionInput: vtkMRMLScalarVolumeNode
     editScan: vtkMRMLScalarVolumeNode
     editMarginMm: Annotated[float, WithinRange(0.0, 50.0)] = 8.0
+    livePreview: bool = False
     model: str = "demo"
     steps: Annotated[int, WithinRange(1, 1000)] = 50
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -367,6 +370,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 seed=parameters.seed,
                 device=parameters.device,
                 outputVolumeNode=parameters.outputVolume,
+                previewEvery=PREVIEW_EVERY if parameters.livePreview else None,
             )
         )
 
@@ -487,6 +491,8 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         self._target = None
         self.activeTask = None
         self.editSession = None  # scene.EditSession while *Edit the loaded scan* is on
+        self._previewNode = None  # the live preview volume of the running job
+        self._shownPreview = None  # (path, step) of the preview it shows
         self.lastEnvironmentSummary = ""
         self.cpuOnly = False
         self._completeWorkerPythons = set()
@@ -613,8 +619,10 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         seed=None,
         device: str = "auto",
         outputVolumeNode=None,
+        previewEvery=None,
     ):
-        """Export the conditions and start the worker; the scene is not touched until `finish`.
+        """Export the conditions and start the worker; the scene is not touched until `finish`
+        (but for the live preview volume, every `previewEvery` steps, which `finish` removes).
 
         `segmentationNode` may be None for models that take modality volumes only (translation).
         """
@@ -623,7 +631,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         job = self._writeJob(
             scene.write_synthesis_job, segmentationNode, labelOfSegment, model=model,
             reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps, seed=seed,
-            device=device,
+            device=device, preview_every=previewEvery,
         )
         inputNode = segmentationNode or next(iter(modalityNodes.values()))
         name = inputNode.GetName() + " synthesized"
@@ -678,7 +686,18 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         return self._run
 
     def poll(self):
-        return self._run.poll() if self._run is not None else []
+        if self._run is None:
+            return []
+        progress = self._run.poll()
+        preview = self._run.preview
+        if preview is not None and preview != self._shownPreview:
+            firstPreview = self._previewNode is None
+            self._previewNode = scene.show_preview(preview[0], slicer.mrmlScene, self._previewNode,
+                                                   name=self._target[1])
+            self._shownPreview = preview
+            if firstPreview:
+                scene.show_in_slice_views(self._previewNode)
+        return progress
 
     def cancel(self) -> None:
         if self.isRunning():
@@ -688,6 +707,8 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         """Put a successful result into the scene: returns (node or None if cancelled, outcome)."""
         run, (outputVolumeNode, name, nextTo) = self._run, self._target
         outcome = run.wait()
+        scene.remove_preview(self._previewNode)
+        self._previewNode = self._shownPreview = None
         self.activeTask = None
         self._run = self._target = None
         node = scene.apply_outcome(
