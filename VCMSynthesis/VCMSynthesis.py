@@ -101,6 +101,7 @@ class VCMSynthesisParameterNode:
     editScan - the scan that *Edit the loaded scan* re-synthesizes where the segmentation changed.
     editMarginMm - blend zone around the edited voxels.
     livePreview - show the predicted image every few steps while Synthesize runs.
+    samples - draws averaged into the result; from 2 on, their spread comes as a second volume.
     """
 
     inputSegmentation: vtkMRMLSegmentationNode
@@ -110,6 +111,7 @@ class VCMSynthesisParameterNode:
     editScan: vtkMRMLScalarVolumeNode
     editMarginMm: Annotated[float, WithinRange(0.0, 50.0)] = 8.0
     livePreview: bool = False
+    samples: Annotated[int, WithinRange(1, 64)] = 1
     model: str = "demo"
     steps: Annotated[int, WithinRange(1, 1000)] = 50
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -371,6 +373,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=parameters.device,
                 outputVolumeNode=parameters.outputVolume,
                 previewEvery=PREVIEW_EVERY if parameters.livePreview else None,
+                samples=parameters.samples,
             )
         )
 
@@ -405,8 +408,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startRun(
             lambda: self.logic.startEdit(
                 self.segmentMapping(), model=parameters.model, marginMm=parameters.editMarginMm,
-                steps=parameters.steps, seed=parameters.seed, device=parameters.device,
-                outputVolumeNode=parameters.outputVolume,
+                steps=parameters.steps, seed=parameters.seed, samples=parameters.samples,
+                device=parameters.device, outputVolumeNode=parameters.outputVolume,
             )
         )
 
@@ -620,6 +623,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         device: str = "auto",
         outputVolumeNode=None,
         previewEvery=None,
+        samples=None,
     ):
         """Export the conditions and start the worker; the scene is not touched until `finish`
         (but for the live preview volume, every `previewEvery` steps, which `finish` removes).
@@ -631,7 +635,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         job = self._writeJob(
             scene.write_synthesis_job, segmentationNode, labelOfSegment, model=model,
             reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps, seed=seed,
-            device=device, preview_every=previewEvery,
+            device=device, preview_every=previewEvery, samples=samples,
         )
         inputNode = segmentationNode or next(iter(modalityNodes.values()))
         name = inputNode.GetName() + " synthesized"
@@ -656,7 +660,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         self.editSession = scene.EditSession(scanNode, segmentationNode)
 
     def startEdit(self, labelOfSegment: dict, *, model: str, marginMm=None, steps=None, seed=None,
-                  device: str = "auto", outputVolumeNode=None):
+                  samples=None, device: str = "auto", outputVolumeNode=None):
         """Start `vcm-synthesis edit` on what changed since `startEditing`; the scan stays as it is."""
         if self.isRunning():
             raise UserError(_("a run is already in progress; wait for it or cancel it"))
@@ -664,7 +668,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
             raise UserError(_("press Start editing before changing the segmentation"))
         job = self._writeJob(
             self.editSession.write_job, labelOfSegment, model=model, margin_mm=marginMm, steps=steps,
-            seed=seed, device=device,
+            seed=seed, samples=samples, device=device,
         )
         scanNode = self.editSession.scan_node
         return self._start(job, "edit", outputVolumeNode, scanNode.GetName() + " edited", scanNode)

@@ -29,6 +29,7 @@ JOB_DESCRIPTION = "job.json"
 LOG_NAME = "worker.log"
 RESULT_NAME = "result.nrrd"
 PREVIEW_NAME = "preview.nrrd"
+UNCERTAINTY_NAME = "uncertainty.nrrd"
 TERMINATE_GRACE_S = 5.0
 
 
@@ -85,11 +86,13 @@ def synthesis_job(
     seed: int | None = None,
     device: str = "auto",
     preview_every: int | None = None,
+    samples: int | None = None,
 ) -> Job:
     """The `vcm-synthesis synthesize` job for conditions already written into `folder`.
 
     `preview_every` N: a live preview every N steps, written to `folder/preview.nrrd`
-    (announced in `WorkerRun.preview`).
+    (announced in `WorkerRun.preview`). `samples` K >= 2: the mean of K draws, and their spread
+    in `folder/uncertainty.nrrd` (`Outcome.uncertainty`).
     """
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["synthesize", "--model", str(model)]
@@ -105,7 +108,17 @@ def synthesis_job(
     if preview_every is not None:
         arguments += ["--preview", str(Path(folder) / PREVIEW_NAME),
                       "--preview-every", str(int(preview_every))]
-    return Job(folder=Path(folder), arguments=arguments, output=output)
+    return Job(folder=Path(folder), arguments=arguments + _samples_arguments(folder, samples), output=output)
+
+
+def _samples_arguments(folder: Path, samples: int | None) -> list[str]:
+    """`--samples K`, and from 2 samples on their spread in the job folder."""
+    if samples is None:
+        return []
+    arguments = ["--samples", str(int(samples))]
+    if samples >= 2:
+        arguments += ["--uncertainty", str(Path(folder) / UNCERTAINTY_NAME)]
+    return arguments
 
 
 def superres_job(
@@ -151,12 +164,11 @@ def edit_job(
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["edit", "--model", str(model), "--image", str(image), "--segmentation", str(segmentation)]
     options = (("--original-segmentation", original_segmentation), ("--region", region), ("--output", output),
-               ("--device", device), ("--margin-mm", margin_mm), ("--samples", samples), ("--steps", steps),
-               ("--seed", seed))
+               ("--device", device), ("--margin-mm", margin_mm), ("--steps", steps), ("--seed", seed))
     for flag, value in options:
         if value is not None:
             arguments += [flag, str(value)]
-    return Job(folder=Path(folder), arguments=arguments, output=output)
+    return Job(folder=Path(folder), arguments=arguments + _samples_arguments(folder, samples), output=output)
 
 
 def default_python() -> str:
@@ -264,6 +276,7 @@ class Outcome:
     timings: dict = field(default_factory=dict)
     exit_code: int | None = None
     warnings: tuple[str, ...] = ()
+    uncertainty: Path | None = None  # the per-voxel spread across samples, when one was written
 
     def raise_for_status(self) -> None:
         """`UserError` (the worker's one line and its log path) on failure, `Cancelled` on cancel."""
@@ -419,9 +432,10 @@ class WorkerRun:
             self._outcome = Outcome("cancelled", message="cancelled", log_path=log_path, exit_code=code)
         elif code == 0 and self.job.output.is_file():
             timings = (self._result_line or {}).get("timings") or {}
+            uncertainty = (self._result_line or {}).get("uncertainty")
             self._outcome = Outcome(
                 "succeeded", result=self.job.output, log_path=log_path, timings=timings, exit_code=code,
-                warnings=tuple(self.warnings),
+                warnings=tuple(self.warnings), uncertainty=None if uncertainty is None else Path(uncertainty),
             )
         else:
             message = failure or f"the worker stopped with exit code {code} without writing its result"

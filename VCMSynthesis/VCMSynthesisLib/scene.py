@@ -212,6 +212,7 @@ def write_synthesis_job(
     device: str = "auto",
     output: str | Path | None = None,
     preview_every: int | None = None,
+    samples: int | None = None,
 ) -> jobs.Job:
     """Export the conditions into `folder` and describe the `synthesize` run on them.
 
@@ -238,7 +239,7 @@ def write_synthesis_job(
     }
     return jobs.synthesis_job(
         folder, model=model, segmentation=segmentation_path, modalities=modality_paths,
-        output=output, steps=steps, seed=seed, device=device, preview_every=preview_every,
+        output=output, steps=steps, seed=seed, device=device, preview_every=preview_every, samples=samples,
     )
 
 
@@ -343,7 +344,11 @@ def load_result(result_path: str | Path, scene, *, output_node=None, name: str =
 
     The file is read completely before the scene is touched, so a bad file changes nothing.
     """
-    loaded = read_volume_file(result_path)
+    return _put_in_scene(read_volume_file(result_path), scene, output_node, name, next_to)
+
+
+def _put_in_scene(loaded, scene, output_node, name: str, next_to):
+    """A volume read by `read_volume_file` as a new node, or into `output_node`."""
     ijk_to_ras = vtk.vtkMatrix4x4()
     loaded.GetIJKToRASMatrix(ijk_to_ras)
     if output_node is None:
@@ -369,13 +374,19 @@ def load_result(result_path: str | Path, scene, *, output_node=None, name: str =
 def apply_outcome(outcome: jobs.Outcome, scene, *, output_node=None, name: str, next_to=None):
     """The end of every run: the result into the scene on success, nothing at all otherwise.
 
+    With several samples the spread across them comes too, as a new `<name> uncertainty` volume.
     Returns the output node, or None when the run was cancelled; raises `UserError` with the
     worker's one-line message and its log path when it failed.
     """
     if outcome.status == "cancelled":
         return None
     outcome.raise_for_status()
-    return load_result(outcome.result, scene, output_node=output_node, name=name, next_to=next_to)
+    # Both files are read before the scene changes: a bad one leaves it as it was.
+    spread = read_volume_file(outcome.uncertainty) if outcome.uncertainty is not None else None
+    node = _put_in_scene(read_volume_file(outcome.result), scene, output_node, name, next_to)
+    if spread is not None:
+        _put_in_scene(spread, scene, None, f"{name} uncertainty", next_to or node)
+    return node
 
 
 def show_preview(preview_path: str | Path, scene, preview_node=None, *, name: str):

@@ -253,6 +253,25 @@ def test_live_preview_shows_in_a_preview_node_that_goes_when_the_run_ends(tmp_pa
     assert node_ids(mrml) == nodes
 
 
+def test_several_samples_bring_their_uncertainty_as_a_second_volume(tmp_path, tiny_model):
+    mrml, reference, segmentation = scene_case("sheared")
+    table = scene.model_label_table(tiny_model)
+    mapping = scene.default_label_mapping(scene.segment_names(segmentation), table)
+    job = scene.write_synthesis_job(tmp_path / "job", segmentation, mapping, model=str(tiny_model),
+                                    modality_nodes={"T2": reference}, steps=1, device="cpu", samples=2)
+    nodes = node_ids(mrml)
+    outcome = jobs.run_job(job, python=sys.executable)
+    assert outcome.uncertainty == job.folder / jobs.UNCERTAINTY_NAME
+    node = scene.apply_outcome(outcome, mrml, name="condition synthesized", next_to=segmentation)
+    added = [mrml.GetNodeByID(node_id) for node_id in node_ids(mrml) if node_id not in nodes]
+    volumes = [n for n in added if n.IsA("vtkMRMLScalarVolumeNode")]
+    assert [v.GetName() for v in volumes] == ["condition synthesized", "condition synthesized uncertainty"]
+    assert volumes[0] is node
+    spread = array_of(volumes[1])
+    assert spread.min() >= 0 and spread.max() > 0
+    np.testing.assert_allclose(matrix_of(volumes[1]), matrix_of(node), rtol=0, atol=1e-9)
+
+
 def test_job_command_lines():
     folder = jobs.new_job_folder()
     try:
@@ -271,11 +290,12 @@ def test_job_command_lines():
             "--device", "cpu", "--spacing", "1.0",
         ]
         job = jobs.edit_job(folder, model="demo", image=folder / "scan.nrrd", segmentation=folder / "e.nrrd",
-                            original_segmentation=folder / "o.nrrd", margin_mm=4.0, seed=2)
+                            original_segmentation=folder / "o.nrrd", margin_mm=4.0, seed=2, samples=3)
         assert job.arguments == [
             "edit", "--model", "demo", "--image", str(folder / "scan.nrrd"), "--segmentation",
             str(folder / "e.nrrd"), "--original-segmentation", str(folder / "o.nrrd"), "--output",
             str(folder / "result.nrrd"), "--device", "auto", "--margin-mm", "4.0", "--seed", "2",
+            "--samples", "3", "--uncertainty", str(folder / "uncertainty.nrrd"),
         ]
     finally:
         os.rmdir(folder)
