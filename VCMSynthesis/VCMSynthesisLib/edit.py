@@ -233,12 +233,14 @@ def edit_scan(
 
     scan_values = sitk.GetArrayFromImage(scan)
     scaling = scan_scaling(scan_values, config, "the scan")
-    scan_float = sitk.Cast(scan, sitk.sitkFloat32)
-    on_grid = conditions.array_from_image(
-        conditions.resample_to_grid(scan_float, built.grid, labels=False, default_value=scaling.low))
-    generate = conditions.array_from_image(conditions.resample_to_grid(
-        conditions.image_from_array(weight.transpose(2, 1, 0).astype(np.float32), scan), built.grid,
-        labels=False)) > 0
+    background = float(scaling.restore(np.float32(config.intensity_range[0])))  # outside the scan
+    on_grid = conditions.array_from_image(conditions.resample_to_grid(
+        sitk.Cast(scan, sitk.sitkFloat32), built.grid, labels=False, default_value=background))
+    weight_image = sitk.GetImageFromArray(weight.astype(np.float32))
+    weight_image.CopyInformation(scan)
+    # The latent is redrawn wherever the blend reaches: every latent voxel under a weight > 0.
+    generate = conditions.array_from_image(
+        conditions.resample_to_grid(weight_image, built.grid, labels=False)) > 0
     latent_size = config.latent_shape[1:]
     factor = [g // n for g, n in zip(config.grid.size, latent_size, strict=True)]
     with torch.inference_mode():
