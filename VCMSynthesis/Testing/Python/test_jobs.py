@@ -45,13 +45,13 @@ def scene_case(geometry: str):
     return mrml, reference, segmentation
 
 
-def write_job(tmp_path, tiny_model, segmentation, reference, steps: int):
+def write_job(tmp_path, tiny_model, segmentation, reference, steps: int, **options):
     table = scene.model_label_table(tiny_model)
     mapping = scene.default_label_mapping(scene.segment_names(segmentation), table)
     assert len(mapping) == 3
     return scene.write_synthesis_job(
         tmp_path / "job", segmentation, mapping, model=str(tiny_model), reference_volume_node=reference,
-        modality_nodes={"T2": reference}, steps=steps, seed=3, device="cpu",
+        modality_nodes={"T2": reference}, steps=steps, seed=3, device="cpu", **options,
     )
 
 
@@ -234,10 +234,7 @@ def test_an_edit_session_needs_its_nodes(tmp_path):
 
 def test_live_preview_shows_in_a_preview_node_that_goes_when_the_run_ends(tmp_path, tiny_model):
     mrml, reference, segmentation = scene_case("oblique")
-    table = scene.model_label_table(tiny_model)
-    mapping = scene.default_label_mapping(scene.segment_names(segmentation), table)
-    job = scene.write_synthesis_job(tmp_path / "job", segmentation, mapping, model=str(tiny_model),
-                                    modality_nodes={"T2": reference}, steps=3, device="cpu", preview_every=1)
+    job = write_job(tmp_path, tiny_model, segmentation, reference, steps=3, preview_every=1)
     nodes = node_ids(mrml)
     run = jobs.WorkerRun(job, python=sys.executable)
     outcome = run.wait()
@@ -255,10 +252,7 @@ def test_live_preview_shows_in_a_preview_node_that_goes_when_the_run_ends(tmp_pa
 
 def test_several_samples_bring_their_uncertainty_as_a_second_volume(tmp_path, tiny_model):
     mrml, reference, segmentation = scene_case("sheared")
-    table = scene.model_label_table(tiny_model)
-    mapping = scene.default_label_mapping(scene.segment_names(segmentation), table)
-    job = scene.write_synthesis_job(tmp_path / "job", segmentation, mapping, model=str(tiny_model),
-                                    modality_nodes={"T2": reference}, steps=1, device="cpu", samples=2)
+    job = write_job(tmp_path, tiny_model, segmentation, reference, steps=1, samples=2)
     nodes = node_ids(mrml)
     outcome = jobs.run_job(job, python=sys.executable)
     assert outcome.uncertainty == job.folder / jobs.UNCERTAINTY_NAME
