@@ -26,6 +26,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 from VCMSynthesisLib import jobs, scene
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY
 
 MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DATA_DIR = MODULE_DIR / "Resources" / "SampleData"
@@ -97,12 +98,20 @@ class VCMSynthesisParameterNode:
     referenceVolume - grid of the result; None: the segmentation's reference geometry.
     outputVolume - volume replaced by the result on success; None: a new volume.
     superResolutionInput - thick-slice volume for axial super-resolution.
+    editScan - the scan that *Edit the loaded scan* re-synthesizes where the segmentation changed.
+    editMarginMm - blend zone around the edited voxels.
+    livePreview - show the predicted image every few steps while Synthesize runs.
+    samples - draws averaged into the result; from 2 on, their spread comes as a second volume.
     """
 
     inputSegmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
     outputVolume: vtkMRMLScalarVolumeNode
     superResolutionInput: vtkMRMLScalarVolumeNode
+    editScan: vtkMRMLScalarVolumeNode
+    editMarginMm: Annotated[float, WithinRange(0.0, 50.0)] = 8.0
+    livePreview: bool = False
+    samples: Annotated[int, WithinRange(1, 64)] = 1
     model: str = "demo"
     steps: Annotated[int, WithinRange(1, 1000)] = 50
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
@@ -145,6 +154,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.superResolutionButton.connect("clicked(bool)", self.onSuperResolutionButton)
+        self.ui.startEditingButton.connect("clicked(bool)", self.onStartEditing)
+        self.ui.regenerateButton.connect("clicked(bool)", self.onRegenerateButton)
         self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
@@ -172,6 +183,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.cancel()
+        self.logic.editSession = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -329,8 +341,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         running = self.logic is not None and self.logic.isRunning()
         synthesizing = running and self.logic.activeTask == "synthesis"
         superResolving = running and self.logic.activeTask == "superres"
+        editing = running and self.logic.activeTask == "edit"
         self.ui.applyButton.text = _("Cancel") if synthesizing else _("Synthesize")
         self.ui.superResolutionButton.text = _("Cancel") if superResolving else _("Axial super-resolution")
+        self.ui.regenerateButton.text = _("Cancel") if editing else _("Regenerate edited region")
         segmentationReady = bool(
             self._parameterNode and self._parameterNode.inputSegmentation and self.segmentMapping()
         )
@@ -338,6 +352,11 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = synthesizing or (not running and ready)
         superResolutionReady = bool(self._parameterNode and self._parameterNode.superResolutionInput)
         self.ui.superResolutionButton.enabled = superResolving or (not running and superResolutionReady)
+        self.ui.startEditingButton.enabled = not running and bool(
+            self._parameterNode and self._parameterNode.editScan and self._parameterNode.inputSegmentation
+        )
+        editReady = bool(self.logic and self.logic.editSession and self.segmentMapping())
+        self.ui.regenerateButton.enabled = editing or (not running and editReady)
         self.ui.showLogButton.enabled = self._lastLogPath is not None
 
     def onApplyButton(self) -> None:
@@ -358,6 +377,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 strength=parameters.strength,
                 device=parameters.device,
                 outputVolumeNode=parameters.outputVolume,
+                previewEvery=PREVIEW_EVERY if parameters.livePreview else None,
+                samples=parameters.samples,
             )
         )
 
@@ -370,6 +391,31 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             lambda: self.logic.startSuperResolution(
                 parameters.superResolutionInput, steps=parameters.steps, seed=parameters.seed,
                 device=parameters.device,
+            )
+        )
+
+    def onStartEditing(self) -> None:
+        parameters = self._parameterNode
+        try:
+            self.logic.startEditing(parameters.editScan, parameters.inputSegmentation)
+        except UserError as error:
+            self.showStatus(str(error), error=True)
+            return
+        self.showStatus(_("Remembered '{name}' as it is now: change it in Segment Editor, then press "
+                          "Regenerate edited region.").format(name=parameters.inputSegmentation.GetName()))
+        self.updateButtons()
+
+    def onRegenerateButton(self) -> None:
+        if self.logic.isRunning():
+            self.logic.cancel()
+            return
+        parameters = self._parameterNode
+        self.startRun(
+            lambda: self.logic.startEdit(
+                self.segmentMapping(), model=parameters.model, marginMm=parameters.editMarginMm,
+                steps=parameters.steps, seed=parameters.seed, strength=parameters.strength,
+                samples=parameters.samples, device=parameters.device,
+                outputVolumeNode=parameters.outputVolume,
             )
         )
 
@@ -439,9 +485,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
-    """Runs synthesis and super-resolution jobs on scene nodes; usable without the widget.
+    """Runs synthesis, super-resolution and edit jobs on scene nodes; usable without the widget.
 
-    Start a run with `startSynthesis` or `startSuperResolution`, `poll()` it (from a QTimer),
+    Start a run with `startSynthesis`, `startSuperResolution` or (after `startEditing`)
+    `startEdit`, `poll()` it (from a QTimer),
     then `finish()` puts the result into the scene. `process` does all three, blocking.
     """
 
@@ -452,6 +499,9 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         self._run = None
         self._target = None
         self.activeTask = None
+        self.editSession = None  # scene.EditSession while *Edit the loaded scan* is on
+        self._previewNode = None  # the live preview volume of the running job
+        self._shownPreview = None  # (path, step) of the preview it shows
         self.lastEnvironmentSummary = ""
         self.cpuOnly = False
         self._completeWorkerPythons = set()
@@ -579,8 +629,11 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         strength=None,
         device: str = "auto",
         outputVolumeNode=None,
+        previewEvery=None,
+        samples=None,
     ):
-        """Export the conditions and start the worker; the scene is not touched until `finish`.
+        """Export the conditions and start the worker; the scene is not touched until `finish`
+        (but for the live preview volume, every `previewEvery` steps, which `finish` removes).
 
         `segmentationNode` may be None for models that take modality volumes only (translation).
         """
@@ -589,7 +642,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         job = self._writeJob(
             scene.write_synthesis_job, segmentationNode, labelOfSegment, model=model,
             reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps, seed=seed,
-            strength=strength, device=device,
+            strength=strength, device=device, preview_every=previewEvery, samples=samples,
         )
         inputNode = segmentationNode or next(iter(modalityNodes.values()))
         name = inputNode.GetName() + " synthesized"
@@ -609,6 +662,24 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         name = volumeNode.GetName() + " super-resolved"
         return self._start(job, "superres", outputVolumeNode, name, volumeNode)
 
+    def startEditing(self, scanNode, segmentationNode) -> None:
+        """*Edit the loaded scan*: remember the segmentation as it is now (`scene.EditSession`)."""
+        self.editSession = scene.EditSession(scanNode, segmentationNode)
+
+    def startEdit(self, labelOfSegment: dict, *, model: str, marginMm=None, steps=None, seed=None,
+                  strength=None, samples=None, device: str = "auto", outputVolumeNode=None):
+        """Start `vcm-synthesis edit` on what changed since `startEditing`; the scan stays as it is."""
+        if self.isRunning():
+            raise UserError(_("a run is already in progress; wait for it or cancel it"))
+        if self.editSession is None:
+            raise UserError(_("press Start editing before changing the segmentation"))
+        job = self._writeJob(
+            self.editSession.write_job, labelOfSegment, model=model, margin_mm=marginMm, steps=steps,
+            seed=seed, strength=strength, samples=samples, device=device,
+        )
+        scanNode = self.editSession.scan_node
+        return self._start(job, "edit", outputVolumeNode, scanNode.GetName() + " edited", scanNode)
+
     @staticmethod
     def _writeJob(write, *args, **kwargs):
         """A new job folder with the exported conditions; removed again if the export fails."""
@@ -626,7 +697,18 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         return self._run
 
     def poll(self):
-        return self._run.poll() if self._run is not None else []
+        if self._run is None:
+            return []
+        progress = self._run.poll()
+        preview = self._run.preview
+        if preview is not None and preview != self._shownPreview:
+            firstPreview = self._previewNode is None
+            self._previewNode = scene.show_preview(preview[0], slicer.mrmlScene, self._previewNode,
+                                                   name=self._target[1])
+            self._shownPreview = preview
+            if firstPreview:
+                scene.show_in_slice_views(self._previewNode)
+        return progress
 
     def cancel(self) -> None:
         if self.isRunning():
@@ -636,6 +718,8 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         """Put a successful result into the scene: returns (node or None if cancelled, outcome)."""
         run, (outputVolumeNode, name, nextTo) = self._run, self._target
         outcome = run.wait()
+        scene.remove_preview(self._previewNode)
+        self._previewNode = self._shownPreview = None
         self.activeTask = None
         self._run = self._target = None
         node = scene.apply_outcome(

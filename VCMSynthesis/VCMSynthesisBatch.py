@@ -5,6 +5,8 @@
     python VCMSynthesisBatch.py --cases manifest.csv          (the `vcm-synthesis batch` manifest)
     python VCMSynthesisBatch.py --cases folder/ --output-dir out/
     python VCMSynthesisBatch.py --superres thick.nrrd --output thin.nrrd
+    python VCMSynthesisBatch.py --edit scan.nrrd --segmentation edited.seg.nrrd \
+        --original-segmentation original.seg.nrrd --output edited_scan.nrrd
 
 A `.seg.nrrd` is loaded into an MRML scene and exported on its reference geometry (or on
 `--reference`), exactly as the panel does; a plain labelmap goes to the worker as it is. The
@@ -34,13 +36,17 @@ OUTPUT_SUFFIX = "_synthesized.nrrd"
 
 @dataclass
 class Case:
-    """One synthesis: a segmentation file and/or modality files, an optional reference, the output."""
+    """One synthesis (a segmentation file and/or modality files, an optional reference, the output),
+    or, with `edit`, one edit of that scan (`segmentation` is then the edited one)."""
 
     segmentation: Path | None
     output: Path
     reference: Path | None = None
     modalities: dict[str, Path] = field(default_factory=dict)
     seed: int | None = None
+    edit: Path | None = None
+    original_segmentation: Path | None = None
+    region: Path | None = None
 
 
 def parse_pairs(values: list[str] | None, flag: str) -> dict[str, str]:
@@ -80,7 +86,8 @@ def cases_from_manifest(manifest: Path) -> list[Case]:
     from VCMSynthesisLib.batch import read_manifest
 
     return [
-        Case(segmentation=row.segmentation, output=row.output, modalities=row.modalities, seed=row.seed)
+        Case(segmentation=row.segmentation, output=row.output, modalities=row.modalities, seed=row.seed,
+             edit=row.edit, original_segmentation=row.original_segmentation, region=row.region)
         for row in read_manifest(manifest)
     ]
 
@@ -101,6 +108,8 @@ def segmentation_job(
     for name, path in modalities.items():
         if not path.is_file():
             raise UserError(f"the {name} volume '{path}' does not exist; check the path")
+    if case.edit is not None:
+        return _edit_job(case, folder, arguments, labels, modalities, options)
     if case.segmentation is None:  # a modality-only case (translation models)
         if case.reference is not None:
             raise UserError(
@@ -108,8 +117,7 @@ def segmentation_job(
                 "the first modality"
             )
         return jobs.synthesis_job(folder, segmentation=None, modalities=modalities, **options)
-    if not case.segmentation.is_file():
-        raise UserError(f"the segmentation '{case.segmentation}' does not exist; check the path")
+    _require_file(case.segmentation, "segmentation")
     if not _has_suffix(case.segmentation, (SEGMENTATION_SUFFIX,)):
         if case.reference is not None:
             raise UserError(
@@ -117,37 +125,70 @@ def segmentation_job(
                 "its own grid is the output grid"
             )
         return jobs.synthesis_job(folder, segmentation=case.segmentation, modalities=modalities, **options)
+    labelmap = _exported_labelmap(case.segmentation, case.reference, folder / "segmentation.nrrd", arguments,
+                                  labels)
+    # Modality files go on as they are: the worker resamples them from their own geometry.
+    return jobs.synthesis_job(folder, segmentation=labelmap, modalities=modalities, **options)
 
+
+def _edit_job(case: Case, folder: Path, arguments: argparse.Namespace, labels: dict[str, str],
+              modalities: dict[str, Path], options: dict) -> jobs.Job:
+    """An edit of `case.edit`: `.seg.nrrd` segmentations are exported on the scan's grid, labelmaps
+    (which must already be on it) and the region mask go to the worker as they are."""
+    if case.reference is not None:
+        raise UserError("--reference does not go with --edit: the edited scan is the output grid")
+    if case.segmentation is None or (case.original_segmentation is None) == (case.region is None):
+        raise UsageError("--edit needs --segmentation (the edited one) and one of --original-segmentation "
+                         "or --region")
+    if modalities:
+        raise UsageError("--modality does not go with --edit here; use `vcm-synthesis edit --modality`")
+    _require_file(case.edit, "scan to edit")
+    labelmaps = {}
+    for name, path in (("edited", case.segmentation), ("original", case.original_segmentation)):
+        if path is not None:
+            _require_file(path, "segmentation")
+            labelmaps[name] = (_exported_labelmap(path, case.edit, folder / f"{name}.nrrd", arguments, labels)
+                               if _has_suffix(path, (SEGMENTATION_SUFFIX,)) else path)
+    if case.region is not None:
+        _require_file(case.region, "region mask")
+    return jobs.edit_job(folder, image=case.edit, segmentation=labelmaps["edited"],
+                         original_segmentation=labelmaps.get("original"), region=case.region,
+                         margin_mm=arguments.margin_mm, **options)
+
+
+def _require_file(path: Path, role: str) -> None:
+    if not path.is_file():
+        raise UserError(f"the {role} '{path}' does not exist; check the path")
+
+
+def _exported_labelmap(path: Path, reference: Path | None, output: Path, arguments: argparse.Namespace,
+                       labels: dict[str, str]) -> Path:
+    """A `.seg.nrrd` as a model-label labelmap on `reference`'s grid (None: its own reference
+    geometry), through the MRML scene glue as the panel does it."""
     import slicer
     from VCMSynthesisLib import scene
     from VCMSynthesisLib.volumes import read_image_information
 
     # Headers are checked first: Slicer's NRRD reader aborts the process on a damaged one.
-    for path in (case.segmentation, case.reference):
-        if path is not None:
-            read_image_information(path, allow_layers=path == case.segmentation)
+    for checked in (path, reference):
+        if checked is not None:
+            read_image_information(checked, allow_layers=checked == path)
     mrml_scene = slicer.vtkMRMLScene()
     segmentation_node = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(case.segmentation))
+    storage.SetFileName(str(path))
     if not storage.ReadData(segmentation_node):
-        raise UserError(
-            f"cannot read '{case.segmentation}' as a Slicer segmentation; save it again from Slicer"
-        )
+        raise UserError(f"cannot read '{path}' as a Slicer segmentation; save it again from Slicer")
     reference_node = None
-    if case.reference is not None:
-        reference_node = scene.read_volume_file(case.reference)
+    if reference is not None:
+        reference_node = scene.read_volume_file(reference)
         mrml_scene.AddNode(reference_node)
     names = scene.segment_names(segmentation_node)
     # With every segment given by --label, the model's table (and torch) is not needed here.
     table = [] if set(names.values()) <= set(labels) else scene.model_label_table(arguments.model)
     values = scene.segment_label_values(segmentation_node)
-    label_of_segment = _label_mapping(names, labels, table, case.segmentation, values)
-    labelmap = scene.export_segmentation(
-        segmentation_node, label_of_segment, folder / "segmentation.nrrd", reference_node
-    )
-    # Modality files go on as they are: the worker resamples them from their own geometry.
-    return jobs.synthesis_job(folder, segmentation=labelmap, modalities=modalities, **options)
+    label_of_segment = _label_mapping(names, labels, table, path, values)
+    return scene.export_segmentation(segmentation_node, label_of_segment, output, reference_node)
 
 
 def _label_mapping(
@@ -205,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--segmentation", type=Path, help=".seg.nrrd or labelmap file (one case)")
     source.add_argument("--cases", type=Path, help="folder of segmentation files, or a manifest CSV")
     source.add_argument("--superres", type=Path, metavar="VOLUME", help="thick-slice volume to super-resolve")
+    parser.add_argument("--edit", type=Path, metavar="SCAN",
+                        help="edit this scan where --segmentation differs from --original-segmentation")
+    parser.add_argument("--original-segmentation", type=Path, help="--edit: the segmentation before the edit")
+    parser.add_argument("--region", type=Path, help="--edit: mask of the voxels to re-synthesize instead")
+    parser.add_argument("--margin-mm", type=float,
+                        help="--edit: blend zone in mm (default: that of vcm-synthesis edit)")
     parser.add_argument("--output", type=Path, help="result file (one case, --superres)")
     parser.add_argument("--output-dir", type=Path, help="folder of the results (--cases FOLDER)")
     parser.add_argument("--reference", type=Path, help="volume whose grid the result takes (.seg.nrrd input)")
@@ -292,7 +339,9 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
     arguments.model = arguments.model or "demo"
     if arguments.cases is None:
         cases = [
-            Case(segmentation=arguments.segmentation, output=arguments.output, reference=arguments.reference)
+            Case(segmentation=arguments.segmentation, output=arguments.output, reference=arguments.reference,
+                 edit=arguments.edit, original_segmentation=arguments.original_segmentation,
+                 region=arguments.region)
         ]
     elif arguments.cases.is_dir():
         cases = cases_from_folder(arguments.cases, arguments.output_dir)

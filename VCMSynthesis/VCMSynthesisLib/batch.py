@@ -2,10 +2,12 @@
 
 The manifest has one row per case and the columns `output` (required), `segmentation`, `seed`
 and one `modality:<NAME>` column per modality (e.g. `modality:T2`); relative paths are taken
-from the manifest's folder. Cases whose output exists are skipped, so a stopped batch is
-resumed by running it again. Started by `torchrun`, each rank takes every WORLD_SIZE-th
-pending case (`torch.distributed`: gloo on the CPU, nccl on GPUs, one GPU per local rank),
-so that many GPUs or nodes share one list. The model is loaded once per process.
+from the manifest's folder. A row with an `edit` scan is an edit (`vcm-synthesis edit`): its
+`segmentation` is the edited one, and `original_segmentation` or `region` says what changed.
+Cases whose output exists are skipped, so a stopped batch is resumed by running it again.
+Started by `torchrun`, each rank takes every WORLD_SIZE-th pending case (`torch.distributed`:
+gloo on the CPU, nccl on GPUs, one GPU per local rank), so that many GPUs or nodes share one
+list. The model is loaded once per process.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from VCMSynthesisLib.errors import UserError
 
 MODALITY_PREFIX = "modality:"
+EDIT_COLUMNS = ("edit", "original_segmentation", "region")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class Case:
     modalities: dict[str, Path]
     output: Path
     seed: int
+    edit: Path | None = None  # the scan to edit; None synthesizes
+    original_segmentation: Path | None = None
+    region: Path | None = None
 
 
 def read_manifest(path: str | os.PathLike) -> list[Case]:
@@ -47,12 +53,13 @@ def read_manifest(path: str | os.PathLike) -> list[Case]:
         raise UserError(f"manifest '{path}' does not exist; check the path") from None
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise UserError(f"manifest '{path}' cannot be read as CSV ({error}); save it as UTF-8 CSV") from None
-    known = {"segmentation", "output", "seed"}
+    known = {"segmentation", "output", "seed", *EDIT_COLUMNS}
     unknown = [c for c in columns if c not in known and not c.startswith(MODALITY_PREFIX)]
     if "output" not in columns or unknown:
         raise UserError(
             f"manifest '{path}' has columns {columns}; it needs 'output' and may have 'segmentation', "
-            f"'seed' and '{MODALITY_PREFIX}<NAME>' columns" + (f" (unknown: {unknown})" if unknown else ""))
+            f"'seed', '{MODALITY_PREFIX}<NAME>', 'edit', 'original_segmentation' and 'region' columns"
+            + (f" (unknown: {unknown})" if unknown else ""))
     folder = path.parent
     cases = []
     for row_number, row in enumerate(rows, start=2):
@@ -71,7 +78,15 @@ def read_manifest(path: str | os.PathLike) -> list[Case]:
         if segmentation is None and not modalities:
             raise UserError(f"manifest '{path}' row {row_number}: no segmentation and no modality; "
                             "give the case's conditions")
-        cases.append(Case(row_number, segmentation, modalities, folder / row["output"], seed))
+        edit = {column: folder / row[column] if row.get(column) else None for column in EDIT_COLUMNS}
+        if edit["edit"] is not None and (segmentation is None or (edit["original_segmentation"] is None)
+                                         == (edit["region"] is None)):
+            raise UserError(f"manifest '{path}' row {row_number}: an edit needs its 'segmentation' (the "
+                            "edited one) and one of 'original_segmentation' or 'region'")
+        if edit["edit"] is None and (edit["original_segmentation"] or edit["region"]):
+            raise UserError(f"manifest '{path}' row {row_number}: 'original_segmentation' and 'region' "
+                            "belong to edits; give the scan to edit in 'edit'")
+        cases.append(Case(row_number, segmentation, modalities, folder / row["output"], seed, **edit))
     outputs = [case.output.resolve() for case in cases]
     repeated = sorted({str(o) for o in outputs if outputs.count(o) > 1})
     if repeated:
@@ -118,14 +133,7 @@ def _barrier(ranks: Ranks) -> None:
 def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None = None,
               strength: float | None = None, device: str = "auto", json_progress: bool = False) -> int:
     """Run this rank's pending cases; returns the exit code (1 if any case failed)."""
-    from VCMSynthesisLib.worker import (
-        SignalCancellation,
-        SynthesisRequest,
-        emit_json,
-        load_model,
-        resolve_device,
-        synthesize,
-    )
+    from VCMSynthesisLib.worker import SignalCancellation, emit_json, load_model, resolve_device
 
     cases = read_manifest(manifest)
     device = resolve_device(device)
@@ -159,12 +167,9 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
         with SignalCancellation() as cancellation:
             for case in mine:
                 cancellation.raise_if_requested()
-                request = SynthesisRequest(segmentation=case.segmentation, modalities=case.modalities,
-                                           output=case.output, steps=steps, seed=case.seed,
-                                           strength=strength)
                 start = time.perf_counter()
                 try:
-                    synthesize(model, request, cancellation=cancellation)
+                    _run_case(model, case, steps, strength, cancellation)
                 except UserError as error:
                     failures += 1
                     report(case, "failed", error=str(error))
@@ -183,16 +188,36 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
     return 0
 
 
+def _run_case(model, case: Case, steps: int | None, strength: float | None, cancellation) -> None:
+    """One case: an edit when the row names a scan to edit, else a synthesis."""
+    if case.edit is not None:
+        from VCMSynthesisLib.edit import EditRequest, run_edit
+
+        run_edit(model, EditRequest(image=case.edit, segmentation=case.segmentation, output=case.output,
+                                    original_segmentation=case.original_segmentation, region=case.region,
+                                    modalities=case.modalities, steps=steps, seed=case.seed,
+                                    strength=strength),
+                 cancellation=cancellation)
+    else:
+        from VCMSynthesisLib.worker import SynthesisRequest, synthesize
+
+        synthesize(model, SynthesisRequest(segmentation=case.segmentation, modalities=case.modalities,
+                                           output=case.output, steps=steps, seed=case.seed,
+                                           strength=strength),
+                   cancellation=cancellation)
+
+
 def register(subparsers) -> None:
     from VCMSynthesisLib.worker import DEVICES, add_strength_argument, positive_int
 
     parser = subparsers.add_parser(
         "batch", help="synthesize every case of a CSV manifest (resumable; splits across torchrun ranks)",
-        description="Synthesize every case of a CSV manifest (columns output, segmentation, seed, "
-                    "modality:<NAME>; paths relative to the manifest). Finished outputs are skipped; "
-                    "under torchrun the ranks share the cases.")
+        description="Synthesize (or edit) every case of a CSV manifest (columns output, segmentation, seed, "
+                    "modality:<NAME>; for edits edit, original_segmentation or region; paths relative to the "
+                    "manifest). Finished outputs are skipped; under torchrun the ranks share the cases.")
     parser.add_argument("--manifest", type=Path, required=True,
-                        help="CSV with columns output, segmentation, seed, modality:<NAME>")
+                        help="CSV with columns output, segmentation, seed, modality:<NAME> "
+                             "(edits: edit, original_segmentation, region)")
     parser.add_argument("--model", required=True, help="model name or folder")
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     add_strength_argument(parser)

@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = [
     "VCMSynthesisLib.worker",
     "VCMSynthesisLib.batch",
     "VCMSynthesisLib.superres",
+    "VCMSynthesisLib.edit",
 ]
 
 

@@ -28,6 +28,8 @@ LIB_PARENT = Path(__file__).resolve().parent.parent
 JOB_DESCRIPTION = "job.json"
 LOG_NAME = "worker.log"
 RESULT_NAME = "result.nrrd"
+PREVIEW_NAME = "preview.nrrd"
+UNCERTAINTY_NAME = "uncertainty.nrrd"
 TERMINATE_GRACE_S = 5.0
 
 
@@ -84,8 +86,15 @@ def synthesis_job(
     seed: int | None = None,
     strength: float | None = None,
     device: str = "auto",
+    preview_every: int | None = None,
+    samples: int | None = None,
 ) -> Job:
-    """The `vcm-synthesis synthesize` job for conditions already written into `folder`."""
+    """The `vcm-synthesis synthesize` job for conditions already written into `folder`.
+
+    `preview_every` N: a live preview every N steps, written to `folder/preview.nrrd`
+    (announced in `WorkerRun.preview`). `samples` K >= 2: the mean of K draws, and their spread
+    in `folder/uncertainty.nrrd` (`Outcome.uncertainty`).
+    """
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["synthesize", "--model", str(model)]
     if segmentation is not None:
@@ -99,7 +108,20 @@ def synthesis_job(
         arguments += ["--seed", str(int(seed))]
     if strength is not None:
         arguments += ["--strength", repr(float(strength))]
-    return Job(folder=Path(folder), arguments=arguments, output=output)
+    if preview_every is not None:
+        arguments += ["--preview", str(Path(folder) / PREVIEW_NAME),
+                      "--preview-every", str(int(preview_every))]
+    return Job(folder=Path(folder), arguments=arguments + _samples_arguments(folder, samples), output=output)
+
+
+def _samples_arguments(folder: Path, samples: int | None) -> list[str]:
+    """`--samples K`, and from 2 samples on their spread in the job folder."""
+    if samples is None:
+        return []
+    arguments = ["--samples", str(int(samples))]
+    if samples >= 2:
+        arguments += ["--uncertainty", str(Path(folder) / UNCERTAINTY_NAME)]
+    return arguments
 
 
 def superres_job(
@@ -123,6 +145,35 @@ def superres_job(
         if value is not None:
             arguments += [flag, str(value)]
     return Job(folder=Path(folder), arguments=arguments, output=output)
+
+
+def edit_job(
+    folder: Path,
+    *,
+    model: str,
+    image: Path,
+    segmentation: Path,
+    original_segmentation: Path | None = None,
+    region: Path | None = None,
+    output: Path | None = None,
+    margin_mm: float | None = None,
+    samples: int | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    strength: float | None = None,
+    device: str = "auto",
+) -> Job:
+    """The `vcm-synthesis edit` job: re-synthesize where `segmentation` differs from
+    `original_segmentation`, or the non-zero voxels of `region`."""
+    output = Path(output) if output is not None else folder / RESULT_NAME
+    arguments = ["edit", "--model", str(model), "--image", str(image), "--segmentation", str(segmentation)]
+    options = (("--original-segmentation", original_segmentation), ("--region", region), ("--output", output),
+               ("--device", device), ("--margin-mm", margin_mm), ("--steps", steps), ("--seed", seed),
+               ("--strength", strength))
+    for flag, value in options:
+        if value is not None:
+            arguments += [flag, str(value)]
+    return Job(folder=Path(folder), arguments=arguments + _samples_arguments(folder, samples), output=output)
 
 
 def default_python() -> str:
@@ -230,6 +281,7 @@ class Outcome:
     timings: dict = field(default_factory=dict)
     exit_code: int | None = None
     warnings: tuple[str, ...] = ()
+    uncertainty: Path | None = None  # the per-voxel spread across samples, when one was written
 
     def raise_for_status(self) -> None:
         """`UserError` (the worker's one line and its log path) on failure, `Cancelled` on cancel."""
@@ -254,6 +306,7 @@ class WorkerRun:
         self._result_line: dict | None = None
         self._error_line: str | None = None
         self.warnings: list[str] = []  # the worker's {"warning": ...} lines, as they come
+        self.preview: tuple[Path, int] | None = None  # the latest {"preview": path, "step"} line
         self._cancel_requested = False
         self._outcome: Outcome | None = None
         job.folder.mkdir(parents=True, exist_ok=True)
@@ -310,6 +363,8 @@ class WorkerRun:
                 self._error_line = str(message["error"])
             elif "result" in message:
                 self._result_line = message
+            elif "preview" in message:
+                self.preview = (Path(message["preview"]), int(message.get("step") or 0))
             elif "step" in message and "total" in message:
                 self._events.put(
                     Progress(
@@ -382,9 +437,10 @@ class WorkerRun:
             self._outcome = Outcome("cancelled", message="cancelled", log_path=log_path, exit_code=code)
         elif code == 0 and self.job.output.is_file():
             timings = (self._result_line or {}).get("timings") or {}
+            uncertainty = (self._result_line or {}).get("uncertainty")
             self._outcome = Outcome(
                 "succeeded", result=self.job.output, log_path=log_path, timings=timings, exit_code=code,
-                warnings=tuple(self.warnings),
+                warnings=tuple(self.warnings), uncertainty=None if uncertainty is None else Path(uncertainty),
             )
         else:
             message = failure or f"the worker stopped with exit code {code} without writing its result"

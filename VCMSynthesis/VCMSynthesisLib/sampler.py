@@ -5,6 +5,10 @@ and returns per-voxel (gamma_t, beta_t), and the scheduler steps with
 eps' = eps_t * (1 + gamma_t) + beta_t. VCM's condition encoder is time-free, so the condition is
 encoded once per run. The loop is written out in one function, as in
 diffusers, so that it can be read top to bottom.
+
+Given a `KnownLatent`, the loop inpaints (blended latent diffusion, Avrahami et al. 2023;
+RePaint, Lugmayr et al. 2022): after every step, outside the mask, z_t is replaced by the known
+clean latent noised to that step's level, so the generated part grows into the kept one.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
-from VCMSynthesisLib.errors import Cancelled, UserError
+from VCMSynthesisLib.errors import Cancelled, UsageError, UserError
 from VCMSynthesisLib.model_folder import MAX_STRENGTH, SAMPLING_SCHEDULERS, LoadedModel, NoiseSchedule
 from VCMSynthesisLib.networks import modulate
 
@@ -37,6 +42,24 @@ class SamplingStats:
     @property
     def model_s(self) -> float:
         return self.base_s + self.adapter_s + self.decoder_s
+
+
+@dataclass(frozen=True)
+class KnownLatent:
+    """What latent inpainting keeps: a clean latent, and the part of it the sampler redraws.
+
+    Args:
+        latent: `(1, *model.latent_shape)` the encoded image, already times `scale_factor`.
+        mask: broadcastable to `latent`, e.g. `(1, 1, *latent grid)`: 1 where the sampler
+            generates, 0 where it keeps `latent` (values between blend the two).
+        resample: RePaint's resampling: each step is taken this many times, the result noised
+            back to the step's level in between, so the generated part can agree with the kept
+            one (1 = plain blended diffusion; the cost grows linearly).
+    """
+
+    latent: torch.Tensor
+    mask: torch.Tensor
+    resample: int = 1
 
 
 def build_scheduler(
@@ -77,6 +100,16 @@ def check_strength(strength: float) -> float:
         raise UserError(f"strength must be between 0 and {MAX_STRENGTH:g}, got {strength}; 1 is the "
                         "strength the adapter was trained at")
     return float(strength)
+def _previous_timestep(scheduler: DDIMScheduler | DDPMScheduler, timestep: int) -> int:
+    """The timestep `scheduler.step(..., timestep, ...)` steps to; negative at the clean end."""
+    if isinstance(scheduler, DDIMScheduler):
+        return timestep - scheduler.num_train_timesteps // scheduler.num_inference_steps
+    return timestep - 1  # MONAI's DDPM (and the respaced one) steps over consecutive indices
+
+
+def _alpha_cumprod(scheduler: DDIMScheduler | DDPMScheduler, timestep: int) -> torch.Tensor:
+    """The signal level alpha-bar at `timestep` (1 at the clean end, as both schedulers take it)."""
+    return scheduler.alphas_cumprod[timestep] if timestep >= 0 else torch.tensor(1.0)
 
 
 class _Timer:
@@ -126,6 +159,8 @@ def sample(
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     stats: SamplingStats | None = None,
+    known: KnownLatent | None = None,
+    preview: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Samples one image, steered by `condition` through the model's adapter.
 
@@ -143,6 +178,9 @@ def sample(
         progress: called as `progress(step, total)` after each denoising step.
         should_cancel: checked before each step and before decoding; True raises `Cancelled`.
         stats: if given, receives the seconds spent in each network's forward passes.
+        known: inpaint: keep this latent outside its mask (see `KnownLatent`); None draws all.
+        preview: called as `preview(step, total, x0)` after each step with the scheduler's
+            prediction of the clean latent (times `scale_factor`; `decode_latent` makes it an image).
 
     Returns:
         The decoded image `(1, 1, *grid.size)`, float32 on the CPU, clipped to the model's
@@ -157,6 +195,10 @@ def sample(
             got = None if condition is None else tuple(condition.shape)
             raise ValueError(f"condition must have shape {expected} for model {config.name!r}, got {got}")
         condition = condition.to(device=device, dtype=torch.float32)
+    if known is not None:
+        if tuple(known.latent.shape) != (1, *config.latent_shape) or known.resample < 1:
+            raise ValueError(f"known latent must have shape {(1, *config.latent_shape)} and resample >= 1, "
+                             f"got {tuple(known.latent.shape)} and {known.resample}")
     steps = config.sampling_steps if steps is None else steps
     strength = config.sampling_strength if strength is None else check_strength(strength)
     noise_scheduler, model_timesteps = build_scheduler(
@@ -176,9 +218,13 @@ def sample(
                 encoded_condition = model.adapter.encode_condition(condition)
         covariate_channels = None if context is None else context.view(1, -1, 1, 1, 1).expand(
             -1, -1, *latent.shape[2:])
+        if known is not None:
+            known_latent = known.latent.to(device=device, dtype=latent.dtype)
+            generate = known.mask.to(device=device, dtype=latent.dtype)
         total = len(model_timesteps)
-        step_pairs = zip(noise_scheduler.timesteps, model_timesteps, strict=True)
-        for step, (scheduler_t, model_t) in enumerate(step_pairs, start=1):
+        step_pairs = _repeated(zip(noise_scheduler.timesteps, model_timesteps, strict=True),
+                               1 if known is None else known.resample)
+        for step, (scheduler_t, model_t), again in step_pairs:
             if should_cancel is not None and should_cancel():
                 raise Cancelled()
             timesteps = torch.full((1,), int(model_t), device=device, dtype=torch.long)
@@ -190,14 +236,85 @@ def sample(
                     gamma, beta = model.adapter.modulation(torch.cat([latent, noise], 1), encoded_condition,
                                                            timesteps, context=adapter_context)
                 noise = modulate(noise, gamma.float(), beta.float(), strength)
-            latent, _ = noise_scheduler.step(noise, int(scheduler_t), latent, generator=generator)
+            latent, predicted_clean = noise_scheduler.step(noise, int(scheduler_t), latent,
+                                                           generator=generator)
             if stats is not None:
                 stats.steps += 1
+            if known is not None:
+                latent = _keep_known(noise_scheduler, int(scheduler_t), latent, known_latent, generate,
+                                     generator)
+                if again:  # RePaint: noise back to this step's level and take the step again
+                    latent = _noise_back(noise_scheduler, int(scheduler_t), latent, generator)
+                    continue
             if progress is not None:
                 progress(step, total)
+            if preview is not None:
+                preview(step, total, predicted_clean)
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         with timer("decoder_s"):
             image = model.autoencoder.decode(latent / config.scale_factor).float()
     low, high = config.intensity_range
     return image.clamp(low, high).cpu()
+
+
+def decode_latent(model: LoadedModel, latent: torch.Tensor) -> np.ndarray:
+    """A latent (times `scale_factor`, e.g. a preview's predicted clean latent) as an image
+    `[i, j, k]` on the model grid, clipped to the model's intensity range, as `sample` decodes."""
+    with torch.inference_mode():
+        image = model.autoencoder.decode(latent / model.config.scale_factor).float()
+    low, high = model.config.intensity_range
+    return image.clamp(low, high)[0, 0].cpu().numpy()
+
+
+def _repeated(step_pairs, rounds: int):
+    """(step number, pair, whether the step is taken again) for each step, `rounds` times each."""
+    for step, pair in enumerate(step_pairs, start=1):
+        for round_ in range(1, rounds + 1):
+            yield step, pair, round_ < rounds
+
+
+def _keep_known(scheduler, timestep: int, stepped: torch.Tensor, known: torch.Tensor, generate: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+    """`stepped` where the mask generates; elsewhere `known` noised to the level stepped to."""
+    previous = _previous_timestep(scheduler, timestep)
+    if previous >= 0:
+        noise = torch.randn(known.shape, generator=generator, device=known.device, dtype=known.dtype)
+        known = scheduler.add_noise(known, noise, torch.tensor([previous], device=known.device))
+    return generate * stepped + (1 - generate) * known
+
+
+def _noise_back(scheduler, timestep: int, stepped: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A sample at `timestep` drawn from q(z_t | z_previous), for a RePaint resampling round."""
+    ratio = float(_alpha_cumprod(scheduler, timestep) / _alpha_cumprod(scheduler, _previous_timestep(
+        scheduler, timestep)))
+    noise = torch.randn(stepped.shape, generator=generator, device=stepped.device, dtype=stepped.dtype)
+    return ratio**0.5 * stepped + (1 - ratio) ** 0.5 * noise
+
+
+def sample_spread(
+    draw: Callable[[int, Callable[[int, int], None]], np.ndarray],
+    *,
+    samples: int,
+    steps: int,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and per-voxel standard deviation of `samples` draws with seeds `seed`, `seed + 1`, ...
+
+    The mean of several draws estimates the posterior mean; their spread shows where the model
+    is unsure. `draw(seed, progress)` makes one sample (an array) and reports its `steps` steps to
+    the `progress` it is given; they reach `progress` counted over all samples.
+    """
+    if samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {samples}")
+    total = samples * steps
+    drawn = []
+    for index in range(samples):
+        def sample_progress(step: int, _total: int, done: int = index * steps) -> None:
+            if progress is not None:
+                progress(done + step, total)
+
+        drawn.append(draw(seed + index, sample_progress))
+    stack = np.stack(drawn)
+    return stack.mean(axis=0), stack.std(axis=0)

@@ -212,6 +212,8 @@ def write_synthesis_job(
     strength: float | None = None,
     device: str = "auto",
     output: str | Path | None = None,
+    preview_every: int | None = None,
+    samples: int | None = None,
 ) -> jobs.Job:
     """Export the conditions into `folder` and describe the `synthesize` run on them.
 
@@ -238,7 +240,8 @@ def write_synthesis_job(
     }
     return jobs.synthesis_job(
         folder, model=model, segmentation=segmentation_path, modalities=modality_paths,
-        output=output, steps=steps, seed=seed, strength=strength, device=device,
+        output=output, steps=steps, seed=seed, strength=strength, device=device, preview_every=preview_every,
+        samples=samples,
     )
 
 
@@ -247,6 +250,77 @@ def write_superres_job(folder: str | Path, volume_node, **options) -> jobs.Job:
     folder = Path(folder)
     input_path = export_volume(volume_node, folder / "thick-slices.nrrd", role="thick-slice volume")
     return jobs.superres_job(folder, input_path=input_path, **options)
+
+
+def _register_segmentation_converters() -> None:
+    """The labelmap <-> surface rules Slicer registers at start-up; the slicer-core wheel does not,
+    and without them copying a segmentation cannot construct its labelmaps."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+def remember_segmentation(segmentation_node):
+    """An unattached copy of the segmentation as it is now: the "before" of an edit.
+
+    The panel takes it when *Edit the loaded scan* starts, so the user edits one segmentation and
+    never handles two; the copy keeps the segment IDs, so the same label mapping applies to it.
+    """
+    _register_segmentation_converters()
+    copy = slicer.vtkMRMLSegmentationNode()
+    copy.SetName(f"{segmentation_node.GetName()} before the edit")
+    copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+    return copy
+
+
+def write_edit_job(
+    folder: str | Path,
+    scan_node,
+    segmentation_node,
+    original_node,
+    label_of_segment: Mapping[str, int],
+    *,
+    model: str,
+    **options,
+) -> jobs.Job:
+    """Export the scan and the segmentation before and after the edit (both on the scan's grid) into
+    `folder`, and describe the `edit` run on them (`options` as `jobs.edit_job` takes them).
+
+    Segments added during the edit are not in the copy taken before it; they count as unlabelled
+    there, so all their voxels are edited.
+    """
+    folder = Path(folder)
+    scan = export_volume(scan_node, folder / "scan.nrrd", role="scan")
+    edited = export_segmentation(segmentation_node, label_of_segment, folder / "edited.nrrd", scan_node)
+    existing = set(segment_names(original_node))
+    before = {segment_id: value for segment_id, value in label_of_segment.items() if segment_id in existing}
+    if not before:
+        raise UserError("none of the mapped segments existed before the edit; map a segment of the "
+                        "original segmentation to a model label")
+    original = export_segmentation(original_node, before, folder / "original.nrrd", scan_node)
+    return jobs.edit_job(folder, model=model, image=scan, segmentation=edited, original_segmentation=original,
+                         **options)
+
+
+class EditSession:
+    """The panel's *Edit the loaded scan* mode: a scan, its segmentation, and that segmentation as
+    it was when editing started (`remember_segmentation`), so that *Regenerate edited region*
+    re-synthesizes exactly what the user changed since."""
+
+    def __init__(self, scan_node, segmentation_node):
+        if scan_node is None or segmentation_node is None:
+            raise UserError("pick the scan and its segmentation, then start editing")
+        self.scan_node = scan_node
+        self.segmentation_node = segmentation_node
+        self.before = remember_segmentation(segmentation_node)
+
+    def write_job(self, folder: str | Path, label_of_segment: Mapping[str, int], **options) -> jobs.Job:
+        """The `edit` job for the segmentation as it is now (`options` as `jobs.edit_job`)."""
+        if self.segmentation_node.GetScene() is None or self.scan_node.GetScene() is None:
+            raise UserError("the scan or the segmentation being edited was removed; start editing again")
+        return write_edit_job(folder, self.scan_node, self.segmentation_node, self.before, label_of_segment,
+                              **options)
 
 
 def read_volume_file(path: str | Path, node=None):
@@ -272,7 +346,11 @@ def load_result(result_path: str | Path, scene, *, output_node=None, name: str =
 
     The file is read completely before the scene is touched, so a bad file changes nothing.
     """
-    loaded = read_volume_file(result_path)
+    return _put_in_scene(read_volume_file(result_path), scene, output_node, name, next_to)
+
+
+def _put_in_scene(loaded, scene, output_node, name: str, next_to):
+    """A volume read by `read_volume_file` as a new node, or into `output_node`."""
     ijk_to_ras = vtk.vtkMatrix4x4()
     loaded.GetIJKToRASMatrix(ijk_to_ras)
     if output_node is None:
@@ -298,13 +376,40 @@ def load_result(result_path: str | Path, scene, *, output_node=None, name: str =
 def apply_outcome(outcome: jobs.Outcome, scene, *, output_node=None, name: str, next_to=None):
     """The end of every run: the result into the scene on success, nothing at all otherwise.
 
+    With several samples the spread across them comes too, as a new `<name> uncertainty` volume.
     Returns the output node, or None when the run was cancelled; raises `UserError` with the
     worker's one-line message and its log path when it failed.
     """
     if outcome.status == "cancelled":
         return None
     outcome.raise_for_status()
-    return load_result(outcome.result, scene, output_node=output_node, name=name, next_to=next_to)
+    # Both files are read before the scene changes: a bad one leaves it as it was.
+    spread = read_volume_file(outcome.uncertainty) if outcome.uncertainty is not None else None
+    node = _put_in_scene(read_volume_file(outcome.result), scene, output_node, name, next_to)
+    if spread is not None:
+        _put_in_scene(spread, scene, None, f"{name} uncertainty", next_to or node)
+    return node
+
+
+def show_preview(preview_path: str | Path, scene, preview_node=None, *, name: str):
+    """The live preview of a running job in the scene: a "<name> (preview)" volume, created on the
+    first call and updated after; `remove_preview` takes it out again when the run ends, whatever
+    the outcome, so a cancelled run still leaves the scene as it was."""
+    return load_result(preview_path, scene, output_node=preview_node, name=f"{name} (preview)")
+
+
+def remove_preview(preview_node) -> None:
+    """Take the preview volume and its display and storage nodes out of the scene."""
+    if preview_node is None or preview_node.GetScene() is None:
+        return
+    mrml = preview_node.GetScene()
+    node = preview_node
+    helpers = [node.GetNthDisplayNode(index) for index in range(node.GetNumberOfDisplayNodes())]
+    helpers += [node.GetNthStorageNode(index) for index in range(node.GetNumberOfStorageNodes())]
+    mrml.RemoveNode(preview_node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is not None:
+            mrml.RemoveNode(helper)
 
 
 def place_next_to(node, neighbour) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
-from VCMSynthesisLib.errors import UsageError, UserError
+from VCMSynthesisLib.errors import UserError
 
 if TYPE_CHECKING:  # torch and the networks load only when a run starts (fast --help)
     from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig
@@ -269,6 +269,7 @@ def super_resolve(
     samples: int = DEFAULT_SAMPLES,
     steps: int | None = None,
     seed: int = 0,
+    strength: float | None = None,
     consistency_iterations: int = CONSISTENCY_ITERATIONS,
     progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -288,6 +289,7 @@ def super_resolve(
         samples: how many samples to average (posterior mean); seeds `seed`, `seed + 1`, ...
         steps: denoising steps per sample (default: the model's).
         seed: seed of the first sample.
+        strength: condition strength (default: the model's; `networks.modulate`).
         consistency_iterations: back-projection iterations (0 keeps the model output as drawn,
             only restored to input units, without calibration).
         progress: `progress(step, total)` over all samples' steps.
@@ -301,11 +303,9 @@ def super_resolve(
     import torch
 
     from VCMSynthesisLib import conditions
-    from VCMSynthesisLib.sampler import sample
+    from VCMSynthesisLib.sampler import sample, sample_spread
 
     check_superres_model(model.config)
-    if samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {samples}")
     axis = slice_geometry(thick).axis
     thick = sitk.Cast(thick, sitk.sitkFloat32)
     modality = model.config.modalities[0].name
@@ -321,15 +321,9 @@ def super_resolve(
     interpolated = sitk.GetArrayFromImage(
         sitk.Resample(thick, output_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
     )
-    steps = steps or model.config.sampling_steps
-    total = samples * steps
-    results = []
-    for index in range(samples):
-        def sample_progress(step: int, _total: int, done: int = index * steps) -> None:
-            if progress is not None:
-                progress(done + step, total)
-
-        drawn = sample(model, channels, steps=steps, seed=seed + index, progress=sample_progress,
+    def draw(sample_seed: int, sample_progress) -> np.ndarray:
+        drawn = sample(model, channels, steps=steps, seed=sample_seed, strength=strength,
+                       progress=sample_progress,
                        should_cancel=should_cancel, stats=stats)[0, 0].numpy()
         on_output = conditions.resample_to_grid(
             conditions.image_from_array(scaling.restore(drawn), condition.grid), output_grid,
@@ -341,10 +335,12 @@ def super_resolve(
         if consistency_iterations:
             estimate = calibrate_intensity(estimate, thick, axis, in_view)
             estimate = enforce_consistency(estimate, thick, axis, consistency_iterations)
-        results.append(sitk.GetArrayFromImage(estimate))
-    stack = np.stack(results)
-    mean = sitk.GetImageFromArray(stack.mean(axis=0).astype(np.float32))
-    std = sitk.GetImageFromArray(stack.std(axis=0).astype(np.float32))
+        return sitk.GetArrayFromImage(estimate)
+
+    mean_array, std_array = sample_spread(draw, samples=samples, steps=steps or model.config.sampling_steps,
+                                          seed=seed, progress=progress)
+    mean = sitk.GetImageFromArray(mean_array.astype(np.float32))
+    std = sitk.GetImageFromArray(std_array.astype(np.float32))
     mean.CopyInformation(output_grid)
     std.CopyInformation(output_grid)
     return mean, std
@@ -364,7 +360,7 @@ def _positive_mm(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, positive_int
+    from VCMSynthesisLib.worker import add_run_arguments, add_samples_arguments
 
     parser = subparsers.add_parser(
         "superres", help="super-resolve a thick-slice volume to an isotropic one",
@@ -376,16 +372,8 @@ def register(subparsers) -> None:
                                                                f"(default {DEFAULT_MODEL})")
     parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
                                                              "finest in-plane spacing)")
-    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
-                        help=f"samples to average (posterior mean; default {DEFAULT_SAMPLES})")
-    parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
-                                                         "across samples (needs --samples 2 or more)")
-    parser.add_argument("--steps", type=positive_int,
-                        help="denoising steps per sample (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
-    parser.add_argument("--progress", choices=("text", "json"), default="text",
-                        help="progress bar on stderr, or JSON lines on stdout")
+    add_samples_arguments(parser, default=DEFAULT_SAMPLES)
+    add_run_arguments(parser)
     parser.set_defaults(handler=run_superres_command)
 
 
@@ -400,15 +388,18 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volume_atomic
-    from VCMSynthesisLib.worker import JsonProgress, TextProgress, emit_json, load_model, process_age_s
+    from VCMSynthesisLib.worker import (
+        JsonProgress,
+        TextProgress,
+        check_samples_arguments,
+        emit_json,
+        emit_result,
+        load_model,
+        process_age_s,
+    )
 
     started = process_age_s()
-    if args.uncertainty is not None:
-        if args.samples < 2:
-            raise UsageError("--uncertainty needs --samples 2 or more (one sample has no spread)")
-        if args.uncertainty.resolve() == args.output.resolve():
-            raise UsageError("--uncertainty and --output name the same file; give two different files")
-        check_output_writable(args.uncertainty)
+    check_samples_arguments(args.samples, args.uncertainty, args.output)
     check_output_writable(args.output)
     thick = read_volume(args.input)
     geometry = slice_geometry(thick)
@@ -432,6 +423,7 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
         cancellation.raise_if_requested()
         mean, std = super_resolve(
             model, thick, grid, samples=args.samples, steps=args.steps, seed=args.seed,
+            strength=args.strength,
             progress=JsonProgress() if json_mode else TextProgress(),
             should_cancel=cancellation.should_cancel, stats=stats,
         )
@@ -443,14 +435,8 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
         output = write_volume_atomic(mean, args.output)
     timings = {"startup_s": started, "load_s": load_s, "superres_s": superres_s, "model_s": stats.model_s,
                "total_s": process_age_s()}
-    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
-    if json_mode:
-        result = {"result": str(output), "timings": timings}
-        if args.uncertainty is not None:
-            result["uncertainty"] = str(args.uncertainty)
-        emit_json(result)
-    else:
-        size = " x ".join(map(str, grid.GetSize()))
-        print(f"wrote {output} ({size} voxels at {grid.GetSpacing()[0]:g} mm; {superres_s:.1f} s "
-              f"super-resolution, {timings.get('total_s', 0):.1f} s in all)")
+    size = " x ".join(map(str, grid.GetSize()))
+    emit_result(json_mode, output, timings, uncertainty=args.uncertainty,
+                describe=lambda t: f"{size} voxels at {grid.GetSpacing()[0]:g} mm; {superres_s:.1f} s "
+                                   f"super-resolution, {t.get('total_s', 0):.1f} s in all")
     return 0

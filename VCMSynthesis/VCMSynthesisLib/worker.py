@@ -33,12 +33,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UserError
+from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UsageError, UserError
 
 if TYPE_CHECKING:
     from VCMSynthesisLib.model_folder import LoadedModel
 
 DEVICES = ("auto", "cpu", "cuda")
+#: Steps between live previews: each costs one decoder forward (README: "Live preview").
+DEFAULT_PREVIEW_EVERY = 5
 _MISSING = {"shipped": ", missing", "download": ", not downloaded", "user": ", missing"}
 
 
@@ -55,6 +57,10 @@ class SynthesisRequest:
         seed: random seed; the same seed gives the same image on the same device.
         guided: False samples the base model alone, ignoring the adapter.
         strength: condition strength (None: the model's default; `networks.modulate`).
+        samples: draws averaged into the output (seeds `seed`, `seed + 1`, ...).
+        uncertainty: where to write their per-voxel standard deviation (needs `samples` >= 2).
+        preview: where to write the live preview (the predicted clean image every
+            `preview_every` steps, on the output's grid); None: no preview.
     """
 
     segmentation: Path | None
@@ -64,6 +70,10 @@ class SynthesisRequest:
     seed: int = 0
     guided: bool = True
     strength: float | None = None
+    samples: int = 1
+    uncertainty: Path | None = None
+    preview: Path | None = None
+    preview_every: int = DEFAULT_PREVIEW_EVERY
 
     @property
     def reference_path(self) -> Path:
@@ -74,6 +84,7 @@ class SynthesisRequest:
 class SynthesisResult:
     output: Path
     timings: dict[str, float] = field(default_factory=dict)
+    uncertainty: Path | None = None
 
 
 class SignalCancellation:
@@ -207,6 +218,7 @@ def synthesize(
     cancellation: SignalCancellation | None = None,
     available_memory: int | None = None,
     warn: Callable[[str], None] | None = None,
+    on_preview: Callable[[Path, int], None] | None = None,
 ) -> SynthesisResult:
     """Run one request with a loaded model; the output appears complete or not at all.
 
@@ -217,12 +229,13 @@ def synthesize(
         cancellation: polled between steps; None runs to the end.
         available_memory: bytes the job may use (default: measured on the model's device).
         warn: called with a one-line warning (content beyond the model's field of view).
+        on_preview: called as `on_preview(path, step)` after each preview is written.
     """
     import torch
 
     from VCMSynthesisLib.conditions import assemble_conditions
     from VCMSynthesisLib.memory import check_memory
-    from VCMSynthesisLib.sampler import SamplingStats, sample
+    from VCMSynthesisLib.sampler import SamplingStats, sample, sample_spread
     from VCMSynthesisLib.volumes import (
         check_output_writable,
         read_segmentation,
@@ -236,7 +249,13 @@ def synthesize(
     if config.task == "superres":
         raise UserError(f"model '{config.name}' is a super-resolution model; run `vcm-synthesis superres "
                         f"--model {config.name} --input FILE --output FILE` instead")
+    check_samples_arguments(request.samples, request.uncertainty, request.output)
     check_output_writable(request.output)
+    if request.preview is not None:
+        others = {Path(path).resolve() for path in (request.output, request.uncertainty) if path is not None}
+        if Path(request.preview).resolve() in others:
+            raise UsageError("--preview names another output; give it a file of its own")
+        check_output_writable(request.preview)
     check_memory(config, model.folder, model.device, available=available_memory)
 
     start = time.perf_counter()
@@ -252,19 +271,64 @@ def synthesize(
              "outside it the output is background")
 
     stats = SamplingStats()
+    preview = None
+    if request.preview is not None:
+        preview = PreviewWriter(model, conditions, request.preview, request.preview_every,
+                                request.reference_path, cancellation, on_preview)
     start = time.perf_counter()
-    image = sample(model, condition, steps=request.steps, seed=request.seed, guided=request.guided,
-                   strength=request.strength, progress=progress, should_cancel=cancellation.should_cancel,
-                   stats=stats)
+
+    def draw(seed: int, sample_progress):
+        image = sample(model, condition, steps=request.steps, seed=seed, guided=request.guided,
+                       strength=request.strength, progress=sample_progress,
+                       should_cancel=cancellation.should_cancel, stats=stats, preview=preview)
+        return image[0, 0].numpy()
+
+    mean, std = sample_spread(draw, samples=request.samples, steps=request.steps or config.sampling_steps,
+                              seed=request.seed, progress=progress)
     timings["sampling_s"] = time.perf_counter() - start
     timings.update(model_s=stats.model_s, base_s=stats.base_s, adapter_s=stats.adapter_s,
                    decoder_s=stats.decoder_s)
+    if preview is not None:
+        timings["preview_s"] = preview.seconds
     start = time.perf_counter()
-    result = conditions.synthesized_to_reference(image[0, 0].numpy(), config)
+    result = conditions.synthesized_to_reference(mean, config)
     with cancellation.deferred():
+        # The uncertainty first: the main output appears only once everything is written.
+        if request.uncertainty is not None:
+            write_volume_atomic(conditions.to_reference(std, default_value=0.0), request.uncertainty,
+                                reference=request.reference_path)
         output = write_volume_atomic(result, request.output, reference=request.reference_path)
     timings["write_s"] = time.perf_counter() - start
-    return SynthesisResult(output=output, timings=timings)
+    return SynthesisResult(output=output, timings=timings, uncertainty=request.uncertainty)
+
+
+class PreviewWriter:
+    """`sample`'s preview callback: every `every` steps but the last (the result follows), the
+    predicted clean image on the output's grid, written atomically to `path`, then announced.
+
+    Each preview costs one decoder forward and a write; `seconds` adds them up.
+    """
+
+    def __init__(self, model: LoadedModel, conditions, path: Path, every: int, reference: Path,
+                 cancellation: SignalCancellation, announce: Callable[[Path, int], None] | None = None):
+        self.model, self.conditions, self.path, self.every = model, conditions, Path(path), every
+        self.reference, self.cancellation, self.announce = reference, cancellation, announce
+        self.seconds = 0.0
+
+    def __call__(self, step: int, total: int, predicted_clean) -> None:
+        from VCMSynthesisLib.sampler import decode_latent
+        from VCMSynthesisLib.volumes import write_volume_atomic
+
+        if step % self.every or step == total:
+            return
+        start = time.perf_counter()
+        image = decode_latent(self.model, predicted_clean)
+        on_reference = self.conditions.synthesized_to_reference(image, self.model.config)
+        with self.cancellation.deferred():
+            write_volume_atomic(on_reference, self.path, reference=self.reference)
+        self.seconds += time.perf_counter() - start
+        if self.announce is not None:
+            self.announce(self.path, step)
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -281,7 +345,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _modality(text: str) -> tuple[str, Path]:
+def modality_argument(text: str) -> tuple[str, Path]:
+    """argparse type of `--modality NAME=FILE`."""
     name, separator, path = text.partition("=")
     if not separator or not name or not path:
         raise argparse.ArgumentTypeError(f"must be NAME=FILE (e.g. T2=t2.nrrd), got '{text}'")
@@ -292,8 +357,39 @@ def add_strength_argument(parser: argparse.ArgumentParser) -> None:
     """`--strength W`, the condition strength, as every sampling command takes it."""
     parser.add_argument("--strength", type=float, metavar="W",
                         help="condition strength: 1 as trained, 0 ignores the condition, above 1 follows it "
-                             "more closely (default: the model's, see `vcm-synthesis models`)")
+                             "more closely (default: the model's)")
 
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--steps --seed --strength --device --progress`, as every sampling command takes them."""
+    parser.add_argument("--steps", type=positive_int,
+                        help="denoising steps per sample (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
+    add_strength_argument(parser)
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
+    parser.add_argument("--progress", choices=("text", "json"), default="text",
+                        help="progress bar on stderr, or JSON lines on stdout")
+
+
+def add_samples_arguments(parser: argparse.ArgumentParser, default: int) -> None:
+    """`--samples K` (average K draws) and `--uncertainty FILE` (their per-voxel std)."""
+    parser.add_argument("--samples", type=positive_int, default=default,
+                        help=f"samples to average (posterior mean; default {default})")
+    parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
+                                                         "across samples (needs --samples 2 or more)")
+
+
+def check_samples_arguments(samples: int, uncertainty: Path | None, output: Path) -> None:
+    """Refuse an uncertainty map without a spread to show, or on the output's file; check it is writable."""
+    from VCMSynthesisLib.volumes import check_output_writable
+
+    if uncertainty is None:
+        return
+    if samples < 2:
+        raise UsageError("--uncertainty needs --samples 2 or more (one sample has no spread)")
+    if uncertainty.resolve() == output.resolve():
+        raise UsageError("--uncertainty and --output name the same file; give two different files")
+    check_output_writable(uncertainty)
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -302,17 +398,18 @@ def register(subparsers) -> None:
                     "segmentation (or of the first modality).")
     parser.add_argument("--model", required=True, help="model name (see `vcm-synthesis models`) or folder")
     parser.add_argument("--segmentation", type=Path, help="labelmap (.nrrd, .nii.gz) or Slicer .seg.nrrd")
-    parser.add_argument("--modality", type=_modality, action="append", default=[], metavar="NAME=FILE",
+    parser.add_argument("--modality", type=modality_argument, action="append", default=[],
+                        metavar="NAME=FILE",
                         help="a modality condition, e.g. T2=t2.nrrd (repeatable)")
     parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
-    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    add_strength_argument(parser)
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
-    parser.add_argument("--progress", choices=("text", "json"), default="text",
-                        help="progress bar on stderr, or JSON lines on stdout")
+    add_run_arguments(parser)
     parser.add_argument("--unguided", action="store_true",
                         help="sample the base model alone, without the adapter (for comparison)")
+    add_samples_arguments(parser, default=1)
+    parser.add_argument("--preview", type=Path, help="live preview: write the predicted clean image here "
+                                                     "every --preview-every steps (JSON line {\"preview\"})")
+    parser.add_argument("--preview-every", type=positive_int, default=DEFAULT_PREVIEW_EVERY,
+                        help=f"steps between previews (default {DEFAULT_PREVIEW_EVERY})")
     parser.set_defaults(handler=run_synthesize_command)
 
     models = subparsers.add_parser("models", help="list the models this installation can use",
@@ -361,6 +458,21 @@ def emit_warning(json_mode: bool, message: str) -> None:
         emit_json({"warning": message})
     else:
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def emit_result(json_mode: bool, output: Path, timings: dict[str, float | None],
+                describe: Callable[[dict[str, float]], str], uncertainty: Path | None = None,
+                **extra) -> None:
+    """A worker command's last line: `{"result", "timings", "uncertainty"?, **extra}` in JSON mode,
+    else `wrote OUTPUT (describe(timings))`. Timings are rounded to 0.1 ms, unknown ones left out."""
+    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
+    if json_mode:
+        payload = {"result": str(output), "timings": timings, **extra}
+        if uncertainty is not None:
+            payload["uncertainty"] = str(uncertainty)
+        emit_json(payload)
+    else:
+        print(f"wrote {output} ({describe(timings)})")
 
 
 def process_age_s() -> float | None:
@@ -420,9 +532,11 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
         raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
     request = SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
                                steps=args.steps, seed=args.seed, guided=not args.unguided,
-                               strength=args.strength)
+                               strength=args.strength, samples=args.samples, uncertainty=args.uncertainty,
+                               preview=args.preview, preview_every=args.preview_every)
     from VCMSynthesisLib.volumes import check_output_writable
 
+    check_samples_arguments(request.samples, request.uncertainty, request.output)
     check_output_writable(request.output)
     start = time.perf_counter()
     model = load_model(args.model, args.device)
@@ -431,16 +545,13 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
     # also cuts interpreter teardown (MONAI's many modules) from ~1.7 s to ~0.4 s.
     gc.freeze()
     progress = JsonProgress() if json_mode else TextProgress()
+    announce = (lambda path, step: emit_json({"preview": str(path), "step": step})) if json_mode else None
     result = synthesize(model, request, progress=progress, cancellation=cancellation,
-                        warn=partial(emit_warning, json_mode))
-    timings = {"startup_s": started, "load_s": load_s, **result.timings,
-               "total_s": process_age_s()}
-    timings = {key: round(value, 4) for key, value in timings.items() if value is not None}
-    if json_mode:
-        emit_json({"result": str(result.output), "timings": timings})
-    else:
-        print(f"wrote {result.output} ({timings.get('sampling_s', 0):.1f} s sampling, "
-              f"{timings.get('total_s', 0):.1f} s in all)")
+                        warn=partial(emit_warning, json_mode), on_preview=announce)
+    timings = {"startup_s": started, "load_s": load_s, **result.timings, "total_s": process_age_s()}
+    emit_result(json_mode, result.output, timings, uncertainty=result.uncertainty,
+                describe=lambda t: f"{t.get('sampling_s', 0):.1f} s sampling, "
+                                   f"{t.get('total_s', 0):.1f} s in all")
     return 0
 
 

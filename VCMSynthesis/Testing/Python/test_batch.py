@@ -99,6 +99,9 @@ def test_a_failing_case_does_not_stop_the_others(batch, tmp_path):
     ("segmentation,output\na.nrrd,out.nrrd\nb.nrrd,./out.nrrd\n", "more than once"),
     ("segmentation,output\n", "has no cases"),
     ("segmentation,modality:T2,output\n,,out.nrrd\n", "no segmentation and no modality"),
+    ("segmentation,edit,output\nseg.nrrd,scan.nrrd,out.nrrd\n",
+     "row 2: an edit needs its 'segmentation' .* one of 'original_segmentation' or 'region'"),
+    ("segmentation,region,output\nseg.nrrd,mask.nrrd,out.nrrd\n", "row 2: .* belong to edits"),
 ])
 def test_bad_manifests_give_one_line_errors(tmp_path, text, expected):
     manifest = tmp_path / "cases.csv"
@@ -117,3 +120,31 @@ def test_manifest_paths_are_relative_to_its_folder(tmp_path):
     assert case.output == tmp_path / "sub" / "out" / "a.nii.gz"
     assert case.modalities == {"FLAIR": tmp_path / "sub" / "flair.nrrd"}
     assert case.segmentation is None and case.seed == 5 and case.row == 2
+
+
+def test_edit_rows_keep_the_scan_beyond_the_margin_and_synthesis_rows_still_run(batch, tmp_path):
+    from VCMSynthesisLib.edit import DEFAULT_MARGIN_MM, distance_mm
+
+    model = make_tiny_model_folder(tmp_path / "labels-only", modalities=None)
+    original = np.zeros(SHAPE, np.int16)
+    original[blob(SHAPE, (6, 6, 6), (5, 5, 5))] = 3
+    edited = original.copy()
+    edited[blob(SHAPE, (6, 6, 6), (2, 2, 2))] = 1
+    noise = np.random.default_rng(0).normal(0, 5, SHAPE)
+    scan = (np.where(original == 3, 800.0, 10.0) + noise).astype(np.float32)
+    for name, array in (("scan", scan), ("original", original), ("edited", edited)):
+        write_case(make_image(array, "axis_aligned"), tmp_path, name, "nrrd-lps")
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("segmentation,edit,original_segmentation,output\n"
+                        "edited.nrrd,scan.nrrd,original.nrrd,edited_scan.nrrd\n"
+                        "edited.nrrd,,,synthesized.nrrd\n")
+    code, out, err = run_cli(["batch", "--manifest", manifest, "--model", model, "--device", "cpu",
+                              "--steps", "1", "--progress", "json"])
+    assert code == 0, err
+    assert [json.loads(line)["status"] for line in out.splitlines()] == ["done", "done"]
+    after = sitk.GetArrayFromImage(read_volume(tmp_path / "edited_scan.nrrd"))
+    beyond = distance_mm(edited != original, (1.0, 1.0, 1.0)) >= DEFAULT_MARGIN_MM
+    assert beyond.any()
+    np.testing.assert_array_equal(after[beyond], scan[beyond])
+    assert not np.array_equal(after, scan)
+    assert not np.array_equal(sitk.GetArrayFromImage(read_volume(tmp_path / "synthesized.nrrd")), after)

@@ -136,6 +136,43 @@ def test_unmatched_segment_names_say_how_to_map_them(tmp_path, tiny_model):
     assert batch._label_mapping(names, {"tumour": "0"}, table, tmp_path / "c.seg.nrrd") == {"S1": 1}
 
 
+def test_edit_of_a_scan_from_two_seg_nrrd_files(tmp_path, tiny_model):
+    from VCMSynthesisLib.edit import distance_mm
+    from VCMSynthesisLib.volumes import read_volume
+
+    mrml = new_mrml_scene()
+    values = (500.0 * np.random.default_rng(1).random(SHAPE_KJI)).astype(np.float32)
+    scan = add_volume(mrml, GEOMETRIES["sheared"], values, name="scan")
+    scene.export_volume(scan, tmp_path / "scan.nrrd")
+    grown = blob_labelmap()
+    grown[2:9, 3:12, 2:11][grown[2:9, 3:12, 2:11] == 0] = 1  # label 1's box one voxel larger
+    names = {1: "label 1", 2: "label 2", 3: "label 3"}
+    for name, labelmap in (("original", blob_labelmap()), ("edited", grown)):
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(tmp_path / f"{name}.seg.nrrd"))
+        assert storage.WriteData(add_segmentation(mrml, scan, labelmap, names, name=name))
+    output = tmp_path / "out" / "edited_scan.nrrd"
+
+    completed = run_batch(
+        "--edit", tmp_path / "scan.nrrd", "--segmentation", tmp_path / "edited.seg.nrrd",
+        "--original-segmentation", tmp_path / "original.seg.nrrd", "--output", output, "--margin-mm", "2",
+        "--model", tiny_model, "--steps", "1", "--device", "cpu", temporary=tmp_path,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    result = scene.read_volume_file(output)
+    np.testing.assert_allclose(matrix_of(result), matrix_of(scan), rtol=0, atol=1e-9)
+    changed = grown != blob_labelmap()
+    beyond = distance_mm(changed, read_volume(tmp_path / "scan.nrrd").GetSpacing()) >= 2.0
+    assert beyond.any()
+    np.testing.assert_array_equal(array_of(result)[beyond], values[beyond])
+    assert not np.array_equal(array_of(result)[changed], values[changed])
+
+    completed = run_batch("--edit", tmp_path / "scan.nrrd", "--segmentation", tmp_path / "edited.seg.nrrd",
+                          "--output", tmp_path / "o.nrrd", temporary=tmp_path)
+    assert completed.returncode == 2 and "one of --original-segmentation or --region" in completed.stderr
+
+
 def test_a_folder_of_cases(tmp_path):
     batch = load_batch_module()
     for name in ("b.seg.nrrd", "a.nii.gz", "notes.txt"):

@@ -45,13 +45,13 @@ def scene_case(geometry: str):
     return mrml, reference, segmentation
 
 
-def write_job(tmp_path, tiny_model, segmentation, reference, steps: int):
+def write_job(tmp_path, tiny_model, segmentation, reference, steps: int, **options):
     table = scene.model_label_table(tiny_model)
     mapping = scene.default_label_mapping(scene.segment_names(segmentation), table)
     assert len(mapping) == 3
     return scene.write_synthesis_job(
         tmp_path / "job", segmentation, mapping, model=str(tiny_model), reference_volume_node=reference,
-        modality_nodes={"T2": reference}, steps=steps, seed=3, device="cpu",
+        modality_nodes={"T2": reference}, steps=steps, seed=3, device="cpu", **options,
     )
 
 
@@ -175,6 +175,97 @@ def test_probe_reports_what_the_worker_python_has():
     assert environment.summary().startswith("ready: torch")
 
 
+def grow_segment(segmentation, reference, segment_index: int, mask) -> None:
+    """Replace a segment's voxels, as painting in Segment Editor does."""
+    import slicer
+    from slicer_scenes import image_from_array, vtk_matrix
+
+    image = slicer.vtkOrientedImageData()
+    image.DeepCopy(image_from_array(mask.astype(np.uint8)))
+    image.SetImageToWorldMatrix(vtk_matrix(matrix_of(reference)))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    segment_id = segmentation.GetSegmentation().GetNthSegmentID(segment_index)
+    assert logic.SetBinaryLabelmapToSegment(image, segmentation, segment_id, logic.MODE_REPLACE)
+
+
+def test_edit_path_regenerates_the_edit_and_keeps_the_rest_of_the_scan(tmp_path):
+    from VCMSynthesisLib.edit import distance_mm
+    from VCMSynthesisLib.volumes import read_volume
+
+    model = make_tiny_model_folder(tmp_path / "tiny-labels", modalities=None)
+    mrml = new_scene()
+    values = (1000.0 * np.random.default_rng(3).random(SHAPE_KJI)).astype(np.float32)
+    scan = add_volume(mrml, GEOMETRIES["oblique"], values, name="scan")
+    segmentation = add_segmentation(mrml, scan, blob_labelmap(), SEGMENT_NAMES)
+    output = add_volume(mrml, GEOMETRIES["oblique"], np.zeros(SHAPE_KJI, np.float32), name="edited scan")
+    session = scene.EditSession(scan, segmentation)  # the panel's "Start editing"
+    assert session.before.GetScene() is None
+    assert scene.segment_names(session.before) == scene.segment_names(segmentation)
+    grown = np.zeros(SHAPE_KJI, bool)
+    grown[2:9, 3:12, 2:11] = True  # label 1's box, one voxel larger on three sides
+    grow_segment(segmentation, scan, 0, grown)
+    mapping = scene.default_label_mapping(scene.segment_names(segmentation), scene.model_label_table(model))
+    nodes = node_ids(mrml)
+
+    job = session.write_job(tmp_path / "job", mapping, model=str(model), margin_mm=2.0, steps=1, device="cpu")
+    assert job.arguments[0] == "edit"
+    changed = (array_of(scene.read_volume_file(job.folder / "edited.nrrd"))
+               != array_of(scene.read_volume_file(job.folder / "original.nrrd")))
+    assert changed.any()
+    node = scene.apply_outcome(jobs.run_job(job, python=sys.executable), mrml, output_node=output,
+                               name="edited scan")
+
+    assert node is output and node_ids(mrml) == nodes  # the chosen output volume, replaced
+    np.testing.assert_allclose(matrix_of(node), matrix_of(scan), rtol=0, atol=1e-9)
+    beyond = distance_mm(changed, read_volume(job.folder / "scan.nrrd").GetSpacing()) >= 2.0
+    np.testing.assert_array_equal(array_of(node)[beyond], values[beyond])
+    assert not np.array_equal(array_of(node)[changed], values[changed])
+
+
+def test_an_edit_session_needs_its_nodes(tmp_path):
+    mrml, reference, segmentation = scene_case("oblique")
+    with pytest.raises(UserError, match="pick the scan and its segmentation"):
+        scene.EditSession(None, segmentation)
+    session = scene.EditSession(reference, segmentation)
+    mrml.RemoveNode(segmentation)
+    with pytest.raises(UserError, match="was removed; start editing again"):
+        session.write_job(tmp_path / "job", {}, model="demo")
+
+
+def test_live_preview_shows_in_a_preview_node_that_goes_when_the_run_ends(tmp_path, tiny_model):
+    mrml, reference, segmentation = scene_case("oblique")
+    job = write_job(tmp_path, tiny_model, segmentation, reference, steps=3, preview_every=1)
+    nodes = node_ids(mrml)
+    run = jobs.WorkerRun(job, python=sys.executable)
+    outcome = run.wait()
+    assert outcome.status == "succeeded", outcome.message
+    path, step = run.preview
+    assert path == job.folder / jobs.PREVIEW_NAME and step == 2
+    preview = scene.show_preview(path, mrml, name="condition synthesized")
+    assert preview.GetName() == "condition synthesized (preview)" and node_ids(mrml) != nodes
+    again = scene.show_preview(path, mrml, preview, name="condition synthesized")
+    assert again is preview  # the next preview updates the same node
+    np.testing.assert_allclose(matrix_of(preview), matrix_of(reference), rtol=0, atol=1e-9)
+    scene.remove_preview(preview)
+    assert node_ids(mrml) == nodes
+
+
+def test_several_samples_bring_their_uncertainty_as_a_second_volume(tmp_path, tiny_model):
+    mrml, reference, segmentation = scene_case("sheared")
+    job = write_job(tmp_path, tiny_model, segmentation, reference, steps=1, samples=2)
+    nodes = node_ids(mrml)
+    outcome = jobs.run_job(job, python=sys.executable)
+    assert outcome.uncertainty == job.folder / jobs.UNCERTAINTY_NAME
+    node = scene.apply_outcome(outcome, mrml, name="condition synthesized", next_to=segmentation)
+    added = [mrml.GetNodeByID(node_id) for node_id in node_ids(mrml) if node_id not in nodes]
+    volumes = [n for n in added if n.IsA("vtkMRMLScalarVolumeNode")]
+    assert [v.GetName() for v in volumes] == ["condition synthesized", "condition synthesized uncertainty"]
+    assert volumes[0] is node
+    spread = array_of(volumes[1])
+    assert spread.min() >= 0 and spread.max() > 0
+    np.testing.assert_allclose(matrix_of(volumes[1]), matrix_of(node), rtol=0, atol=1e-9)
+
+
 def test_job_command_lines():
     folder = jobs.new_job_folder()
     try:
@@ -191,6 +282,14 @@ def test_job_command_lines():
         assert job.arguments == [
             "superres", "--input", str(folder / "thick.nrrd"), "--output", str(folder / "result.nrrd"),
             "--device", "cpu", "--spacing", "1.0",
+        ]
+        job = jobs.edit_job(folder, model="demo", image=folder / "scan.nrrd", segmentation=folder / "e.nrrd",
+                            original_segmentation=folder / "o.nrrd", margin_mm=4.0, seed=2, samples=3)
+        assert job.arguments == [
+            "edit", "--model", "demo", "--image", str(folder / "scan.nrrd"), "--segmentation",
+            str(folder / "e.nrrd"), "--original-segmentation", str(folder / "o.nrrd"), "--output",
+            str(folder / "result.nrrd"), "--device", "auto", "--margin-mm", "4.0", "--seed", "2",
+            "--samples", "3", "--uncertainty", str(folder / "uncertainty.nrrd"),
         ]
     finally:
         os.rmdir(folder)

@@ -9,7 +9,7 @@ from tiny_models import TINY_STEPS, make_tiny_model_folder
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.model_folder import NoiseSchedule, load_model_folder
 from VCMSynthesisLib.networks import VCM, modulate
-from VCMSynthesisLib.sampler import SamplingStats, build_scheduler, sample
+from VCMSynthesisLib.sampler import KnownLatent, SamplingStats, build_scheduler, sample
 
 COVARIATES = ("sex", "age", "ventricular_volume", "brain_volume")
 
@@ -179,3 +179,73 @@ def test_base_covariates_go_to_channels_and_context(tmp_path, condition):
     assert sample(model, condition, steps=2, seed=1).shape == first.shape  # config defaults
     with pytest.raises(UserError, match="takes 4 covariates"):
         sample(model, condition, covariates=[1.0, 2.0])
+
+
+# --- latent inpainting ------------------------------------------------------------------------
+
+
+def known_latent(model, mask, resample=1):
+    latent = torch.randn(1, *model.config.latent_shape, generator=torch.Generator().manual_seed(3))
+    return KnownLatent(latent=latent, mask=mask, resample=resample)
+
+
+def decoded_latents(model, monkeypatch):
+    """The latents `sample` hands to the decoder, recorded."""
+    seen = []
+    decode = model.autoencoder.decode
+
+    def recording(latent):
+        seen.append(latent.clone())
+        return decode(latent)
+
+    monkeypatch.setattr(model.autoencoder, "decode", recording)
+    return seen
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_inpainting_keeps_the_known_latent_outside_the_mask(model, condition, monkeypatch, scheduler):
+    mask = torch.zeros(1, 1, *model.config.latent_shape[1:])
+    mask[..., :2, :, :] = 1.0
+    known = known_latent(model, mask)
+    seen = decoded_latents(model, monkeypatch)
+    inpainted = sample(model, condition, seed=1, scheduler=scheduler, known=known)
+    plain = sample(model, condition, seed=1, scheduler=scheduler)
+    final = seen[0] * model.config.scale_factor
+    kept = mask.expand_as(final) == 0
+    torch.testing.assert_close(final[kept], known.latent[kept], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(final[~kept], known.latent[~kept], atol=1e-3)  # the masked part is drawn
+    assert not torch.equal(inpainted, plain)
+
+
+def test_inpainting_with_a_full_mask_is_plain_sampling(model, condition):
+    """DDIM draws no noise per step, so generating everywhere gives exactly the plain sample."""
+    full = known_latent(model, torch.ones(1, 1, *model.config.latent_shape[1:]))
+    torch.testing.assert_close(sample(model, condition, seed=2, scheduler="ddim", known=full),
+                               sample(model, condition, seed=2, scheduler="ddim"), rtol=0, atol=0)
+
+
+def test_inpainting_with_an_empty_mask_decodes_the_known_latent(model, condition):
+    known = known_latent(model, torch.zeros(1, 1, *model.config.latent_shape[1:]))
+    image = sample(model, condition, seed=4, scheduler="ddpm", known=known)
+    with torch.inference_mode():
+        expected = model.autoencoder.decode(known.latent / model.config.scale_factor).clamp(0.0, 1.0)
+    torch.testing.assert_close(image, expected)
+
+
+def test_resampling_repeats_each_step_and_reports_steps_once(model, condition):
+    mask = torch.zeros(1, 1, *model.config.latent_shape[1:])
+    mask[..., 0, 0, 0] = 1.0
+    calls = []
+    stats = SamplingStats()
+    once = sample(model, condition, seed=5, known=known_latent(model, mask))
+    thrice = sample(model, condition, seed=5, known=known_latent(model, mask, resample=3), stats=stats,
+                    progress=lambda step, total: calls.append((step, total)))
+    assert calls == [(step, TINY_STEPS) for step in range(1, TINY_STEPS + 1)]
+    assert stats.steps == 3 * TINY_STEPS
+    assert not torch.equal(once, thrice)
+
+
+def test_inpainting_refuses_a_latent_of_the_wrong_shape(model, condition):
+    wrong = KnownLatent(latent=torch.zeros(1, 1, 4, 4, 4), mask=torch.ones(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="known latent must have shape"):
+        sample(model, condition, known=wrong)

@@ -315,25 +315,11 @@ def test_simulated_thick_slices_tile_the_volume_with_slab_averages():
 
 
 def test_sigterm_stops_the_cli_with_143_and_writes_nothing(tiny_superres_model, tmp_path):
-    import os
-    import subprocess
-
-    from test_worker import LIB_PARENT, terminate
+    from test_worker import assert_sigterm_stops_it
 
     sitk.WriteImage(thick_scan(), str(tmp_path / "thick.nrrd"))
     output = tmp_path / "out" / "iso.nrrd"
     output.parent.mkdir()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "VCMSynthesisLib", "superres", "--input", str(tmp_path / "thick.nrrd"),
-         "--output", str(output), "--model", str(tiny_superres_model), "--steps", "1000",
-         "--progress", "json", "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(LIB_PARENT)})
-    while "step" not in json.loads(process.stdout.readline()):
-        pass
-    stopped_after = terminate(process)
-    lines = [json.loads(line) for line in process.stdout.read().splitlines()]
-    assert process.returncode == 143
-    assert stopped_after < 2.0
-    assert lines[-1] == {"error": "cancelled; nothing was written"}
-    assert list(output.parent.iterdir()) == []
+    arguments = ["superres", "--input", tmp_path / "thick.nrrd", "--output", output,
+                 "--model", tiny_superres_model, "--steps", 1000, "--device", "cpu"]
+    assert_sigterm_stops_it(arguments, output.parent)

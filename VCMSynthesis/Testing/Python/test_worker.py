@@ -135,6 +135,53 @@ def test_slicer_seg_nrrd_in_nrrd_out_keeps_its_geometry(case, tmp_path):
     assert geometry_of(read_volume(output)) == geometry_of(labelmap)
 
 
+def test_several_samples_give_their_mean_and_the_per_voxel_spread(case, tmp_path):
+    output, spread, single = tmp_path / "mean.nrrd", tmp_path / "std.nii.gz", tmp_path / "one.nrrd"
+    code, out, err = run_cli(synthesize_arguments(case, output, "--steps", 2, "--samples", 3,
+                                                  "--uncertainty", spread, "--progress", "json"))
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    steps = [line["step"] for line in lines if "step" in line]
+    assert steps == list(range(1, 7)) and lines[-1]["uncertainty"] == str(spread)
+    assert run_cli(synthesize_arguments(case, single, "--steps", 2, "--samples", 1))[0] == 0
+    reference = geometry_of(read_volume(case["segmentation"]))
+    assert geometry_of(read_volume(output)) == reference
+    std = sitk.GetArrayFromImage(read_volume(spread))
+    assert std.min() >= 0 and std.max() > 0
+    mean, one = (sitk.GetArrayFromImage(read_volume(path)) for path in (output, single))
+    assert not np.array_equal(mean, one)  # seed 0 alone is not the mean of seeds 0, 1, 2
+
+
+def test_live_preview_writes_the_predicted_image_every_n_steps(case, tmp_path):
+    output, preview = tmp_path / "t1.nrrd", tmp_path / "preview.nrrd"
+    code, out, err = run_cli(synthesize_arguments(case, output, "--steps", 5, "--preview", preview,
+                                                  "--preview-every", 2, "--progress", "json"))
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["step"] for line in lines if "preview" in line] == [2, 4]  # not the last: the result follows
+    assert all(line["preview"] == str(preview) for line in lines if "preview" in line)
+    assert lines[-1]["timings"]["preview_s"] > 0
+    reference = geometry_of(read_volume(case["segmentation"]))
+    assert geometry_of(read_volume(preview)) == reference
+    values = sitk.GetArrayFromImage(read_volume(preview))
+    assert np.isfinite(values).all() and 0.0 <= values.min() and values.max() <= 1.0
+    assert not np.array_equal(values, sitk.GetArrayFromImage(read_volume(output)))  # step 4's guess
+
+
+def test_a_preview_on_the_output_file_is_refused(case, tmp_path):
+    output = tmp_path / "t1.nrrd"
+    code, _, err = run_cli(synthesize_arguments(case, output, "--preview", output))
+    assert code == 2 and "--preview names another output" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_uncertainty_map_needs_two_samples_and_nothing_is_written(case, tmp_path):
+    arguments = synthesize_arguments(case, tmp_path / "o.nrrd", "--uncertainty", tmp_path / "s.nrrd")
+    code, _, err = run_cli(arguments)
+    assert code == 2 and "--uncertainty needs --samples 2 or more" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- bad inputs: one line, non-zero exit, nothing written ----------------------------------------
 
 
@@ -272,26 +319,30 @@ def terminate(process: subprocess.Popen) -> float:
     return time.monotonic() - sent
 
 
-def test_sigterm_stops_within_two_seconds_and_writes_nothing(case, tmp_path):
-    output = tmp_path / "out" / "cancelled.nrrd"
-    output.parent.mkdir()
-    fast = make_tiny_model_folder(tmp_path / "fast", grid=(8, 8, 8))  # short steps: a loaded CI machine
-    arguments = synthesize_arguments(case, output)
-    arguments[arguments.index("--model") + 1] = fast
+def assert_sigterm_stops_it(arguments: list, folder: Path) -> None:
+    """`python -m VCMSynthesisLib ARGUMENTS --progress json`, sent SIGTERM at its first step, exits
+    with 143 within 2 s, ends with the JSON cancel line and leaves `folder` empty."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "VCMSynthesisLib", *map(str, arguments), "--progress=json", "--steps=1000"],
+        [sys.executable, "-m", "VCMSynthesisLib", *map(str, arguments), "--progress", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(LIB_PARENT)})
-    first = json.loads(process.stdout.readline())
-    if "warning" in first:  # the 16 mm field of view crops the case's content
-        first = json.loads(process.stdout.readline())
-    assert first["step"] == 1 and first["total"] == 1000
+    while "step" not in json.loads(process.stdout.readline()):
+        pass  # a warning (the 16 mm field of view crops some cases' content)
     stopped_after = terminate(process)
     lines = [json.loads(line) for line in process.stdout.read().splitlines()]
     assert process.returncode == 143
     assert stopped_after < 2.0, lines[-3:]
     assert lines[-1] == {"error": "cancelled; nothing was written"}
-    assert list(output.parent.iterdir()) == []
+    assert list(folder.iterdir()) == []
+
+
+def test_sigterm_stops_within_two_seconds_and_writes_nothing(case, tmp_path):
+    output = tmp_path / "out" / "cancelled.nrrd"
+    output.parent.mkdir()
+    fast = make_tiny_model_folder(tmp_path / "fast", grid=(8, 8, 8))  # short steps: a loaded CI machine
+    arguments = synthesize_arguments(case, output, "--steps", 1000)
+    arguments[arguments.index("--model") + 1] = fast
+    assert_sigterm_stops_it(arguments, output.parent)
 
 
 WATCHDOG_SCRIPT = """
