@@ -52,7 +52,8 @@ print(json.dumps({"measured": peak - before}))
 
 def build_folder(folder: Path, channels: list[int], grid: tuple[int, int, int]) -> Path:
     from tiny_models import tiny_config, tiny_networks
-    from VCMSynthesisLib.model_folder import ModelConfig, save_model_folder
+    from VCMSynthesisLib.model_config import ModelConfig
+    from VCMSynthesisLib.model_folder import save_model_folder
 
     data = tiny_config(grid=(8, 8, 8)).to_dict()
     data["autoencoder"]["params"]["channels"] = channels
@@ -66,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
     from VCMSynthesisLib.memory import MARGIN_BYTES, estimate_peak_bytes
-    from VCMSynthesisLib.model_folder import ModelConfig
+    from VCMSynthesisLib.model_config import ModelConfig
 
     print(f"{'autoencoder':>14} {'grid':>10} {'estimate MiB':>13} {'measured MiB':>13} {'implied maps':>13}")
     with tempfile.TemporaryDirectory() as scratch:

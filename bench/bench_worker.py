@@ -66,7 +66,8 @@ def _demo_sized_model(folder: Path) -> Path:
     """A random-weight model folder with the demo model's networks, grid and label table."""
     import yaml
     from tiny_models import tiny_networks
-    from VCMSynthesisLib.model_folder import ModelConfig, save_model_folder
+    from VCMSynthesisLib.model_config import ModelConfig
+    from VCMSynthesisLib.model_folder import save_model_folder
 
     configs = REPO / "training" / "configs"
     autoencoder = yaml.safe_load((configs / "demo_autoencoder.yaml").read_text())["autoencoder"]

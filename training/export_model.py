@@ -26,12 +26,8 @@ from safetensors.torch import load_file
 from train_adapter import ADAPTER_WEIGHTS, adapter_model_config
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import (
-    SAMPLING_SCHEDULERS,
-    ModelConfig,
-    load_model_folder,
-    save_model_folder,
-)
+from VCMSynthesisLib.model_config import SAMPLING_SCHEDULERS, ModelConfig
+from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
 from VCMSynthesisLib.networks import VCM
 from VCMSynthesisLib.worker import positive_int
 

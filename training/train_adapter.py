@@ -34,11 +34,12 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from VCMSynthesisLib import conditions, volumes
+from VCMSynthesisLib.checksums import Checksums
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig, load_model_folder, load_state_strict
+from VCMSynthesisLib.model_config import ModelConfig
+from VCMSynthesisLib.model_folder import LoadedModel, load_model_folder, load_state_strict
 from VCMSynthesisLib.networks import VCM, modulate
-from VCMSynthesisLib.registry import Checksums
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
+from VCMSynthesisLib.checksums import Checksums
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig, load_state_strict, save_model_folder
+from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
+from VCMSynthesisLib.model_folder import load_state_strict, save_model_folder
 from VCMSynthesisLib.networks import PAPER_VCM_PARAMS, VCM
-from VCMSynthesisLib.registry import Checksums
 
 # BrainLDM (MONAI model zoo bundle `brain_image_synthesis_latent_diffusion_model`; Pinaya et al.
 # 2022), in MONAI core's argument names. Same networks as the reference `get_AE_CFG`/`get_DM_CFG`.

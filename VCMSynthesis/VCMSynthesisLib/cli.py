@@ -1,7 +1,8 @@
 """`vcm-synthesis` command line: one subcommand per front-end task.
 
-Each module in `SUBCOMMAND_MODULES` defines `register(subparsers)`, which adds its parser and
-sets `handler=callable(args) -> int` as a default. Errors a user can cause are printed as one
+Each module in `SUBCOMMANDS` defines `register(subparsers)`, which adds its parsers and sets
+`handler=callable(args) -> int` as a default; a command imports only its own module, so that
+`models` runs without torch. Errors a user can cause are printed as one
 line, without a traceback, with the exit codes of `VCMSynthesisLib.errors`.
 """
 
@@ -14,14 +15,15 @@ from collections.abc import Callable
 
 from VCMSynthesisLib.errors import EXIT_USAGE, Cancelled, UserError
 
-SUBCOMMAND_MODULES = [
-    "VCMSynthesisLib.checkpoints",
-    "VCMSynthesisLib.registry",
-    "VCMSynthesisLib.worker",
-    "VCMSynthesisLib.batch",
-    "VCMSynthesisLib.superres",
-    "VCMSynthesisLib.edit",
-]
+SUBCOMMANDS = {  # command -> the module that registers it
+    "import-reference": "VCMSynthesisLib.checkpoints",
+    "download-model": "VCMSynthesisLib.registry",
+    "synthesize": "VCMSynthesisLib.worker",
+    "models": "VCMSynthesisLib.worker",
+    "batch": "VCMSynthesisLib.batch",
+    "superres": "VCMSynthesisLib.superres",
+    "edit": "VCMSynthesisLib.edit",
+}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -31,10 +33,12 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; for a known `command` only its module is imported, else all of them."""
     parser = _ArgumentParser(prog="vcm-synthesis", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    for module_name in SUBCOMMAND_MODULES:
+    modules = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else SUBCOMMANDS.values()
+    for module_name in dict.fromkeys(modules):
         importlib.import_module(module_name).register(subparsers)
     return parser
 
@@ -52,5 +56,6 @@ def run_reporting_errors(run: Callable[[], int | None]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return run_reporting_errors(lambda: args.handler(args))

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import Grid, Label, Modality, ModelConfig
+from VCMSynthesisLib.model_config import Grid, Label, Modality, ModelConfig
 from VCMSynthesisLib.volumes import Segmentation
 
 # Unit vector, in SimpleITK's LPS space, that an axis pointing toward each letter runs along.

@@ -28,7 +28,8 @@ from VCMSynthesisLib.errors import UsageError, UserError
 
 if TYPE_CHECKING:  # torch and the networks load only when a run starts (fast --help)
     from VCMSynthesisLib.conditions import IntensityScaling
-    from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig
+    from VCMSynthesisLib.model_config import ModelConfig
+    from VCMSynthesisLib.model_folder import LoadedModel
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import Segmentation
 
@@ -225,7 +226,7 @@ def edit_scan(
     # Voxels whose interpolation from the model grid stays wholly inside it.
     in_view = sitk.GetArrayFromImage(conditions.resample_to_grid(ones, scan, labels=False)) > 1.0 - 1e-6
     if not (region & in_view).any():
-        extent = " x ".join(f"{n * s:g}" for n, s in zip(config.grid.size, config.grid.spacing, strict=True))
+        extent = " x ".join(f"{n * s:g}" for n, s in zip(config.grid.size, config.grid.spacing))
         raise UserError(f"the edit region lies outside model '{config.name}''s field of view ({extent} mm "
                         "around the segmentation's centre); edit inside it")
     if not (region <= in_view).all() and warn is not None:
@@ -244,7 +245,7 @@ def edit_scan(
     generate = conditions.array_from_image(
         conditions.resample_to_grid(weight_image, built.grid, labels=False)) > 0
     latent_size = config.latent_shape[1:]
-    factor = [g // n for g, n in zip(config.grid.size, latent_size, strict=True)]
+    factor = [g // n for g, n in zip(config.grid.size, latent_size)]
     with torch.inference_mode():
         image = torch.from_numpy(scaling.normalize(on_grid))[None, None].to(model.device)
         known = model.autoencoder.encode(image)[0] * config.scale_factor

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import ModelConfig
+from VCMSynthesisLib.model_config import ModelConfig
 
 ACTIVATION_MAPS = 6.0
 MARGIN_BYTES = 256 * 2**20

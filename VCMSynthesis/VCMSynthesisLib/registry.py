@@ -15,7 +15,6 @@ Firewalled sites can place the files by hand in `downloads/<name>/` of the user 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,15 +25,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from VCMSynthesisLib.checksums import BLOCK_BYTES as _BLOCK
+from VCMSynthesisLib.checksums import Checksums
 from VCMSynthesisLib.errors import UsageError, UserError
-from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig
+from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
 
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 REGISTRY_PATH = RESOURCES / "Models.json"
 SHIPPED_MODELS = RESOURCES / "Models"
 HOME_VARIABLE = "VCM_SYNTHESIS_HOME"
 REFERENCE_ROLES = ("adapter", "autoencoder", "diffusion")
-_BLOCK = 1 << 20
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -168,38 +168,6 @@ def resolve_model(name_or_folder: str | os.PathLike, registry: Path = REGISTRY_P
                         f"{entry.folder}); reinstall the extension")
     raise UserError(f"model {entry.name!r} is not downloaded yet; run `vcm-synthesis download-model "
                     f"{entry.name}` or place its files by hand in {user_home() / 'downloads' / entry.name}")
-
-
-class Checksums:
-    """sha256 and md5 of a byte stream, fed block by block, so one read serves both."""
-
-    def __init__(self) -> None:
-        self._sha256 = hashlib.sha256()
-        self._md5 = hashlib.md5(usedforsecurity=False)
-
-    def update(self, block: bytes) -> None:
-        self._sha256.update(block)
-        self._md5.update(block)
-
-    @property
-    def sha256(self) -> str:
-        return self._sha256.hexdigest()
-
-    @property
-    def md5(self) -> str:
-        return self._md5.hexdigest()
-
-    def matches(self, sha256: str, md5: str | None) -> bool:
-        """True if the stream has this sha256 and, where one is given, this md5."""
-        return self.sha256 == sha256 and md5 in (None, self.md5)
-
-    @classmethod
-    def of_file(cls, path: Path) -> Checksums:
-        checksums = cls()
-        with path.open("rb") as stream:
-            while block := stream.read(_BLOCK):
-                checksums.update(block)
-        return checksums
 
 
 def _fetch(file: RemoteFile, expected_sha256: str, target: Path, progress: Progress | None) -> None:

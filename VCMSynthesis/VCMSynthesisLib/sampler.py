@@ -23,7 +23,8 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from VCMSynthesisLib.errors import Cancelled, UsageError, UserError
-from VCMSynthesisLib.model_folder import MAX_STRENGTH, SAMPLING_SCHEDULERS, LoadedModel, NoiseSchedule
+from VCMSynthesisLib.model_config import MAX_STRENGTH, SAMPLING_SCHEDULERS, NoiseSchedule
+from VCMSynthesisLib.model_folder import LoadedModel
 from VCMSynthesisLib.networks import modulate
 
 
@@ -222,7 +223,9 @@ def sample(
             known_latent = known.latent.to(device=device, dtype=latent.dtype)
             generate = known.mask.to(device=device, dtype=latent.dtype)
         total = len(model_timesteps)
-        step_pairs = _repeated(zip(noise_scheduler.timesteps, model_timesteps, strict=True),
+        if len(noise_scheduler.timesteps) != total:  # zip would drop steps silently
+            raise RuntimeError(f"scheduler has {len(noise_scheduler.timesteps)} timesteps for {total} steps")
+        step_pairs = _repeated(zip(noise_scheduler.timesteps, model_timesteps),
                                1 if known is None else known.resample)
         for step, (scheduler_t, model_t), again in step_pairs:
             if should_cancel is not None and should_cancel():

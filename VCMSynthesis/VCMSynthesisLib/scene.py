@@ -64,7 +64,7 @@ def segment_label_values(segmentation_node) -> dict[str, int]:
 def model_label_table(model: str) -> list[dict]:
     """[{"value", "name"}] of a model's labels, for `default_label_mapping` (model name or folder)."""
     from VCMSynthesisLib import registry
-    from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig
+    from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
 
     config = ModelConfig.load(Path(registry.resolve_model(model)) / CONFIG_NAME)
     return [{"value": label.value, "name": label.name} for label in config.labels]

@@ -25,7 +25,8 @@ import SimpleITK as sitk
 from VCMSynthesisLib.errors import UserError
 
 if TYPE_CHECKING:  # torch and the networks load only when a run starts (fast --help)
-    from VCMSynthesisLib.model_folder import LoadedModel, ModelConfig
+    from VCMSynthesisLib.model_config import ModelConfig
+    from VCMSynthesisLib.model_folder import LoadedModel
     from VCMSynthesisLib.sampler import SamplingStats
 
 DEFAULT_MODEL = "demo-superres"

@@ -16,7 +16,7 @@ from VCMSynthesisLib.conditions import (
     grid_direction,
 )
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import ModelConfig
+from VCMSynthesisLib.model_config import ModelConfig
 from VCMSynthesisLib.volumes import Segmentation, read_segmentation, read_volume, write_volume_atomic
 from volume_cases import FORMATS, GEOMETRIES, blob, dice, geometry_of, make_image, write_case
 

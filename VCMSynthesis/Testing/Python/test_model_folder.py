@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_model_folder, tiny_config, tiny_networks
 from VCMSynthesisLib import model_folder
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig, load_model_folder, save_model_folder
+from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
+from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import torch
 from monai.networks.schedulers import DDPMScheduler
 from tiny_models import TINY_STEPS, make_tiny_model_folder
 from VCMSynthesisLib.errors import Cancelled, UserError
-from VCMSynthesisLib.model_folder import NoiseSchedule, load_model_folder
+from VCMSynthesisLib.model_config import NoiseSchedule
+from VCMSynthesisLib.model_folder import load_model_folder
 from VCMSynthesisLib.networks import VCM, modulate
 from VCMSynthesisLib.sampler import KnownLatent, SamplingStats, build_scheduler, sample
 

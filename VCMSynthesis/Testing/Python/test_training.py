@@ -27,9 +27,9 @@ import train_adapter  # noqa: E402
 import train_autoencoder  # noqa: E402
 import train_diffusion  # noqa: E402
 from VCMSynthesisLib import sampler  # noqa: E402
+from VCMSynthesisLib.checksums import Checksums  # noqa: E402
 from VCMSynthesisLib.errors import UserError  # noqa: E402
 from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder  # noqa: E402
-from VCMSynthesisLib.registry import Checksums  # noqa: E402
 
 SIZE = 16  # voxels per side of the tiny phantoms
 

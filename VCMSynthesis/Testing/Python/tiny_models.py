@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from VCMSynthesisLib.checkpoints import BRAINLDM_NOISE_SCHEDULE
-from VCMSynthesisLib.model_folder import ModelConfig, save_model_folder
+from VCMSynthesisLib.model_config import ModelConfig
+from VCMSynthesisLib.model_folder import save_model_folder
 from VCMSynthesisLib.networks import VCM
 
 LATENT_CHANNELS = 3
