@@ -24,9 +24,14 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from VCMSynthesisLib import jobs, scene
-from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY
+from VCMSynthesisLib import unsupported_python_message
+
+if unsupported_python_message():  # one line in Slicer's log instead of a syntax error further down
+    raise RuntimeError(unsupported_python_message())
+
+from VCMSynthesisLib import jobs, scene  # noqa: E402
+from VCMSynthesisLib.errors import UserError  # noqa: E402
+from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DATA_DIR = MODULE_DIR / "Resources" / "SampleData"
@@ -602,7 +607,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         entry = self.modelEntry(name) if name else None
         if entry is None or not entry.available:
             return None
-        from VCMSynthesisLib.model_folder import CONFIG_NAME, ModelConfig
+        from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
 
         return ModelConfig.load(entry.folder / CONFIG_NAME)
 

@@ -266,7 +266,7 @@ def synthesize(
     condition = torch.from_numpy(conditions.channels).unsqueeze(0)
     timings["conditions_s"] = time.perf_counter() - start
     if conditions.cropped and warn is not None:
-        extent = " x ".join(f"{n * s:g}" for n, s in zip(config.grid.size, config.grid.spacing, strict=True))
+        extent = " x ".join(f"{n * s:g}" for n, s in zip(config.grid.size, config.grid.spacing))
         warn(f"the conditions' content extends beyond model '{config.name}''s field of view ({extent} mm); "
              "outside it the output is background")
 
@@ -573,5 +573,5 @@ def run_models_command(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
