@@ -23,7 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Installed and in a checkout alike, VCMSynthesisLib sits two folders up (VCMSynthesis/).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from VCMSynthesisLib import jobs  # noqa: E402
 from VCMSynthesisLib.cli import run_reporting_errors  # noqa: E402

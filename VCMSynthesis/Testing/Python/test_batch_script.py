@@ -1,4 +1,4 @@
-"""`python VCMSynthesis/VCMSynthesisBatch.py ...` run as a subprocess, as a researcher runs it."""
+"""`python VCMSynthesis/Resources/Scripts/VCMSynthesisBatch.py ...` run as a subprocess, as a researcher runs it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from slicer_scenes import new_scene as new_mrml_scene
 from tiny_models import make_tiny_model_folder
 from VCMSynthesisLib import scene
 
-SCRIPT = Path(__file__).resolve().parents[2] / "VCMSynthesisBatch.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "Resources" / "Scripts" / "VCMSynthesisBatch.py"
 
 
 def run_batch(*arguments, temporary: Path, timeout: float = 300) -> subprocess.CompletedProcess:

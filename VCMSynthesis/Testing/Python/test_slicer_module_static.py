@@ -53,7 +53,7 @@ def cmake_listed_files() -> set[str]:
 
 def package_files() -> set[str]:
     """Lib scripts, module scripts and resources that the extension package must contain."""
-    files = {"VCMSynthesis.py", "VCMSynthesisBatch.py"}
+    files = {"VCMSynthesis.py"}
     library = MODULE_DIR / "VCMSynthesisLib"
     files |= {path.relative_to(MODULE_DIR).as_posix() for path in library.glob("*.py")}
     files |= {
@@ -62,6 +62,16 @@ def package_files() -> set[str]:
         if path.is_file() and "__pycache__" not in path.parts and not path.name.startswith(".")
     }
     return files
+
+
+def test_slicer_loads_no_other_python_file_as_a_module():
+    """Slicer loads every top-level .py among the module's scripts (and in a module folder added
+    from a checkout) as a scripted module: only VCMSynthesis.py may be one."""
+    text = MODULE_CMAKE.read_text(encoding="utf-8").replace("${MODULE_NAME}", "VCMSynthesis")
+    scripts = re.search(r"set\(MODULE_PYTHON_SCRIPTS(.*?)\)", text, flags=re.DOTALL).group(1).split()
+    assert [name for name in scripts if "/" not in name] == ["VCMSynthesis.py"]
+    assert [path.name for path in MODULE_DIR.glob("*.py")] == ["VCMSynthesis.py"]
+    assert "Resources/Scripts/VCMSynthesisBatch.py" in cmake_listed_files()
 
 
 def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
@@ -124,7 +134,7 @@ def test_slicer_api_the_module_calls_exists():
     exist in Slicer's own `slicer.util` and MRML wrapping (shipped by the slicer-core wheel)."""
     import slicer
 
-    sources = [MODULE_FILE, MODULE_DIR / "VCMSynthesisBatch.py", MODULE_DIR / "VCMSynthesisLib" / "scene.py"]
+    sources = [MODULE_FILE, MODULE_DIR / "Resources" / "Scripts" / "VCMSynthesisBatch.py", MODULE_DIR / "VCMSynthesisLib" / "scene.py"]
     text = "\n".join(path.read_text(encoding="utf-8") for path in sources)
     helpers = set(re.findall(r"slicer\.util\.(\w+)", text))
     classes = set(re.findall(r"slicer\.(vtk\w+)", text))
