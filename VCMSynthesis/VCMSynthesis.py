@@ -86,7 +86,7 @@ def registerSampleData():
             uris=path.as_uri(),
             fileNames=path.name,
             nodeNames=name,
-            loadFileType=fileType,
+            loadFileTypes=fileType,
         )
 
 
@@ -322,6 +322,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(row, 0, item)
             selector = slicer.qMRMLNodeComboBox()
             selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.showChildNodeTypes = False  # label maps are no modality images
             selector.noneEnabled = True
             selector.addEnabled = False
             selector.removeEnabled = False

@@ -18,8 +18,6 @@ import vtk
 from VCMSynthesisLib import jobs
 from VCMSynthesisLib.errors import UserError
 
-EXTENT_REFERENCE_GEOMETRY = 2  # vtkSegmentation::EXTENT_REFERENCE_GEOMETRY
-
 
 def _require_untransformed(node, role: str) -> None:
     if node.GetParentTransformNode() is not None:
@@ -134,7 +132,8 @@ def export_segmentation(
         label_values.InsertNextValue(int(value))
     merged = slicer.vtkOrientedImageData()
     slicer.vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
-        segmentation_node, reference_volume_node, segment_ids, EXTENT_REFERENCE_GEOMETRY, merged, label_values
+        segmentation_node, reference_volume_node, segment_ids,
+        slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, merged, label_values
     )
     if merged.GetPointData().GetScalars() is None:
         raise UserError(

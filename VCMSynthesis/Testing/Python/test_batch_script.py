@@ -1,4 +1,5 @@
-"""`python VCMSynthesis/Resources/Scripts/VCMSynthesisBatch.py ...` run as a subprocess, as a researcher runs it."""
+"""`python VCMSynthesis/Resources/Scripts/VCMSynthesisBatch.py ...` run as a subprocess, as a researcher
+runs it."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def test_listing_models_imports_no_torch_monai_simpleitk_or_scipy():
 
 
 def test_configs_and_label_tables_read_without_torch():
-    code = ("from VCMSynthesisLib import registry; from VCMSynthesisLib.model_config import ModelConfig, CONFIG_NAME\n"
+    code = ("from VCMSynthesisLib import registry\n"
+            "from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig\n"
             "for entry in registry.list_models():\n"
             "    if entry.available:\n"
             "        config = ModelConfig.load(entry.folder / CONFIG_NAME)\n"

@@ -129,12 +129,36 @@ def test_extension_build_files_and_catalog_entry():
     assert catalog["category"] == category
 
 
+def test_every_volume_selector_hides_child_node_types():
+    """Label maps are scalar volume nodes' children: without this they are offered as images."""
+    for widget in ElementTree.parse(UI_FILE).getroot().iter("widget"):
+        if widget.get("class") != "qMRMLNodeComboBox":
+            continue
+        properties = {prop.get("name"): prop for prop in widget.findall("property")}
+        if "vtkMRMLScalarVolumeNode" in [item.text for item in properties["nodeTypes"].iter("string")]:
+            shown = properties.get("showChildNodeTypes")
+            assert shown is not None and shown.find("bool").text == "false", widget.get("name")
+    code = MODULE_FILE.read_text(encoding="utf-8")
+    built = code.count("slicer.qMRMLNodeComboBox()")
+    assert built >= 1 and code.count(".showChildNodeTypes = False") == built
+
+
+def test_the_packaged_description_is_whole_and_scene_uses_slicers_constants():
+    top = (REPO_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', top).group(1)
+    assert ";" not in description  # CMake splits a string into a list at semicolons
+    scene = (MODULE_DIR / "VCMSynthesisLib" / "scene.py").read_text(encoding="utf-8")
+    assert "slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY" in scene
+    assert not re.search(r"EXTENT_\w+ = \d", scene)
+
+
 def test_slicer_api_the_module_calls_exists():
     """`slicer.util` helpers and `slicer.vtk*` classes named by the module, batch script and scene glue
     exist in Slicer's own `slicer.util` and MRML wrapping (shipped by the slicer-core wheel)."""
     import slicer
 
-    sources = [MODULE_FILE, MODULE_DIR / "Resources" / "Scripts" / "VCMSynthesisBatch.py", MODULE_DIR / "VCMSynthesisLib" / "scene.py"]
+    sources = [MODULE_FILE, MODULE_DIR / "Resources" / "Scripts" / "VCMSynthesisBatch.py",
+               MODULE_DIR / "VCMSynthesisLib" / "scene.py"]
     text = "\n".join(path.read_text(encoding="utf-8") for path in sources)
     helpers = set(re.findall(r"slicer\.util\.(\w+)", text))
     classes = set(re.findall(r"slicer\.(vtk\w+)", text))
