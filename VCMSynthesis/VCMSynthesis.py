@@ -29,8 +29,9 @@ from VCMSynthesisLib import unsupported_python_message
 if unsupported_python_message():  # one line in Slicer's log instead of a syntax error further down
     raise RuntimeError(unsupported_python_message())
 
-from VCMSynthesisLib import jobs, scene  # noqa: E402
+from VCMSynthesisLib import jobs, registry, scene  # noqa: E402
 from VCMSynthesisLib.errors import UserError  # noqa: E402
+from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig  # noqa: E402
 from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parent
@@ -216,6 +217,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # Models and condition tables
 
     def populateModels(self) -> None:
+        """Fill the model list (again after *Check dependencies*), keeping the chosen model."""
+        chosen = self._parameterNode.model if self._parameterNode else None
         self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
         try:
@@ -223,6 +226,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.modelComboBox.addItem(f"{entry.name} ({entry.task})", entry.name)
         except UserError as error:
             self.ui.modelDescriptionLabel.text = str(error)
+        if chosen and self.ui.modelComboBox.findData(chosen) >= 0:
+            self.ui.modelComboBox.currentIndex = self.ui.modelComboBox.findData(chosen)
         self.ui.modelComboBox.blockSignals(False)
         self.onModelChanged()
 
@@ -483,6 +488,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCheckDependencies(self) -> None:
         self.logic.workerHasDependencies(askToInstall=True)
         self.ui.dependencyStatusLabel.text = self.logic.lastEnvironmentSummary
+        self.populateModels()  # e.g. a model downloaded or placed by hand meanwhile
 
 
 #
@@ -591,25 +597,17 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
     # Models
 
     def models(self):
-        """Registry entries (shipped, downloadable, the user's own)."""
-        try:
-            from VCMSynthesisLib import registry
-        except ImportError as error:
-            raise UserError(
-                _("cannot list models ({error}); press Check dependencies in Set-up").format(error=error)
-            ) from error
+        """Registry entries (shipped, downloadable, the user's own); reads JSON only, no torch."""
         return registry.list_models()
 
     def modelEntry(self, name: str):
         return next((entry for entry in self.models() if entry.name == name), None)
 
     def modelConfig(self, name: str):
-        """The model's checked config.json, or None while it is not downloaded."""
+        """The model's checked config.json, or None while it is not downloaded (no torch needed)."""
         entry = self.modelEntry(name) if name else None
         if entry is None or not entry.available:
             return None
-        from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
-
         return ModelConfig.load(entry.folder / CONFIG_NAME)
 
     def labelTable(self, name: str) -> list:
@@ -749,13 +747,21 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
 
 
 class VCMSynthesisTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: a small segmentation -> synthesis with the shipped demo model -> output
-    volume on the reference geometry, then a Cancel that leaves the scene as it was."""
+    """Runs inside Slicer: the model catalogue and the job export (no torch needed), then, where the
+    worker Python has torch and MONAI, a small segmentation -> synthesis with the shipped demo
+    model -> output volume on the reference geometry, and a Cancel that leaves the scene as it was.
+    (An extension build machine has no torch: the synthesis part then says why it is skipped.)"""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        self.setUp()
+        self.test_CatalogueAndExportWithoutTorch()
+        environment = jobs.probe_worker_python(VCMSynthesisLogic().workerPython())
+        if environment.missing:
+            self.delayDisplay("Synthesis not tested: " + environment.summary())
+            return
         self.setUp()
         self.test_SynthesisGeometry()
         self.setUp()
@@ -787,6 +793,20 @@ class VCMSynthesisTest(ScriptedLoadableModuleTest):
         labels = [label["value"] for label in VCMSynthesisLogic().labelTable("demo") if label["value"] != 0]
         self.assertTrue(labels, "the shipped demo model is missing or has no labels")
         return reference, segmentation, {segmentIds[0]: labels[0], segmentIds[1]: labels[-1]}
+
+    def test_CatalogueAndExportWithoutTorch(self):
+        self.delayDisplay("Model list, label table and job export in Slicer's own Python")
+        logic = VCMSynthesisLogic()
+        self.assertIn("demo", [entry.name for entry in logic.models()])
+        self.assertEqual(logic.modelConfig("demo").name, "demo")
+        _reference, segmentation, mapping = self._smallCase()
+        folder = jobs.new_job_folder()
+        try:
+            job = scene.write_synthesis_job(folder, segmentation, mapping, model="demo", steps=2, seed=1)
+            self.assertTrue(Path(job.arguments[job.arguments.index("--segmentation") + 1]).is_file())
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.delayDisplay("Test passed")
 
     @staticmethod
     def _nodeIds():

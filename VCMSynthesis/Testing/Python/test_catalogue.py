@@ -49,3 +49,30 @@ def test_each_command_is_registered_by_the_module_named_for_it():
     for command, module in cli.SUBCOMMANDS.items():
         own = {name for name, owner in cli.SUBCOMMANDS.items() if owner == module}
         assert commands(cli.build_parser(command)) == own, command
+
+
+def test_the_panels_label_table_and_job_export_need_no_torch(tmp_path):
+    """What the self-test runs on an extension build machine (no torch): the demo model's label
+    table, default segment mapping and a synthesis job exported from a real MRML scene."""
+    code = f"""
+import sys
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import slicer_scenes
+from VCMSynthesisLib import scene
+scene_ = slicer_scenes.new_scene()
+reference = slicer_scenes.add_volume(scene_, np.diag([1.5, 1.0, 2.0, 1.0]))
+segmentation = slicer_scenes.add_segmentation(scene_, reference, slicer_scenes.blob_labelmap(),
+                                              {{1: "CSF", 2: "grey matter", 3: "lesion"}})
+labels = scene.model_label_table("demo")
+mapping = scene.default_label_mapping(scene.segment_names(segmentation), labels,
+                                      scene.segment_label_values(segmentation))
+job = scene.write_synthesis_job({str(tmp_path)!r}, segmentation, mapping, model="demo", steps=2)
+assert mapping, mapping
+assert (job.folder / "segmentation.nrrd").stat().st_size > 0 and "--segmentation" in job.arguments
+print(sorted(name for name in sys.modules if name.split(".")[0] in {HEAVY[:-1]!r}))
+"""
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                               cwd=MODULE_DIR, env={"PYTHONPATH": str(MODULE_DIR), "PATH": "/usr/bin:/bin"})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip().splitlines()[-1] == "[]"
