@@ -13,11 +13,14 @@ import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
+import VCMSynthesisLib
+
 MODULE_DIR = Path(__file__).resolve().parents[2]
 REPO_DIR = MODULE_DIR.parent
 MODULE_FILE = MODULE_DIR / "VCMSynthesis.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "VCMSynthesis.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+WIDGET_API = Path(__file__).resolve().parent / "slicer_widget_api.json"
 
 
 def ui_object_names() -> set[str]:
@@ -167,3 +170,77 @@ def test_slicer_api_the_module_calls_exists():
     assert not [name for name in classes if not hasattr(slicer, name)]
     for event in ("SegmentAdded", "SegmentRemoved"):
         assert hasattr(slicer.vtkSegmentation, event)
+
+
+def widget_api() -> dict:
+    return json.loads(WIDGET_API.read_text(encoding="utf-8"))
+
+
+def is_qt_class(name: str) -> bool:
+    return name.startswith("Q")
+
+
+def code_objects() -> dict[str, str]:
+    """Expression in VCMSynthesis.py -> the Slicer/CTK/Qt class of the object it names."""
+    code = MODULE_FILE.read_text(encoding="utf-8")
+    objects = {f"self.ui.{name}": widget_class for name, widget_class in ui_widget_classes().items()}
+    objects |= dict(re.findall(r"(\w+) = (?:slicer|qt)\.(\w+)\(\)", code))
+    objects["slicer.app"] = "qSlicerApplication"
+    objects["uiWidget"] = "qMRMLWidget"
+    return objects
+
+
+def ui_widget_classes() -> dict[str, str]:
+    widgets = ElementTree.parse(UI_FILE).getroot().iter("widget")
+    return {widget.get("name"): widget.get("class") for widget in widgets}
+
+
+def code_uses() -> list[tuple[str, str, str]]:
+    """(class, "signals" | "properties" | "methods", member) for every member the module names on a widget."""
+    code = MODULE_FILE.read_text(encoding="utf-8")
+    uses = []
+    for expression, widget_class in code_objects().items():
+        pattern = rf"(?<![\w.]){re.escape(expression)}\.(\w+)(\s*\(\s*\"([^\"]*)\")?(\s*\()?"
+        for member, connected, signal, call in re.findall(pattern, code):
+            if member == "connect":
+                signal = signal.replace(" ", "").replace("constQString&", "QString")
+                uses.append((widget_class, "signals", signal))
+            else:
+                uses.append((widget_class, "methods" if call or connected else "properties", member))
+    return uses
+
+
+def test_the_widget_api_list_names_the_slicer_commits_it_was_checked_against():
+    verified = widget_api()["verified_against"]
+    assert all(re.search(r"\b[0-9a-f]{40}\b", text) for text in verified.values())
+    assert any(version.startswith(f"Slicer {VCMSynthesisLib.MINIMUM_SLICER}") for version in verified)
+
+
+def test_the_ui_sets_only_listed_properties_of_slicer_and_ctk_widgets():
+    api = widget_api()
+    for widget in ElementTree.parse(UI_FILE).getroot().iter("widget"):
+        widget_class = widget.get("class")
+        if is_qt_class(widget_class):
+            continue
+        assert widget_class in api["classes"], f"{widget_class} is not in {WIDGET_API.name}: check its header"
+        known = set(api["classes"][widget_class]["properties"]) | set(api["qt_inherited_properties"])
+        for prop in widget.findall("property"):
+            if prop.get("stdset") != "0":  # dynamic properties (SlicerParameterName) are the module's own
+                assert prop.get("name") in known, f"{widget.get('name')}: {widget_class}.{prop.get('name')}"
+
+
+def test_the_code_uses_only_listed_signals_properties_and_methods():
+    api, uses = widget_api(), code_uses()
+    assert ("qMRMLNodeComboBox", "signals", "currentNodeChanged(vtkMRMLNode*)") in uses  # the scan works
+    assert ("ctkPathLineEdit", "properties", "currentPath") in uses
+    unknown = []
+    for widget_class, kind, member in uses:
+        if is_qt_class(widget_class):
+            continue
+        entry = api["classes"].get(widget_class, {})
+        allowed = set(entry.get(kind, ()))
+        if kind == "properties":
+            allowed |= set(api["qt_inherited_properties"])
+        if member not in allowed:
+            unknown.append(f"{widget_class} {kind} {member}")
+    assert not unknown, f"not in {WIDGET_API.name} (check the header, then add): {sorted(set(unknown))}"
