@@ -309,9 +309,27 @@ def run(argv: list[str] | None = None) -> int:
             work.rmdir()
 
 
+PATH_ARGUMENTS = ("segmentation", "cases", "superres", "edit", "original_segmentation", "region", "output",
+                  "output_dir", "reference")
+
+
+def _absolute_paths(arguments: argparse.Namespace) -> None:
+    """Paths as the caller meant them: against this working folder (the worker runs in its job
+    folder). A manifest's own paths are relative to the manifest (`batch.read_manifest`)."""
+    for name in PATH_ARGUMENTS:
+        if getattr(arguments, name) is not None:
+            setattr(arguments, name, getattr(arguments, name).absolute())
+    arguments.modality = {name: Path(path).absolute() for name, path in arguments.modality.items()}
+    if arguments.model is not None and Path(arguments.model).is_dir():  # a model folder, not a name
+        arguments.model = str(Path(arguments.model).absolute())
+    if arguments.python is not None and Path(arguments.python).parent != Path():  # not a bare name on PATH
+        arguments.python = str(Path(arguments.python).absolute())
+
+
 def _run(arguments: argparse.Namespace, work: Path) -> int:
     arguments.modality = parse_pairs(arguments.modality, "--modality")
     labels = parse_pairs(arguments.label, "--label")
+    _absolute_paths(arguments)
     if not (arguments.segmentation or arguments.cases or arguments.superres or arguments.modality):
         raise UsageError("give --segmentation, --modality NAME=FILE (translation), --cases or --superres")
     if arguments.cases is None and arguments.output is None:

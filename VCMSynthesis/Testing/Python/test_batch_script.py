@@ -29,11 +29,12 @@ from VCMSynthesisLib import scene
 SCRIPT = Path(__file__).resolve().parents[2] / "Resources" / "Scripts" / "VCMSynthesisBatch.py"
 
 
-def run_batch(*arguments, temporary: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The script in a subprocess whose job folders go under `temporary`."""
+def run_batch(*arguments, temporary: Path, timeout: float = 300, cwd: Path | None = None
+              ) -> subprocess.CompletedProcess:
+    """The script in a subprocess (working folder `cwd`) whose job folders go under `temporary`."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), *map(str, arguments)], capture_output=True, text=True, timeout=timeout,
-        check=False, env={**os.environ, "TMPDIR": str(temporary)},
+        check=False, env={**os.environ, "TMPDIR": str(temporary)}, cwd=cwd,
     )
 
 
@@ -80,6 +81,31 @@ def test_seg_nrrd_to_a_volume_on_its_reference_geometry(tmp_path, tiny_model):
     np.testing.assert_allclose(matrix_of(result), matrix_of(reference), rtol=0, atol=1e-9)
     assert [path.name for path in output.parent.iterdir()] == ["t1.nrrd"]
     assert not list(tmp_path.glob("vcm-batch-*")), "job folders of a successful run are removed"
+
+
+def test_relative_paths_are_the_callers_from_any_working_folder(tmp_path, tiny_model):
+    """Every path given relative to the caller's folder (the worker runs in its job folder)."""
+    caller = tmp_path / "elsewhere"
+    (caller / "data").mkdir(parents=True)
+    reference = write_seg_nrrd(caller / "data" / "case.seg.nrrd", {1: "label 1", 2: "Label 2", 3: "lesion"})
+    scene.export_volume(reference, caller / "reference.nrrd")
+    (caller / "models").mkdir()
+    os.symlink(tiny_model, caller / "models" / "tiny")
+    labels = ["--label", "label 1=1", "--label", "Label 2=2", "--label", "lesion=3"]
+
+    single = run_batch("--segmentation", "data/case.seg.nrrd", "--reference", "reference.nrrd",
+                       "--output", "results/t1.nrrd", "--model", "models/tiny", *labels, "--steps", "1",
+                       "--device", "cpu", temporary=tmp_path, cwd=caller)
+    folder = run_batch("--cases", "data", "--output-dir", "folder-results", "--model", "models/tiny",
+                       *labels, "--steps", "1", "--device", "cpu", temporary=tmp_path, cwd=caller)
+
+    assert single.returncode == 0, single.stderr
+    assert single.stdout.strip().splitlines()[-1] == str(caller / "results" / "t1.nrrd")
+    result = scene.read_volume_file(caller / "results" / "t1.nrrd")
+    np.testing.assert_allclose(matrix_of(result), matrix_of(reference), rtol=0, atol=1e-6)
+    assert folder.returncode == 0, folder.stderr
+    assert (caller / "folder-results" / "case_synthesized.nrrd").is_file()
+    assert not list(tmp_path.glob("vcm-batch-*")), "nothing left under the job folders"
 
 
 def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path):
