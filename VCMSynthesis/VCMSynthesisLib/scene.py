@@ -31,22 +31,26 @@ def default_label_mapping(
     segment_names: Mapping[str, str],
     label_table: Iterable[Mapping],
     label_values: Mapping[str, int] | None = None,
+    by_value: bool = False,
 ) -> dict[str, int]:
-    """Segment ID -> model label value: by name (any case), else by the segment's label value.
+    """Segment ID -> model label value: by name (any case); by the segment's label value only
+    where its name is Slicer's own for an imported label ("Label_2" with value 2), or for every
+    segment with `by_value`.
 
-    The value fallback serves labelmaps imported as segmentations (segments "Label_2" keep value
-    2), as the worker reads a `.seg.nrrd`. Segments matching neither are left out; the panel shows
-    them for the user to map.
+    Other segments are left out: a segment called "lesion" is no model label just because its
+    value is one. The panel shows them as *(not used)* for the user to map; the batch script
+    refuses them unless `--label` or `--map-by-value` says what they are.
     """
     table = [(str(entry["name"]).strip().lower(), int(entry["value"])) for entry in label_table]
     value_of_name = dict(table)
     values = {value for _, value in table if value != 0}
     mapping = {}
     for segment_id, name in segment_names.items():
+        value = (label_values or {}).get(segment_id)
         if name.strip().lower() in value_of_name:
             mapping[segment_id] = value_of_name[name.strip().lower()]
-        elif label_values and label_values.get(segment_id) in values:
-            mapping[segment_id] = label_values[segment_id]
+        elif value in values and (by_value or name == f"Label_{value}"):
+            mapping[segment_id] = value
     return mapping
 
 

@@ -188,7 +188,7 @@ def _exported_labelmap(path: Path, reference: Path | None, output: Path, argumen
     # With every segment given by --label, the model's table (and torch) is not needed here.
     table = [] if set(names.values()) <= set(labels) else scene.model_label_table(arguments.model)
     values = scene.segment_label_values(segmentation_node)
-    label_of_segment = _label_mapping(names, labels, table, path, values)
+    label_of_segment = _label_mapping(names, labels, table, path, values, by_value=arguments.map_by_value)
     return scene.export_segmentation(segmentation_node, label_of_segment, output, reference_node)
 
 
@@ -198,10 +198,13 @@ def _label_mapping(
     table: list[dict],
     path: Path,
     label_values: dict[str, int] | None = None,
+    by_value: bool = False,
 ) -> dict[str, int]:
-    """Segment ID -> label value: `--label NAME=VALUE`, else the name, else the segment's value.
+    """Segment ID -> label value: `--label NAME=VALUE`, else the name, else (Slicer's "Label_N"
+    names, or every segment with `--map-by-value`) the segment's value; any other segment is
+    refused, so that no segment silently becomes a label it is not.
 
-    Matches by value alone (as the worker does for a `.seg.nrrd`) are reported on stderr.
+    Matches by value are reported on stderr.
     """
     from VCMSynthesisLib import scene
 
@@ -212,7 +215,7 @@ def _label_mapping(
             f"--label names segment(s) {', '.join(unknown)} that '{path}' does not have "
             f"(it has: {', '.join(names.values())})"
         )
-    mapping = scene.default_label_mapping(names, table, label_values)
+    mapping = scene.default_label_mapping(names, table, label_values, by_value=by_value)
     by_value = [
         f"{names[segment_id]}={value}"
         for segment_id, value in mapping.items()
@@ -236,7 +239,8 @@ def _label_mapping(
         label_names = ", ".join(f"{entry['value']}={entry['name']}" for entry in table)
         raise UserError(
             f"segment(s) {', '.join(unmatched)} of '{path}' match no model label ({label_names}); rename "
-            "them or pass --label 'SEGMENT=VALUE' (VALUE 0 leaves a segment out)"
+            "them, pass --label 'SEGMENT=VALUE' (VALUE 0 leaves a segment out), or --map-by-value to use "
+            "their label values"
         )
     return mapping
 
@@ -263,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--label", action="append", metavar="SEGMENT=VALUE", help="segment name -> model label"
     )
+    parser.add_argument("--map-by-value", action="store_true",
+                        help="map .seg.nrrd segments whose names match no model label by their label value")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--strength", type=float,

@@ -163,6 +163,24 @@ def test_unmatched_segment_names_say_how_to_map_them(tmp_path, tiny_model):
     assert batch._label_mapping(names, {"tumour": "0"}, table, tmp_path / "c.seg.nrrd") == {"S1": 1}
 
 
+def test_a_segment_matching_no_label_is_refused_unless_mapped_by_value(tmp_path, tiny_model):
+    """A segment called "lesion" with value 3 is no "label 3" unless the user says so."""
+    write_seg_nrrd(tmp_path / "case.seg.nrrd", {1: "label 1", 2: "Label_2", 3: "lesion"})
+    common = ["--segmentation", tmp_path / "case.seg.nrrd", "--model", tiny_model, "--steps", "1",
+              "--device", "cpu"]
+
+    refused = run_batch(*common, "--output", tmp_path / "refused.nrrd", temporary=tmp_path)
+    by_value = run_batch(*common, "--output", tmp_path / "by-value.nrrd", "--map-by-value",
+                         temporary=tmp_path)
+
+    assert refused.returncode == 1
+    assert "segment(s) lesion of" in refused.stderr and "--map-by-value" in refused.stderr
+    assert "mapped by their label value: Label_2=2\n" in refused.stderr  # Slicer's own name for value 2
+    assert not (tmp_path / "refused.nrrd").exists()
+    assert by_value.returncode == 0, by_value.stderr
+    assert "mapped by their label value: Label_2=2, lesion=3" in by_value.stderr
+
+
 def test_edit_of_a_scan_from_two_seg_nrrd_files(tmp_path, tiny_model):
     from VCMSynthesisLib.edit import distance_mm
     from VCMSynthesisLib.volumes import read_volume

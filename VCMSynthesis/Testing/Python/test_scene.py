@@ -69,6 +69,20 @@ def test_default_mapping_falls_back_to_label_values_of_imported_labelmaps():
     assert mapping == {ids["Label_1"]: 1, ids["white matter"]: 7}
 
 
+def test_a_segment_named_like_no_label_is_left_out_unless_mapped_by_value():
+    """A segment called "lesion" whose label value happens to be a model label is no such label."""
+    mrml = new_scene()
+    reference = add_volume(mrml, GEOMETRIES["anisotropic"])
+    segmentation = add_segmentation(mrml, reference, blob_labelmap(), {1: "CSF", 2: "lesion", 3: "Label_3"})
+    ids = ids_by_name(segmentation)
+    table = [{"value": 1, "name": "CSF"}, {"value": 2, "name": "grey matter"}, {"value": 3, "name": "white"}]
+    names, values = scene.segment_names(segmentation), scene.segment_label_values(segmentation)
+
+    assert scene.default_label_mapping(names, table, values) == {ids["CSF"]: 1, ids["Label_3"]: 3}
+    assert scene.default_label_mapping(names, table, values, by_value=True) == {
+        ids["CSF"]: 1, ids["lesion"]: 2, ids["Label_3"]: 3}
+
+
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 def test_export_on_reference_keeps_geometry_and_maps_labels(tmp_path, geometry):
     mrml = new_scene()
