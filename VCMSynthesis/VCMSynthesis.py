@@ -119,7 +119,7 @@ class VCMSynthesisParameterNode:
     livePreview: bool = False
     samples: Annotated[int, WithinRange(1, 64)] = 1
     model: str = "demo"
-    steps: Annotated[int, WithinRange(1, 1000)] = 50
+    steps: Annotated[int, WithinRange(1, 1000)] = 25  # set to the model's default on model change
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     strength: Annotated[float, WithinRange(0.0, 4.0)] = 1.0
     device: str = "auto"
@@ -244,9 +244,12 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         description = entry.description
         if not entry.available:
             description += " " + _("(not downloaded yet: see Set-up in the documentation)")
-        self.ui.modelDescriptionLabel.text = description
         config = self.logic.modelConfig(entry.name)
-        if self._parameterNode and config is not None:
+        if config is not None:
+            description += " " + scene.sampling_summary(config)
+        self.ui.modelDescriptionLabel.text = description
+        if self._parameterNode and config is not None:  # the model's defaults, shown and used
+            self._parameterNode.steps = config.sampling_steps
             self._parameterNode.strength = config.sampling_strength
         self.updateSegmentMapping()
         self.updateModalityTable()
@@ -383,13 +386,12 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 model=parameters.model,
                 referenceVolumeNode=parameters.referenceVolume,
                 modalityNodes=self.modalityNodes(),
-                steps=parameters.steps,
                 seed=parameters.seed,
-                strength=parameters.strength,
                 device=parameters.device,
                 outputVolumeNode=parameters.outputVolume,
                 previewEvery=PREVIEW_EVERY if parameters.livePreview else None,
                 samples=parameters.samples,
+                **self.changedSampling(),
             )
         )
 
@@ -400,7 +402,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         self.startRun(
             lambda: self.logic.startSuperResolution(
-                parameters.superResolutionInput, steps=parameters.steps, seed=parameters.seed,
+                # The super-resolution model's own defaults, but for steps the user changed.
+                parameters.superResolutionInput, steps=self.changedSampling()["steps"], seed=parameters.seed,
                 device=parameters.device,
             )
         )
@@ -424,11 +427,17 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startRun(
             lambda: self.logic.startEdit(
                 self.segmentMapping(), model=parameters.model, marginMm=parameters.editMarginMm,
-                steps=parameters.steps, seed=parameters.seed, strength=parameters.strength,
-                samples=parameters.samples, device=parameters.device,
+                seed=parameters.seed, samples=parameters.samples, device=parameters.device,
+                **self.changedSampling(),
                 outputVolumeNode=parameters.outputVolume,
             )
         )
+
+    def changedSampling(self) -> dict:
+        """`steps`/`strength` for a job: None where the panel shows the model's default."""
+        parameters = self._parameterNode
+        return scene.changed_sampling(self.logic.modelConfig(parameters.model), steps=parameters.steps,
+                                      strength=parameters.strength)
 
     def startRun(self, start) -> None:
         if not self.logic.workerHasDependencies(askToInstall=True):

@@ -54,6 +54,23 @@ def default_label_mapping(
     return mapping
 
 
+def changed_sampling(config, **values) -> dict:
+    """The panel's sampling settings (`steps=`, `strength=`, `scheduler=`) to pass to a job:
+    None where a value is the model's default (`config.sampling_<name>`), so that the worker
+    uses the model's tuned settings and only what the user changed overrides them. With no
+    config (a model not downloaded yet) the values pass as they are."""
+    if config is None:
+        return dict(values)
+    return {name: None if value == getattr(config, f"sampling_{name}") else value
+            for name, value in values.items()}
+
+
+def sampling_summary(config) -> str:
+    """One line naming a model's default sampling, shown under its description."""
+    return (f"Defaults: {config.sampling_scheduler.upper()}, {config.sampling_steps} steps, "
+            f"strength {config.sampling_strength:g}.")
+
+
 def segment_label_values(segmentation_node) -> dict[str, int]:
     """Segment ID -> the segment's label value in its labelmap layer."""
     segmentation = segmentation_node.GetSegmentation()

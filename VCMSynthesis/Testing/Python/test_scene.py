@@ -244,3 +244,18 @@ def test_export_resamples_onto_another_reference_grid(tmp_path, case):
     # Same physical volume: voxel count scales with the voxel volume ratio (1.5^3 / 0.75^3 = 8).
     source_voxels = int((blob_labelmap() == 2).sum())
     assert 0.5 * 8 * source_voxels < (labels == 7).sum() < 1.5 * 8 * source_voxels
+
+
+def test_the_panel_passes_only_sampling_settings_that_differ_from_the_models(tmp_path):
+    from tiny_models import make_tiny_model_folder
+    from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
+
+    config = ModelConfig.load(make_tiny_model_folder(tmp_path / "tiny") / CONFIG_NAME)
+    defaults = {"steps": config.sampling_steps, "strength": config.sampling_strength}
+
+    assert scene.changed_sampling(config, **defaults) == {"steps": None, "strength": None}
+    changed = scene.changed_sampling(config, steps=defaults["steps"] + 7, strength=defaults["strength"])
+    assert changed == {"steps": config.sampling_steps + 7, "strength": None}
+    assert scene.changed_sampling(None, steps=5, strength=1.0) == {"steps": 5, "strength": 1.0}
+    summary = scene.sampling_summary(config)
+    assert f"{config.sampling_steps} steps" in summary and config.sampling_scheduler.upper() in summary
