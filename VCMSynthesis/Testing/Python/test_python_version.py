@@ -9,7 +9,10 @@ or Python version names the same minimum.
 from __future__ import annotations
 
 import ast
+import glob
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +135,30 @@ def test_the_worker_refuses_an_older_python_in_one_line(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith(f"error: VCM Synthesis needs Slicer {MINIMUM_SLICER} or later")
     assert completed.stdout == ""
+
+
+def installed_python(version: str) -> str | None:
+    """A real Python `version` ("3.9") on this machine (PATH or pyenv), if there is one."""
+    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates = sorted(glob.glob(f"{pyenv}/versions/{version}.*/bin/python"))
+    candidates.append(shutil.which(f"python{version}"))
+    runs = (path for path in candidates if path and subprocess.run(
+        [path, "-c", "pass"], capture_output=True, check=False).returncode == 0)  # pyenv shims may not
+    return next(runs, None)
+
+
+def test_the_torch_free_commands_run_on_a_real_python_3_9_and_3_8_is_refused():
+    """Where a real 3.9 is installed: the catalogue runs on it (no torch needed); 3.8 gets one line."""
+    oldest = installed_python(".".join(map(str, MINIMUM_PYTHON)))
+    if oldest is None:
+        pytest.skip(f"no Python {MINIMUM_PYTHON} installed here (vermin checks the code without it)")
+    listed = subprocess.run([oldest, "-B", "-m", "VCMSynthesisLib", "models"], capture_output=True, text=True,
+                            check=False, cwd=MODULE_DIR, env={"PYTHONPATH": str(MODULE_DIR)})
+    assert listed.returncode == 0, listed.stderr
+    assert "demo-superres" in listed.stdout
+    older = installed_python(f"{MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1] - 1}")
+    if older is not None:
+        refused = subprocess.run([older, "-B", "-m", "VCMSynthesisLib", "models"], capture_output=True,
+                                 text=True, check=False, cwd=MODULE_DIR, env={"PYTHONPATH": str(MODULE_DIR)})
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"error: VCM Synthesis needs Slicer {MINIMUM_SLICER} or later")
