@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from VCMSynthesisLib import MINIMUM_PYTHON, MINIMUM_SLICER
 from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UserError
 
 LIB_PARENT = Path(__file__).resolve().parent.parent
@@ -201,7 +202,7 @@ WORKER_REQUIREMENTS = {
 _PROBE = """
 import importlib.util, json, sys
 missing = [name for name in sys.argv[1:] if importlib.util.find_spec(name) is None]
-found = {"missing": missing, "torch": None, "cuda": False, "gpu": None}
+found = {"missing": missing, "torch": None, "cuda": False, "gpu": None, "version": list(sys.version_info[:3])}
 if "torch" not in missing:
     import torch
     found["torch"] = torch.__version__
@@ -250,6 +251,12 @@ def probe_worker_python(python: str | None = None, timeout_s: float = 120.0) -> 
         raise UserError(
             f"the worker Python '{python}' does not run ({error}); choose another one in the module's Set-up"
         ) from error
+    if tuple(found["version"][:2]) < MINIMUM_PYTHON:
+        version, minimum = ".".join(map(str, found["version"])), ".".join(map(str, MINIMUM_PYTHON))
+        raise UserError(
+            f"the worker Python '{python}' is Python {version}; VCM Synthesis needs Python {minimum} "
+            f"or later (that of Slicer {MINIMUM_SLICER}): choose another one in the module's Set-up"
+        )
     return WorkerEnvironment(
         python=python, missing=found["missing"], torch_version=found["torch"], cuda=found["cuda"],
         gpu=found["gpu"],

@@ -162,3 +162,16 @@ def test_the_torch_free_commands_run_on_a_real_python_3_9_and_3_8_is_refused():
                                  text=True, check=False, cwd=MODULE_DIR, env={"PYTHONPATH": str(MODULE_DIR)})
         assert refused.returncode == 1
         assert refused.stderr.startswith(f"error: VCM Synthesis needs Slicer {MINIMUM_SLICER} or later")
+
+
+def test_check_dependencies_refuses_a_worker_python_older_than_the_minimum():
+    """Set-up > Worker Python set to a real 3.8: one line at *Check dependencies*, not at the run."""
+    from VCMSynthesisLib import jobs
+    from VCMSynthesisLib.errors import UserError
+
+    older = installed_python(f"{MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1] - 1}")
+    if older is None:
+        pytest.skip("no older Python installed here")
+    with pytest.raises(UserError, match=r"is Python 3\.8\.\d+; VCM Synthesis needs Python 3\.9 or later"):
+        jobs.probe_worker_python(older)
+    assert jobs.probe_worker_python(sys.executable).torch_version  # this one passes
