@@ -16,11 +16,11 @@ asks of an edit:
 It writes the inputs and outputs under `--out`, a PNG (before, after, difference) and prints a
 Markdown table.
 
-    python training/prepare_demo_data.py --out /tmp/demo-data --train 0 --test 8 --seed 1
-    python training/edit_example.py --data /tmp/demo-data --out /tmp/edit-example --cases 8 \\
+    python training/prepare_demo_data.py --out training/data --only heldout
+    python training/edit_example.py --data training/data/heldout/recipe --out /tmp/edit-example --cases 6 \\
         --png VCMSynthesis/Resources/Images/edit_example.png
 
-(`--seed 1` makes subjects the demo models never saw: they were trained on `--seed 0`.)
+(The held-out sets are subjects the demo models never saw.)
 """
 
 from __future__ import annotations
