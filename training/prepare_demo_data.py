@@ -287,8 +287,6 @@ def main(argv: list[str] | None = None) -> None:
                   lambda index: "train")
     if args.only == "train":
         return
-    colin = load_colin27(args.colin27)
-    colin_native = sitk.Cast(colin.mask, sitk.sitkFloat32)
     heldout = args.out / "heldout"
 
     def cases(brain, recipe, name, oblique, grid=None):
@@ -306,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     strong = Recipe(**{**STRONG.__dict__, **no_edit})
     write_set(heldout / "recipe", cases(mni, MILD, "recipe", oblique=False), lambda index: "test")
     write_set(heldout / "oblique", cases(mni, strong, "oblique", oblique=True), lambda index: "test")
+    colin = load_colin27(args.colin27)  # after the MNI sets: those need no Debian package
+    colin_native = sitk.Cast(colin.mask, sitk.sitkFloat32)
     write_set(heldout / "colin27", cases(colin, MILD, "colin27", oblique=False, grid=colin_native),
               lambda index: "test")
     write_set(heldout / "colin27-oblique", cases(colin, strong, "colin27-oblique", oblique=True),
