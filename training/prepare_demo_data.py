@@ -160,11 +160,14 @@ def tissue_labels(tissues: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
     return np.where(mask, np.argmax(np.stack(tissues), axis=0) + 1, 0).astype(np.uint8)
 
 
-def edit_labels(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One random anatomical edit of a 1 mm label map: CSF (ventricles and sulci) grown or shrunk,
-    cortex thickened or thinned, by 1-3 voxels. Voxels a shrinking tissue gives up go to the
-    neighbouring tissue that grows into them."""
-    kind = rng.choice(["grow CSF", "shrink CSF", "thicken cortex", "thin cortex"])
+EDITS = ("grow CSF", "shrink CSF", "thicken cortex", "thin cortex")
+
+
+def edit_labels(labels: np.ndarray, rng: np.random.Generator, kind: str | None = None) -> np.ndarray:
+    """One anatomical edit of a 1 mm label map (`kind` one of EDITS, None: a random one): CSF
+    (ventricles and sulci) grown or shrunk, cortex thickened or thinned, by 1-3 voxels. Voxels a
+    shrinking tissue gives up go to the neighbouring tissue that grows into them."""
+    kind = rng.choice(list(EDITS)) if kind is None else kind
     radius = int(rng.integers(1, 4 if kind == "grow CSF" else 3))
     grows, into = {"grow CSF": (1, (2, 3)), "shrink CSF": (2, (1,)), "thicken cortex": (2, (3,)),
                    "thin cortex": (3, (2,))}[kind]
