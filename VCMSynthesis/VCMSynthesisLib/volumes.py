@@ -11,14 +11,22 @@ can move them by one unit in the last place, which would break voxel-for-voxel a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.files import AtomicWrites, partial_path, remove_stale_partials, write_error
 
 # Larger than any scan this tool is meant for (1024 x 1024 x 512); a header claiming more is
 # either corrupt or needs cropping before synthesis.
@@ -76,14 +84,13 @@ def check_output_writable(path: str | os.PathLike) -> Path:
     folder = path.parent
     if not folder.is_dir():
         raise UserError(f"cannot write '{path}': folder '{folder}' does not exist; create it first")
-    probe = _temporary_name(path, suffix)
+    remove_stale_partials(folder)
+    probe = partial_path(path, ".probe")
     try:
         with open(probe, "xb"):
             pass
     except OSError as error:
-        raise UserError(
-            f"cannot write '{path}': {error.strerror}; choose a folder you can write to"
-        ) from None
+        raise write_error(path, error) from None
     probe.unlink()
     return path
 
@@ -196,9 +203,12 @@ def read_segmentation(path: str | os.PathLike) -> Segmentation:
 
 
 def write_volume_atomic(
-    image: sitk.Image, path: str | os.PathLike, reference: str | os.PathLike | None = None
+    image: sitk.Image,
+    path: str | os.PathLike,
+    reference: str | os.PathLike | None = None,
+    raise_if_cancelled: Callable[[], None] | None = None,
 ) -> Path:
-    """Write `image` to `path` through a temporary file in the same folder and a rename.
+    """Write `image` to `path` completely or not at all (see `write_volumes_atomic`).
 
     Args:
         image: a scalar 3D image.
@@ -207,26 +217,142 @@ def write_volume_atomic(
             output and reference are both NRRD or both NIfTI, the reference's geometry header
             is copied verbatim, so reading the output gives back the reference's size, spacing,
             origin and direction bit for bit.
+        raise_if_cancelled: checked once the file is written and verified, before the rename.
     """
-    path = Path(path)
-    suffix = output_suffix(path)
-    temporary = _temporary_name(path, suffix)
-    try:
-        family = _format_family(suffix)
-        copy_header = reference is not None and family == _format_family(_input_suffix(reference))
-        if copy_header:
-            _check_same_geometry(image, reference)
+    return write_volumes_atomic([(image, path, reference)], raise_if_cancelled)[0]
+
+
+def write_volumes_atomic(
+    volumes: Sequence[tuple[sitk.Image, str | os.PathLike, str | os.PathLike | None]],
+    raise_if_cancelled: Callable[[], None] | None = None,
+) -> list[Path]:
+    """Write several volumes (image, path, reference), renamed into place only once all are written.
+
+    Each goes to a temporary file beside its output (`files.AtomicWrites`), is synced and read
+    back (complete, same geometry, same voxels) before any output is replaced, so a full disk,
+    a crash or a cancel leaves every previous file as it was. Non-finite voxels are refused.
+    """
+    paths = []
+    with AtomicWrites(raise_if_cancelled) as writes:
+        for image, path, reference in volumes:
+            path = Path(path)
+            suffix = output_suffix(path)
+            _check_finite_result(image, path)
+            verify = partial(_verify_volume, image=image, suffix=suffix, target=path)
+            temporary = writes.stage(path, suffix=suffix, verify=verify)
+            _write_volume(image, temporary, suffix, reference)
+            paths.append(path)
+    return paths
+
+
+def _write_volume(image: sitk.Image, temporary: Path, suffix: str, reference) -> None:
+    family = _format_family(suffix)
+    copy_header = reference is not None and family == _format_family(_input_suffix(reference))
+    if copy_header:
+        _check_same_geometry(image, reference)
+    with _native_messages_captured() as messages:
         if copy_header and family == "nrrd":
             copy_header = _write_nrrd_with_reference_header(image, temporary, reference)
         elif copy_header:
             _write_nifti_with_reference_header(image, temporary, reference)
         if not copy_header:
-            sitk.WriteImage(image, str(temporary), useCompression=True)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+            try:
+                sitk.WriteImage(image, str(temporary), useCompression=True)
+            except RuntimeError as error:
+                raise _os_error(str(error) + messages.text()) from None
+
+
+def _os_error(message: str) -> OSError:
+    """ITK reports failed writes as RuntimeErrors; the reason is in the text."""
+    if "No space left" in message:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, message.strip().splitlines()[-1] if message.strip() else "write failed")
+
+
+def _verify_volume(temporary: Path, *, image: sitk.Image, suffix: str, target: Path) -> None:
+    """The written file reads back complete, with `image`'s geometry and voxels.
+
+    ITK's NIfTI writer reports a short write only on stderr and its reader zero-fills a
+    truncated file, so NIfTI data is also counted (through gzip for .nii.gz).
+    """
+    with _native_messages_captured():
+        try:
+            if suffix in (".nii", ".nii.gz"):
+                _check_nifti_complete(temporary, compressed=suffix == ".nii.gz")
+            written = sitk.ReadImage(str(temporary))
+        except Exception as error:  # whatever the reader trips on, the file is not right
+            written, problem = None, f"it does not read back ({type(error).__name__})"
+    if written is not None:
+        problem = _difference(image, written)
+    if problem is not None:
+        free = shutil.disk_usage(temporary.parent).free
+        raise UserError(f"cannot write '{target}': the file written {problem} (the disk has "
+                        f"{free / 2**20:.0f} MiB free); free some space or write elsewhere "
+                        "(nothing was replaced)")
+
+
+def _check_nifti_complete(path: Path, compressed: bool) -> None:
+    import gzip
+
+    import nibabel
+
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as stream:
+        header = nibabel.Nifti1Header.from_fileobj(stream)
+        needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
+            header.get_data_dtype().itemsize
+        size = stream.tell()
+        while block := stream.read(1 << 22):  # gzip raises EOFError on a stream cut short
+            size += len(block)
+    if size < needed:
+        raise EOFError(f"{size} of {needed} bytes")
+
+
+def _difference(image: sitk.Image, written: sitk.Image) -> str | None:
+    if written.GetSize() != image.GetSize() or written.GetNumberOfComponentsPerPixel() != 1:
+        return "has another size"
+    for name in ("GetSpacing", "GetOrigin", "GetDirection"):
+        if not np.allclose(getattr(written, name)(), getattr(image, name)(), rtol=1e-5, atol=1e-4):
+            return "has another geometry"
+    if not np.array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)):
+        return "reads back with other voxel values"
+    return None
+
+
+def _check_finite_result(image: sitk.Image, path: Path) -> None:
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        count = int(array.size - np.isfinite(array).sum())
+        raise UserError(f"the result for '{path}' has {count} NaN or infinite voxels, so it was not written; "
+                        "the model or its settings are broken (check its weights and noise schedule)")
+
+
+class _Captured:
+    def __init__(self, sink) -> None:
+        self.sink = sink
+
+    def text(self) -> str:
+        self.sink.seek(0)
+        return self.sink.read().decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _native_messages_captured() -> Iterator[_Captured]:
+    """Keeps what ITK and niftilib print straight to file descriptors 1 and 2 (e.g. "wrote
+    only 7840 of 16128 bytes") off the user's terminal and the worker's JSON stdout; a failure
+    is reported in one line instead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield _Captured(sink)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
@@ -285,11 +411,6 @@ def _seg_nrrd_segments(path: Path) -> list[tuple[int, Segment]] | None:
         table.append((layer, Segment(name=name, label_value=value)))
         index += 1
     return table or None
-
-
-def _temporary_name(path: Path, suffix: str) -> Path:
-    stem = path.name[: len(path.name) - len(suffix)]
-    return path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
 
 
 def _input_suffix(path) -> str:
