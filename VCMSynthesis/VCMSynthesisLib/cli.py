@@ -2,17 +2,23 @@
 
 Each module in `SUBCOMMAND_MODULES` defines `register(subparsers)`, which adds its parser and
 sets `handler=callable(args) -> int` as a default. Errors a user can cause are printed as one
-line, without a traceback, with the exit codes of `VCMSynthesisLib.errors`.
+line, without a traceback, with the exit codes of `VCMSynthesisLib.errors`. Anything else (a
+bug) is one line too, naming a log file under `<user folder>/logs` that holds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
+import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
-from VCMSynthesisLib.errors import EXIT_USAGE, Cancelled, UserError
+from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_USAGE, Cancelled, UserError
 
 SUBCOMMAND_MODULES = [
     "VCMSynthesisLib.checkpoints",
@@ -38,8 +44,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_folder() -> Path:
+    """Where tracebacks of unexpected errors go: `<user folder>/logs` (see `files.user_home`)."""
+    from VCMSynthesisLib.files import user_home
+
+    return user_home() / "logs"
+
+
+def internal_error(error: BaseException) -> UserError:
+    """An unexpected exception as a one-line `UserError`; its traceback goes to a log file.
+
+    The log is `log_folder()/error-<time>-<pid>.log` (the system temp folder if that cannot be
+    written); the message names it, so a user can attach it to a bug report.
+    """
+    summary = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0][:300]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    text = f"{' '.join(sys.argv)}\n\n{text}"
+    for folder in (log_folder(), Path(tempfile.gettempdir())):
+        path = folder / f"vcm-synthesis-error-{stamp}-{os.getpid()}.log"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError:
+            continue
+        return UserError(f"internal error ({summary}); the traceback is in {path}; please report it")
+    return UserError(f"internal error ({summary}); no log could be written; please report it")
+
+
 def run_reporting_errors(run: Callable[[], int | None]) -> int:
-    """Runs a front end's work; user errors and cancels become one stderr line and an exit code."""
+    """Runs a front end's work: every failure becomes one stderr line and an exit code.
+
+    User errors are printed as they are; a cancel (a signal, Ctrl-C) says nothing was
+    written; any other exception is reported by `internal_error` (the traceback in a log).
+    """
     try:
         return int(run() or 0)
     except UserError as error:
@@ -48,8 +86,18 @@ def run_reporting_errors(run: Callable[[], int | None]) -> int:
     except Cancelled as cancelled:
         print("cancelled: nothing was written", file=sys.stderr)
         return cancelled.exit_code
+    except KeyboardInterrupt:
+        print("cancelled: nothing was written", file=sys.stderr)
+        return EXIT_SIGINT
+    except Exception as error:  # the top-level handler: no traceback on the user's terminal
+        reported = internal_error(error)
+        print(f"error: {reported}", file=sys.stderr)
+        return reported.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_reporting_errors(lambda: args.handler(args))
+    def run() -> int:
+        args = build_parser().parse_args(argv)  # imports the subcommands: inside the handler too
+        return args.handler(args)
+
+    return run_reporting_errors(run)
