@@ -82,6 +82,24 @@ def read_manifest(path: str | os.PathLike) -> list[Case]:
     return cases
 
 
+def overwriting_cases(cases: list[Case], manifest: str | os.PathLike) -> dict[int, str]:
+    """Row -> why, for each case whose output is an input: its own, another case's or the manifest."""
+    from VCMSynthesisLib.files import refuse_overwriting_inputs
+
+    inputs = {"the manifest": manifest}
+    for case in cases:
+        inputs[f"the segmentation of row {case.row}"] = case.segmentation
+        inputs.update({f"the {name} volume of row {case.row}": path
+                       for name, path in case.modalities.items()})
+    problems = {}
+    for case in cases:
+        try:
+            refuse_overwriting_inputs({"the output": case.output}, inputs)
+        except UserError as error:
+            problems[case.row] = str(error)
+    return problems
+
+
 @dataclass
 class Ranks:
     """This process's place among `torchrun` workers (rank 0 of 1 when started alone)."""
@@ -137,7 +155,8 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
             torch.cuda.set_device(ranks.local_rank)
             device = f"cuda:{ranks.local_rank}"
         # Every rank lists the pending cases before any writes one, so all split the same list.
-        pending = [case for case in cases if not case.output.exists()]
+        refused = overwriting_cases(cases, manifest)
+        pending = [case for case in cases if not case.output.exists() and case.row not in refused]
         _barrier(ranks)
         mine = pending[ranks.rank::ranks.world]
 
@@ -149,14 +168,17 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
                 detail = f": {extra['error']}" if "error" in extra else ""
                 print(f"[rank {ranks.rank}] row {case.row} {status} {case.output}{detail}", flush=True)
 
+        failures = 0
         if ranks.rank == 0:
             pending_rows = {case.row for case in pending}
             for case in cases:
-                if case.row not in pending_rows:
+                if case.row in refused:  # not skipped: its output exists because it is an input
+                    failures += 1
+                    report(case, "failed", error=refused[case.row])
+                elif case.row not in pending_rows:
                     report(case, "skipped")
-        failures = 0
-        model = load_model(model_name, device) if mine else None
         with SignalCancellation() as cancellation:
+            model = load_model(model_name, device) if mine else None
             for case in mine:
                 cancellation.raise_if_requested()
                 request = SynthesisRequest(segmentation=case.segmentation, modalities=case.modalities,

@@ -397,18 +397,19 @@ def run_superres_command(args: argparse.Namespace) -> int:
 
 
 def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
+    from VCMSynthesisLib.files import refuse_overwriting_inputs
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
-    from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volume_atomic
+    from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volumes_atomic
     from VCMSynthesisLib.worker import JsonProgress, TextProgress, emit_json, load_model, process_age_s
 
     started = process_age_s()
     if args.uncertainty is not None:
         if args.samples < 2:
             raise UsageError("--uncertainty needs --samples 2 or more (one sample has no spread)")
-        if args.uncertainty.resolve() == args.output.resolve():
-            raise UsageError("--uncertainty and --output name the same file; give two different files")
         check_output_writable(args.uncertainty)
+    refuse_overwriting_inputs({"--output": args.output, "--uncertainty": args.uncertainty},
+                              {"--input": args.input})
     check_output_writable(args.output)
     thick = read_volume(args.input)
     geometry = slice_geometry(thick)
@@ -436,11 +437,11 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
             should_cancel=cancellation.should_cancel, stats=stats,
         )
         superres_s = time.perf_counter() - start
-        cancellation.raise_if_requested()
-        # The uncertainty first: the main output appears only once everything is written.
-        if args.uncertainty is not None:
-            write_volume_atomic(std, args.uncertainty)
-        output = write_volume_atomic(mean, args.output)
+        # Both written and checked before either replaces a file; the uncertainty is renamed
+        # first, so the main output appears only once everything is in place.
+        volumes = ([(std, args.uncertainty, None)] if args.uncertainty is not None else []) + [
+            (mean, args.output, None)]
+        output = write_volumes_atomic(volumes, cancellation.raise_if_requested)[-1]
     timings = {"startup_s": started, "load_s": load_s, "superres_s": superres_s, "model_s": stats.model_s,
                "total_s": process_age_s()}
     timings = {key: round(value, 4) for key, value in timings.items() if value is not None}

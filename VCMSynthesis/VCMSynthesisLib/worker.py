@@ -67,6 +67,16 @@ class SynthesisRequest:
     def reference_path(self) -> Path:
         return self.segmentation if self.segmentation is not None else next(iter(self.modalities.values()))
 
+    def check_paths(self) -> None:
+        """Before any work: the output can be written and is none of the inputs."""
+        from VCMSynthesisLib.files import refuse_overwriting_inputs
+        from VCMSynthesisLib.volumes import check_output_writable
+
+        refuse_overwriting_inputs({"--output": self.output}, {
+            "--segmentation": self.segmentation,
+            **{f"--modality {name}": path for name, path in self.modalities.items()}})
+        check_output_writable(self.output)
+
 
 @dataclass
 class SynthesisResult:
@@ -83,9 +93,10 @@ class SignalCancellation:
     thread therefore hears the signal through `signal.set_wakeup_fd` (written by the C-level
     handler at once) and ends the process with `os._exit` if it still runs `GRACE_S` later.
     That is safe because nothing is written outside `deferred()` blocks, in which signals are
-    only recorded (the write completes; `should_cancel()` / `raise_if_requested()` then stop
-    the run). Leaving the `with` block stops the watchdog, so in-process callers (tests, batch)
-    are never killed.
+    only recorded: the write runs to its temporary file and then, before renaming it into place,
+    calls `raise_if_requested()` (`files.AtomicWrites`), so a signal during the write aborts it
+    and leaves the previous file. Leaving the `with` block stops the watchdog, so in-process
+    callers (tests, batch) are never killed.
 
     Args:
         farewell: called before a watchdog exit (e.g. to print the JSON error line).
@@ -146,7 +157,7 @@ class SignalCancellation:
                     return
                 with self._deferred_lock:
                     if self._deferred:
-                        return
+                        continue  # the write ends by raising Cancelled (or commits); keep watching
                     if self.farewell is not None:
                         self.farewell()
                     os._exit(self.exit_code or _exit_code_for(received[0]))
@@ -160,7 +171,10 @@ class SignalCancellation:
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
-        """A block that signals do not interrupt, for writes (a pending request raises before it)."""
+        """A block that signals do not interrupt, for writes (a pending request raises before it).
+
+        Its writes pass `raise_if_requested` as `raise_if_cancelled`, so a signal that arrives
+        during a write still cancels it, before the rename."""
         with self._deferred_lock:
             self.raise_if_requested()
             self._deferred = True
@@ -221,12 +235,7 @@ def synthesize(
     from VCMSynthesisLib.conditions import assemble_conditions
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats, sample
-    from VCMSynthesisLib.volumes import (
-        check_output_writable,
-        read_segmentation,
-        read_volume,
-        write_volume_atomic,
-    )
+    from VCMSynthesisLib.volumes import read_segmentation, read_volume, write_volume_atomic
 
     cancellation = cancellation or SignalCancellation()
     timings: dict[str, float] = {}
@@ -234,7 +243,7 @@ def synthesize(
     if config.task == "superres":
         raise UserError(f"model '{config.name}' is a super-resolution model; run `vcm-synthesis superres "
                         f"--model {config.name} --input FILE --output FILE` instead")
-    check_output_writable(request.output)
+    request.check_paths()
     check_memory(config, model.folder, model.device, available=available_memory)
 
     start = time.perf_counter()
@@ -259,7 +268,8 @@ def synthesize(
     start = time.perf_counter()
     result = conditions.to_reference(image[0, 0].numpy(), default_value=config.intensity_range[0])
     with cancellation.deferred():
-        output = write_volume_atomic(result, request.output, reference=request.reference_path)
+        output = write_volume_atomic(result, request.output, reference=request.reference_path,
+                                     raise_if_cancelled=cancellation.raise_if_requested)
     timings["write_s"] = time.perf_counter() - start
     return SynthesisResult(output=output, timings=timings)
 
@@ -409,9 +419,7 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
         raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
     request = SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
                                steps=args.steps, seed=args.seed, guided=not args.unguided)
-    from VCMSynthesisLib.volumes import check_output_writable
-
-    check_output_writable(request.output)
+    request.check_paths()
     start = time.perf_counter()
     model = load_model(args.model, args.device)
     load_s = time.perf_counter() - start
