@@ -14,22 +14,28 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.files import atomic_path
 
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few kB
+LABEL_VALUE_MAX = 2**31 - 1  # labelmaps are read as int32
+# Sizes past these are typing mistakes (or hostile files); they must fail before anything is
+# allocated. A network integer (channels, blocks) above MAX_NETWORK_INTEGER is refused outright.
+MAX_TRAIN_TIMESTEPS = 100_000
+MAX_NETWORK_INTEGER = 1 << 16
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
 TASKS = ("synthesis", "translation", "superres")
@@ -305,16 +311,24 @@ class ModelConfig:
         """Reads and checks a config.json file."""
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise UserError(f"{path} is {path.stat().st_size / 2**20:.0f} MiB, too large to be a model "
+                                f"config; fix or replace the file")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UserError(f"{path} is missing; a model folder needs a {CONFIG_NAME}") from None
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"cannot read {path}: {error}") from None
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as error:
             raise UserError(f"{path} is not valid JSON (line {error.lineno}: {error.msg}); "
                             f"fix or replace the file") from None
+        except RecursionError:
+            raise UserError(f"{path} is nested too deeply to be a model config; "
+                            "fix or replace the file") from None
+        except ValueError as error:  # NaN / Infinity, which JSON does not have
+            raise UserError(f"{path} {error}; fix or replace the file") from None
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,7 +390,10 @@ def _parse_labels(labels: _Fields | None) -> tuple[Label, ...]:
     rows = []
     for index, row in enumerate(table):
         entry = _Fields(row, labels.source, labels.path(f"table[{index}]"))
-        rows.append(Label(entry.integer("value", minimum=0), entry.string("name")))
+        value = entry.integer("value", minimum=0)
+        if value > LABEL_VALUE_MAX:
+            entry.fail("value", f"must be at most {LABEL_VALUE_MAX} (labelmaps are 32-bit), got {value}")
+        rows.append(Label(value, entry.string("name")))
     for key in ("value", "name"):
         seen = [getattr(row, key) for row in rows]
         if len(set(seen)) != len(seen):
@@ -400,6 +417,21 @@ def _parse_modalities(conditions: _Fields) -> tuple[Modality, ...]:
     return tuple(parsed)
 
 
+def _check_network_integers(value: Any, key: str, top: _Fields) -> None:
+    """Channel and block counts beyond `MAX_NETWORK_INTEGER` would build networks of terabytes."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_network_integers(item, f"{key}.{name}", top)
+    elif isinstance(value, list):
+        for item in value:
+            _check_network_integers(item, key, top)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_NETWORK_INTEGER:
+        top.fail(key, f"holds {value}, more than {MAX_NETWORK_INTEGER}: a network that size would not fit "
+                      "in memory")
+    elif isinstance(value, float) and not math.isfinite(value):
+        top.fail(key, f"holds {value}, which is not a finite number")
+
+
 def _check_consistency(config: ModelConfig, top: _Fields) -> None:
     """Cross-field checks that would otherwise surface as shape errors inside the networks."""
     autoencoder, diffusion = config.autoencoder.params, config.diffusion.params
@@ -409,6 +441,18 @@ def _check_consistency(config: ModelConfig, top: _Fields) -> None:
         top.fail("autoencoder.params.channels", "must be the list of AutoencoderKL channels per level")
     if autoencoder.get("latent_channels", config.latent_channels) != config.latent_channels:
         top.fail("autoencoder.params.latent_channels", f"must equal latent.channels ({latent})")
+    schedule = config.noise_schedule
+    if schedule.num_train_timesteps > MAX_TRAIN_TIMESTEPS:
+        top.fail("scheduler.num_train_timesteps", f"must be at most {MAX_TRAIN_TIMESTEPS}, "
+                                                  f"got {schedule.num_train_timesteps}")
+    if not schedule.beta_start <= schedule.beta_end < 1:
+        # betas are noise variances per step: outside (0, 1) the sampler produces NaN
+        top.fail("scheduler.beta_end", f"must be below 1 and at least beta_start ({schedule.beta_start}), "
+                                       f"got {schedule.beta_end}")
+    for kind in ("autoencoder", "diffusion", "adapter"):
+        spec = getattr(config, kind)
+        if spec is not None:
+            _check_network_integers(spec.params, f"{kind}.params", top)
     dm_channels = diffusion.get("channels")
     if not isinstance(dm_channels, list) or not dm_channels:
         top.fail("diffusion.params.channels", "must be the list of DiffusionModelUNet channels per level")
@@ -439,6 +483,10 @@ def _check_consistency(config: ModelConfig, top: _Fields) -> None:
                      f"must equal the number of condition channels ({condition_count}), got {declared!r}")
         if config.adapter.params.get("latent_channels", config.latent_channels) != config.latent_channels:
             top.fail("adapter.params.latent_channels", f"must equal latent.channels ({latent})")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"has the value {name}, which is not a number JSON allows")
 
 
 @dataclass
@@ -512,6 +560,11 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
         extra = next((name for name in state if name not in expected), None)
         if extra is not None:
             problem = f"{source} has tensor '{extra}' that the network lacks"
+    if problem is None:
+        broken = (name for name, tensor in state.items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+        name = next(broken, None)
+        problem = None if name is None else f"{source}: tensor '{name}' holds NaN or infinite values"
     if problem is not None:
         raise UserError(f"{problem}; {advice}")
     module.load_state_dict(state, strict=True)
@@ -528,6 +581,22 @@ def _load_weights(module: nn.Module, path: Path) -> None:
                         f"re-download the model") from None
     load_state_strict(module, tensors, f"weights file {path}",
                       f"the file does not match {CONFIG_NAME}; re-download the model or fix {CONFIG_NAME}")
+
+
+def _check_size_matches(sketch: nn.Module, path: Path, what: str) -> None:
+    """Refuses a config whose network is far larger than its weights file (e.g. channels typed
+    1000x too large) before that network is allocated; smaller mismatches are named tensor by
+    tensor by `load_state_strict`."""
+    expected = sum(tensor.numel() for tensor in sketch.state_dict().values())
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            stored = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
+    except (SafetensorError, OSError):
+        return  # missing or unreadable: `_load_weights` says so
+    if expected > 2 * stored + 2**20:
+        raise UserError(f"{what} describes a network of {expected:,} values ({expected * 4 / 2**30:.3g} "
+                        f"GiB) but {path} holds {stored:,}; the config does not match its weights: fix "
+                        f"{CONFIG_NAME} or re-download the model")
 
 
 def _frozen(module: nn.Module, device: torch.device) -> nn.Module:
@@ -562,6 +631,9 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
 
         specs["adapter"] = (VCM, config.adapter)
     for kind, (factory, spec) in specs.items():
+        with torch.device("meta"):  # sized without allocating: config and file must agree first
+            sketch = _build(kind, factory, spec.params, source)
+        _check_size_matches(sketch, folder / spec.weights, f"{source}: '{kind}.params'")
         module = _build(kind, factory, spec.params, source)
         _load_weights(module, folder / spec.weights)
         networks[kind] = _frozen(module, device)
@@ -585,6 +657,17 @@ def _state_for_saving(module: nn.Module, dtype: torch.dtype | None) -> dict[str,
             tensor = tensor.to(dtype)
         state[name] = tensor.contiguous().clone()
     return state
+
+
+def _verify_saved(staged: Path, folder: Path) -> None:
+    """The written folder reads back: its config parses and every weights file is complete."""
+    try:
+        ModelConfig.load(staged / CONFIG_NAME)
+        for path in staged.glob("*.safetensors"):
+            load_file(str(path))
+    except (UserError, SafetensorError, OSError) as error:
+        raise UserError(f"cannot write model folder {folder}: what was written does not read back ({error}); "
+                        "is the disk full? (the previous folder, if any, is unchanged)") from None
 
 
 def _is_shared(spec: NetworkSpec) -> bool:
@@ -625,13 +708,9 @@ def save_model_folder(
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} exists and is not a folder; choose another output folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    partial = folder.parent / f".{folder.name}.partial-{token}"
-    previous = folder.parent / f".{folder.name}.previous-{token}"
-    try:
-        partial.mkdir()
+    with atomic_path(folder, folder=True, verify=partial(_verify_saved, folder=folder)) as staged:
         text = json.dumps(config.to_dict(), indent=2) + "\n"
-        (partial / CONFIG_NAME).write_text(text, encoding="utf-8")
+        (staged / CONFIG_NAME).write_text(text, encoding="utf-8")
         parts = [(config.autoencoder, autoencoder), (config.diffusion, diffusion)]
         if config.adapter is not None:
             parts.append((config.adapter, adapter))
@@ -641,21 +720,9 @@ def save_model_folder(
                     raise UserError(f"shared weights {folder / spec.weights} do not exist; "
                                     f"write the base model folder first")
                 continue
-            save_file(_state_for_saving(module, dtype), str(partial / spec.weights),
+            save_file(_state_for_saving(module, dtype), str(staged / spec.weights),
                       metadata={"format": "pt"})
-        (partial / MODEL_CARD_NAME).write_text(model_card or _default_model_card(config), encoding="utf-8")
-        if folder.exists():
-            os.replace(folder, previous)
-            try:
-                os.replace(partial, folder)
-            except OSError:
-                os.replace(previous, folder)
-                raise
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        (staged / MODEL_CARD_NAME).write_text(model_card or _default_model_card(config), encoding="utf-8")
     return folder
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import replace
@@ -174,11 +175,11 @@ def test_save_replaces_an_existing_folder_only_when_complete(tmp_path, monkeypat
     def failing_save(tensors, path, metadata=None):
         calls.append(path)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         save_file(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(model_folder, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="cannot write .*model': the disk is full .*left as it was"):
         save_model_folder(folder, config, *networks)
     assert {item.name: item.read_bytes() for item in folder.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["model"]
