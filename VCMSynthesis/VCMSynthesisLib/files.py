@@ -38,15 +38,17 @@ def user_home() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "vcm-synthesis"
 
 
-def partial_path(target: str | os.PathLike, suffix: str = "") -> Path:
+def partial_path(target: str | os.PathLike, suffix: str | None = None) -> Path:
     """The temporary name of `target` for this process: `.NAME.partial-PID` + `suffix`.
 
-    `suffix` keeps a format suffix at the end of the name (writers pick the format from it);
-    `NAME` is the target's name without that suffix.
+    `suffix` (default: the target's format suffix, `.nii.gz` counting as one) stays at the end
+    of the name, since writers pick the format from it; `NAME` is the rest of the target's name.
     """
     target = Path(target)
+    if suffix is None:
+        suffix = "".join(target.suffixes[-2:]) if target.suffix == ".gz" else target.suffix
     name = target.name
-    if suffix and name.endswith(suffix):
+    if suffix and name.endswith(suffix) and len(name) > len(suffix):
         name = name[: -len(suffix)]
     return target.with_name(f".{name}.partial-{os.getpid()}{suffix}")
 
@@ -133,7 +135,7 @@ class AtomicWrites:
         self.raise_if_cancelled = raise_if_cancelled
         self._staged: list[_Staged] = []
 
-    def stage(self, target: str | os.PathLike, *, suffix: str = "", folder: bool = False,
+    def stage(self, target: str | os.PathLike, *, suffix: str | None = None, folder: bool = False,
               verify: Verify | None = None) -> Path:
         """A temporary path for `target` (an empty folder if `folder`); see `partial_path`.
 
@@ -192,7 +194,7 @@ class AtomicWrites:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, *, suffix: str = "", folder: bool = False,
+def atomic_path(target: str | os.PathLike, *, suffix: str | None = None, folder: bool = False,
                 verify: Verify | None = None,
                 raise_if_cancelled: Callable[[], None] | None = None) -> Iterator[Path]:
     """A temporary sibling of `target` to write; it replaces `target` only if the block completes.

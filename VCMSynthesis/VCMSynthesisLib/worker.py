@@ -400,9 +400,12 @@ def run_worker_command(json_mode: bool, body: Callable[[SignalCancellation], int
             emit_json({"error": str(error)})
         raise
     except Exception as error:
+        from VCMSynthesisLib.cli import internal_error
+
+        reported = internal_error(error)  # the traceback goes to a log that the line names
         if json_mode:
-            emit_json({"error": f"internal error: {type(error).__name__}: {error}".splitlines()[0]})
-        raise
+            emit_json({"error": str(reported)})
+        raise reported from None
 
 
 def run_synthesize_command(args: argparse.Namespace) -> int:
