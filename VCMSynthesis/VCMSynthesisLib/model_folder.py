@@ -544,7 +544,7 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
         advice: what a mismatch means for this file and what to do, ending the message.
 
     Raises:
-        UserError: `state` does not match `module` tensor for tensor.
+        UserError: `state` does not match `module` tensor for tensor, or holds NaN or Inf.
     """
     expected = module.state_dict()
     problem = None
@@ -560,13 +560,14 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
         extra = next((name for name in state if name not in expected), None)
         if extra is not None:
             problem = f"{source} has tensor '{extra}' that the network lacks"
-    if problem is None:
-        broken = (name for name, tensor in state.items()
-                  if tensor.is_floating_point() and not torch.isfinite(tensor).all())
-        name = next(broken, None)
-        problem = None if name is None else f"{source}: tensor '{name}' holds NaN or infinite values"
     if problem is not None:
         raise UserError(f"{problem}; {advice}")
+    broken = (name for name, tensor in state.items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+    name = next(broken, None)
+    if name is not None:  # sampling would turn the output into NaN
+        raise UserError(f"{source}: tensor '{name}' holds NaN or infinite values (a diverged training run "
+                        "or a damaged file); re-download the model or export it from an earlier checkpoint")
     module.load_state_dict(state, strict=True)
 
 
