@@ -33,6 +33,10 @@ from VCMSynthesisLib.files import AtomicWrites, partial_path, remove_stale_parti
 MAX_VOXELS = 1024 * 1024 * 512
 
 WRITABLE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+# Headers outside these ranges are corrupt (or hostile): no scan has metre-sized voxels.
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-4, 1e4
+MAX_ORIGIN_MM = 1e7
+LABEL_MIN, LABEL_MAX = -(2**31), 2**31 - 1  # labelmaps are int32
 _NRRD_GEOMETRY_KEYS = ("space", "space origin", "space units")
 
 
@@ -112,13 +116,16 @@ def read_image_information(path: str | os.PathLike, *, allow_layers: bool = Fals
         raise UserError(f"'{path}' is a folder, not an image file; give a NRRD or NIfTI file")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    _check_header_geometry(path)
     try:
-        reader.ReadImageInformation()
+        with _native_messages_captured():
+            reader.ReadImageInformation()
     except RuntimeError:
         raise UserError(
             f"'{path}' is not an image file that can be read (or its header is corrupt); "
             "give a NRRD, NIfTI or MHA volume"
         ) from None
+    _check_geometry(reader, path)
     size = reader.GetSize()
     if reader.GetDimension() < 3 or min(size) < 2:
         raise UserError(f"'{path}' is a 2D image (size {_format_size(size)}); give a 3D volume")
@@ -139,6 +146,65 @@ def read_image_information(path: str | os.PathLike, *, allow_layers: bool = Fals
             f"{MAX_VOXELS:.3g}); crop or downsample it first (Slicer: Crop Volume)"
         )
     return reader
+
+
+def _check_geometry(reader: sitk.ImageFileReader, path) -> None:
+    """Spacing, origin and direction must place every voxel: finite, positive, non-singular."""
+    spacing, origin = np.array(reader.GetSpacing()), np.array(reader.GetOrigin())
+    direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), -1)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise UserError(f"'{path}' has voxel spacing {tuple(spacing.tolist())}; spacings must be positive "
+                        "finite millimetres: fix the file's header (spacing / space directions)")
+    if (spacing > MAX_SPACING_MM).any() or (spacing < MIN_SPACING_MM).any():
+        raise UserError(f"'{path}' has voxel spacing {tuple(spacing.tolist())} mm, outside "
+                        f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm; fix the file's header (units are mm)")
+    if not (np.isfinite(origin).all() and (np.abs(origin) < MAX_ORIGIN_MM).all()):
+        raise UserError(f"'{path}' has origin {tuple(origin.tolist())}; it must be finite (within "
+                        f"{MAX_ORIGIN_MM:g} mm): fix the file's header")
+    if not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < 1e-6:
+        raise UserError(f"'{path}' has a singular direction matrix (its axes are not independent "
+                        "directions), so its voxels have no place in space; fix the header's directions")
+
+
+def _check_header_geometry(path: Path) -> None:
+    """What ITK gets wrong or reports vaguely: a NIfTI without orientation (ITK silently uses
+    identity axes), NaN or all-zero forms, NaN in a NRRD's space fields."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel
+
+            header = nibabel.load(str(path)).header
+            sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+            form = "sform" if sform_code else "qform"
+            affine = header.get_sform() if sform_code else header.get_qform()
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        elif name.endswith((".nrrd", ".nhdr")):
+            import nrrd
+
+            header = nrrd.read_header(str(path))
+            sform_code = qform_code = None
+            form = "space directions / space origin"
+            directions = np.asarray(header.get("space directions", np.zeros((0, 3))), dtype=np.float64)
+            directions = directions[~np.isnan(directions).all(axis=1)]  # "none": a list axis (layers)
+            origin = np.asarray(header.get("space origin", np.zeros(directions.shape[1:])), dtype=np.float64)
+            affine = np.vstack([directions, origin.reshape(1, -1)])
+            spacing = np.linalg.norm(directions, axis=1)
+        else:
+            return
+    except Exception:  # not readable this way: ITK's reader says what it can
+        return
+    if sform_code == 0 and qform_code == 0:
+        raise UserError(f"'{path}' is a NIfTI file without orientation (its sform and qform codes are both "
+                        "0), so where its voxels lie is unknown; save it again with its orientation")
+    if affine.size and not np.isfinite(affine).all():
+        raise UserError(f"'{path}' has NaN or infinite values in its {form}; fix the file's header")
+    if (spacing > MAX_SPACING_MM).any():  # ITK's NRRD reader would quietly make it 1 mm
+        raise UserError(f"'{path}' has voxel spacing {tuple(spacing.tolist())} mm in its {form}, more than "
+                        f"{MAX_SPACING_MM:g} mm; fix the file's header (units are mm)")
+    if sform_code is not None and abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise UserError(f"'{path}' has a singular (e.g. all-zero) NIfTI {form}, so its voxels have no place "
+                        "in space; save it again with its orientation")
 
 
 def read_volume(path: str | os.PathLike) -> sitk.Image:
@@ -178,6 +244,10 @@ def read_segmentation(path: str | os.PathLike) -> Segmentation:
             f"'{path}' has non-integer values, so it is not a labelmap; give a segmentation "
             "whose voxels are label values"
         )
+    if array.size and (array.min() < LABEL_MIN or array.max() > LABEL_MAX):
+        raise UserError(f"'{path}' has label values from {array.min():.6g} to {array.max():.6g}, outside "
+                        f"the 32-bit range of label values ({LABEL_MIN}..{LABEL_MAX}); relabel it with small "
+                        "values")
     if segment_table is None:
         labelmap = sitk.Cast(image, sitk.sitkInt32)
         return Segmentation(labelmap=labelmap, path=path)
@@ -371,7 +441,8 @@ def _format_size(size) -> str:
 
 def _execute(reader: sitk.ImageFileReader, path) -> sitk.Image:
     try:
-        return reader.Execute()
+        with _native_messages_captured():
+            return reader.Execute()
     except RuntimeError:
         raise UserError(
             f"'{path}' is truncated or corrupt (its voxel data cannot be read); export or copy it again"
@@ -404,6 +475,8 @@ def _seg_nrrd_segments(path: Path) -> list[tuple[int, Segment]] | None:
             name = header.get(f"Segment{index}_Name", f"Segment {index}")
             value = int(header.get(f"Segment{index}_LabelValue", 1))
             layer = int(header.get(f"Segment{index}_Layer", 0))
+            if not (LABEL_MIN <= value <= LABEL_MAX and 0 <= layer < 2**16):
+                raise ValueError(value)
         except ValueError:
             raise UserError(
                 f"'{path}' has a malformed Segment{index} entry; save the segmentation again from Slicer"
