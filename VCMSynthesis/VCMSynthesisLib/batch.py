@@ -36,6 +36,8 @@ class Case:
 
 def read_manifest(path: str | os.PathLike) -> list[Case]:
     """Parse and check a manifest; paths come back absolute (relative ones from its folder)."""
+    from VCMSynthesisLib.worker import seed_value
+
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
@@ -61,10 +63,9 @@ def read_manifest(path: str | os.PathLike) -> list[Case]:
         if not row["output"]:
             raise UserError(f"manifest '{path}' row {row_number}: 'output' is empty; give the file to write")
         try:
-            seed = int(row.get("seed") or 0)
-        except ValueError:
-            raise UserError(f"manifest '{path}' row {row_number}: seed '{row['seed']}' is not a whole "
-                            "number") from None
+            seed = seed_value(row.get("seed") or "0")
+        except argparse.ArgumentTypeError as error:
+            raise UserError(f"manifest '{path}' row {row_number}: seed {error}") from None
         modalities = {column[len(MODALITY_PREFIX):]: folder / row[column]
                       for column in columns if column.startswith(MODALITY_PREFIX) and row[column]}
         segmentation = folder / row["segmentation"] if row.get("segmentation") else None

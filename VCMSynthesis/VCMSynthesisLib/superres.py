@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ CONSISTENCY_ITERATIONS = 20
 #: Samples averaged by default: at 5 mm the mean of 4 (the posterior mean's estimate) beats one
 #: draw by 0.6 dB PSNR, and B-spline by 3.0 dB (demo-superres, DDPM; training/README.md).
 DEFAULT_SAMPLES = 4
+MAX_SAMPLES = 64  # every sample is held on the output grid until they are averaged
 
 
 @dataclass(frozen=True)
@@ -126,12 +128,12 @@ def isotropic_grid(image: sitk.Image, spacing_mm: float | None = None) -> sitk.I
     if not math.isfinite(spacing_mm) or spacing_mm <= 0:
         raise UserError(f"--spacing must be a positive number of millimetres, got {spacing_mm:g}")
     extent = np.asarray(image.GetSize(), dtype=float) * np.asarray(image.GetSpacing(), dtype=float)
-    size = np.maximum(1, np.round(extent / spacing_mm)).astype(int)
-    if int(np.prod(size)) > 1024**3:
-        raise UserError(
-            f"an output grid of {' x '.join(map(str, size))} voxels at {spacing_mm:g} mm is too large; "
-            "pass a coarser --spacing"
-        )
+    counts = np.maximum(1.0, np.round(extent / spacing_mm))  # float: a tiny spacing must not overflow
+    if float(np.prod(counts)) > 1024**3:
+        shape = " x ".join(f"{n:.0f}" for n in counts)
+        raise UserError(f"an output grid of {shape} voxels at {spacing_mm:g} mm is too large; "
+                        "pass a coarser --spacing")
+    size = counts.astype(int)
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     centre = np.asarray(
         image.TransformContinuousIndexToPhysicalPoint(((np.asarray(image.GetSize()) - 1) / 2.0).tolist())
@@ -364,7 +366,7 @@ def _positive_mm(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, positive_int
+    from VCMSynthesisLib.worker import DEVICES, positive_int, seed_value
 
     parser = subparsers.add_parser(
         "superres", help="super-resolve a thick-slice volume to an isotropic one",
@@ -376,13 +378,15 @@ def register(subparsers) -> None:
                                                                f"(default {DEFAULT_MODEL})")
     parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
                                                              "finest in-plane spacing)")
-    parser.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
+    parser.add_argument("--samples", type=partial(positive_int, maximum=MAX_SAMPLES),
+                        default=DEFAULT_SAMPLES,
                         help=f"samples to average (posterior mean; default {DEFAULT_SAMPLES})")
     parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
                                                          "across samples (needs --samples 2 or more)")
     parser.add_argument("--steps", type=positive_int,
                         help="denoising steps per sample (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0,
+                        help="random seed of the first sample (default 0)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
                         help="progress bar on stderr, or JSON lines on stdout")
@@ -401,9 +405,19 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volumes_atomic
-    from VCMSynthesisLib.worker import JsonProgress, TextProgress, emit_json, load_model, process_age_s
+    from VCMSynthesisLib.worker import (
+        MAX_SEED,
+        JsonProgress,
+        TextProgress,
+        emit_json,
+        load_model,
+        process_age_s,
+    )
 
     started = process_age_s()
+    if args.seed + args.samples - 1 > MAX_SEED:
+        raise UsageError(f"--seed {args.seed} with {args.samples} samples runs past the largest seed, "
+                         f"{MAX_SEED}; give a smaller --seed")
     if args.uncertainty is not None:
         if args.samples < 2:
             raise UsageError("--uncertainty needs --samples 2 or more (one sample has no spread)")

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from VCMSynthesisLib.model_folder import LoadedModel
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**63 - 1
 _MISSING = {"shipped": ", missing", "download": ", not downloaded", "user": ", missing"}
 
 
@@ -277,14 +278,27 @@ def synthesize(
 # --- command line ---------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts (steps, samples): a whole number of at least 1."""
+def positive_int(text: str, maximum: int = 2**31 - 1) -> int:
+    """argparse type of counts (steps, samples): a whole number from 1 to `maximum`."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """argparse type of seeds: a whole number from 0 to `MAX_SEED` (what PyTorch's generators take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED} (2^63 - 1), got {text}")
     return value
 
 
@@ -306,7 +320,7 @@ def register(subparsers) -> None:
                         help="a modality condition, e.g. T2=t2.nrrd (repeatable)")
     parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
                         help="progress bar on stderr, or JSON lines on stdout")
