@@ -28,10 +28,10 @@ from torch import nn
 
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.files import atomic_path
+from VCMSynthesisLib.volumes import LABEL_MAX
 
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few kB
-LABEL_VALUE_MAX = 2**31 - 1  # labelmaps are read as int32
 # Sizes past these are typing mistakes (or hostile files); they must fail before anything is
 # allocated. A network integer (channels, blocks) above MAX_NETWORK_INTEGER is refused outright.
 MAX_TRAIN_TIMESTEPS = 100_000
@@ -391,8 +391,8 @@ def _parse_labels(labels: _Fields | None) -> tuple[Label, ...]:
     for index, row in enumerate(table):
         entry = _Fields(row, labels.source, labels.path(f"table[{index}]"))
         value = entry.integer("value", minimum=0)
-        if value > LABEL_VALUE_MAX:
-            entry.fail("value", f"must be at most {LABEL_VALUE_MAX} (labelmaps are 32-bit), got {value}")
+        if value > LABEL_MAX:
+            entry.fail("value", f"must be at most {LABEL_MAX} (labelmaps are 32-bit), got {value}")
         rows.append(Label(value, entry.string("name")))
     for key in ("value", "name"):
         seen = [getattr(row, key) for row in rows]

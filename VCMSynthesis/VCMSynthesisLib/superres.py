@@ -355,7 +355,8 @@ def super_resolve(
 # --- command line ---------------------------------------------------------------------------
 
 
-def _positive_mm(text: str) -> float:
+def positive_mm(text: str) -> float:
+    """argparse type of a spacing: a positive, finite number of millimetres."""
     try:
         value = float(text)
     except ValueError:
@@ -376,7 +377,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"superres model name or folder "
                                                                f"(default {DEFAULT_MODEL})")
-    parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
+    parser.add_argument("--spacing", type=positive_mm, help="output spacing in mm (default: the input's "
                                                              "finest in-plane spacing)")
     parser.add_argument("--samples", type=partial(positive_int, maximum=MAX_SAMPLES),
                         default=DEFAULT_SAMPLES,
