@@ -112,6 +112,16 @@ def write_error(target: str | os.PathLike, error: OSError) -> UserError:
     return UserError(f"cannot write '{target}': {reason}; {advice} ({state})")
 
 
+def _as_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write; writers in C or Rust (ITK, safetensors, torch.save)
+    raise their own types, with the system's message in the text."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, Exception) and os.strerror(errno.ENOSPC) in str(exc):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
 @dataclass
 class _Staged:
     target: Path
@@ -167,8 +177,9 @@ class AtomicWrites:
                 raise
             return
         self._discard()
-        if isinstance(exc, OSError) and self._staged:
-            raise write_error(self._staged[-1].target, exc) from None
+        error = _as_os_error(exc)
+        if error is not None and self._staged:
+            raise write_error(self._staged[-1].target, error) from None
 
     def _commit(self) -> None:
         for staged in self._staged:

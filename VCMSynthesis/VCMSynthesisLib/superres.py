@@ -128,8 +128,10 @@ def isotropic_grid(image: sitk.Image, spacing_mm: float | None = None) -> sitk.I
     if not math.isfinite(spacing_mm) or spacing_mm <= 0:
         raise UserError(f"--spacing must be a positive number of millimetres, got {spacing_mm:g}")
     extent = np.asarray(image.GetSize(), dtype=float) * np.asarray(image.GetSpacing(), dtype=float)
-    counts = np.maximum(1.0, np.round(extent / spacing_mm))  # float: a tiny spacing must not overflow
-    if float(np.prod(counts)) > 1024**3:
+    with np.errstate(over="ignore"):  # a tiny spacing gives inf here, refused just below
+        counts = np.maximum(1.0, np.round(extent / spacing_mm))
+        voxels = float(np.prod(counts))
+    if voxels > 1024**3:
         shape = " x ".join(f"{n:.0f}" for n in counts)
         raise UserError(f"an output grid of {shape} voxels at {spacing_mm:g} mm is too large; "
                         "pass a coarser --spacing")

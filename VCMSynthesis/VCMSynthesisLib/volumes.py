@@ -178,7 +178,7 @@ def _check_header_geometry(path: Path) -> None:
             sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
             form = "sform" if sform_code else "qform"
             affine = header.get_sform() if sform_code else header.get_qform()
-            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            spacing = np.hypot.reduce(affine[:3, :3], axis=0)
         elif name.endswith((".nrrd", ".nhdr")):
             import nrrd
 
@@ -189,7 +189,7 @@ def _check_header_geometry(path: Path) -> None:
             directions = directions[~np.isnan(directions).all(axis=1)]  # "none": a list axis (layers)
             origin = np.asarray(header.get("space origin", np.zeros(directions.shape[1:])), dtype=np.float64)
             affine = np.vstack([directions, origin.reshape(1, -1)])
-            spacing = np.linalg.norm(directions, axis=1)
+            spacing = np.hypot.reduce(directions, axis=1)  # no overflow to inf for 1e300
         else:
             return
     except Exception:  # not readable this way: ITK's reader says what it can
