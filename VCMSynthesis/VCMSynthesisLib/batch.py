@@ -181,7 +181,7 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
         with SignalCancellation() as cancellation:
             model = load_model(model_name, device) if mine else None
             for case in mine:
-                cancellation.raise_if_requested()
+                cancellation.next_job()
                 request = SynthesisRequest(segmentation=case.segmentation, modalities=case.modalities,
                                            output=case.output, steps=steps, seed=case.seed)
                 start = time.perf_counter()

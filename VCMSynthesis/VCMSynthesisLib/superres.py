@@ -458,7 +458,7 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
         # first, so the main output appears only once everything is in place.
         volumes = ([(std, args.uncertainty, None)] if args.uncertainty is not None else []) + [
             (mean, args.output, None)]
-        output = write_volumes_atomic(volumes, cancellation.raise_if_requested)[-1]
+        output = write_volumes_atomic(volumes, cancellation.commit)[-1]
     timings = {"startup_s": started, "load_s": load_s, "superres_s": superres_s, "model_s": stats.model_s,
                "total_s": process_age_s()}
     timings = {key: round(value, 4) for key, value in timings.items() if value is not None}

@@ -95,9 +95,10 @@ class SignalCancellation:
     handler at once) and ends the process with `os._exit` if it still runs `GRACE_S` later.
     That is safe because nothing is written outside `deferred()` blocks, in which signals are
     only recorded: the write runs to its temporary file and then, before renaming it into place,
-    calls `raise_if_requested()` (`files.AtomicWrites`), so a signal during the write aborts it
-    and leaves the previous file. Leaving the `with` block stops the watchdog, so in-process
-    callers (tests, batch) are never killed.
+    calls `commit()` (`files.AtomicWrites`), so a signal during the write aborts it and leaves
+    the previous file, and one after the rename is too late (the run ends as a success).
+    Leaving the `with` block stops the watchdog, so in-process callers (tests, batch) are
+    never killed.
 
     Args:
         farewell: called before a watchdog exit (e.g. to print the JSON error line).
@@ -110,6 +111,7 @@ class SignalCancellation:
         self.exit_code: int | None = None
         self.farewell = farewell
         self._deferred = False
+        self._committed = False  # an output was renamed into place: too late to cancel this job
         self._deferred_lock = threading.Lock()  # the watchdog never exits inside `deferred()`
         self._closed = threading.Event()
         self._previous_handlers: dict[int, Any] = {}
@@ -140,7 +142,7 @@ class SignalCancellation:
     def _handle(self, signum: int, frame) -> None:
         if self.exit_code is None:
             self.exit_code = _exit_code_for(signum)
-        if not (self._deferred or self._closed.is_set()):
+        if not (self._deferred or self._committed or self._closed.is_set()):
             raise Cancelled(self.exit_code)
 
     def _watch(self, reader: socket.socket) -> None:
@@ -157,7 +159,7 @@ class SignalCancellation:
                 if self._closed.wait(self.GRACE_S):
                     return
                 with self._deferred_lock:
-                    if self._deferred:
+                    if self._deferred or self._committed:
                         continue  # the write ends by raising Cancelled (or commits); keep watching
                     if self.farewell is not None:
                         self.farewell()
@@ -170,12 +172,25 @@ class SignalCancellation:
         if self.exit_code is not None:
             raise Cancelled(self.exit_code)
 
+    def commit(self) -> None:
+        """The last moment to cancel a job, just before its output is renamed into place (the
+        `raise_if_cancelled` of its writes): a later signal is only recorded, so that a run
+        that replaced its output never reports "cancelled; nothing was written"."""
+        with self._deferred_lock:
+            self.raise_if_requested()
+            self._committed = True
+
+    def next_job(self) -> None:
+        """Between the jobs of a batch: a signal recorded after the last commit stops it here."""
+        self.raise_if_requested()
+        self._committed = False
+
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """A block that signals do not interrupt, for writes (a pending request raises before it).
 
-        Its writes pass `raise_if_requested` as `raise_if_cancelled`, so a signal that arrives
-        during a write still cancels it, before the rename."""
+        Its writes pass `commit` as `raise_if_cancelled`, so a signal that arrives during a
+        write still cancels it, before the rename."""
         with self._deferred_lock:
             self.raise_if_requested()
             self._deferred = True
@@ -270,7 +285,7 @@ def synthesize(
     result = conditions.to_reference(image[0, 0].numpy(), default_value=config.intensity_range[0])
     with cancellation.deferred():
         output = write_volume_atomic(result, request.output, reference=request.reference_path,
-                                     raise_if_cancelled=cancellation.raise_if_requested)
+                                     raise_if_cancelled=cancellation.commit)
     timings["write_s"] = time.perf_counter() - start
     return SynthesisResult(output=output, timings=timings)
 
