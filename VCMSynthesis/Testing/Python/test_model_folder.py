@@ -147,6 +147,11 @@ _DELETE = object()
     (_set("grid.size", [20, 16, 16]), "'grid.size' must be divisible by 8"),
     (_set("colour", "blue"), "'colour' is not a known field"),
     (_set("autoencoder.params.norm_num_groups", 3), "'autoencoder.params' does not build a AutoencoderKL"),
+    (_set("scheduler.beta_end", 5.0), "'scheduler.beta_end' must be below 1"),
+    (_set("scheduler.beta_end", 0.001), "'scheduler.beta_end' must be below 1 and at least beta_start"),
+    (_set("scheduler.num_train_timesteps", 10**12), "'scheduler.num_train_timesteps' must be at most"),
+    (_set("diffusion.params.num_res_blocks", 10**9), "'diffusion.params.num_res_blocks' holds 1000000000"),
+    (_set("conditions.labels.table", [{"value": 2**40, "name": "a"}]), r"value' must be at most 2147483647"),
 ])
 def test_bad_config_fields_are_named(saved_folder, tmp_path, edit, field):
     folder = _copy(saved_folder, tmp_path / "m")
