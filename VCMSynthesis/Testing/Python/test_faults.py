@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from safetensors.torch import load_file, save_file
+from test_worker import run_cli
 from tiny_models import make_tiny_model_folder, tiny_config, tiny_networks
 from VCMSynthesisLib import registry
-from VCMSynthesisLib.cli import main
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
 from VCMSynthesisLib.volumes import read_volume
@@ -35,20 +35,6 @@ from volume_cases import blob, make_image, write_case
 
 LIB_PARENT = Path(__file__).resolve().parents[2]
 SHAPE = (14, 16, 18)
-
-
-def run_cli(arguments: list) -> tuple[int, str, str]:
-    """`vcm-synthesis ARGUMENTS` in this process: (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main([str(a) for a in arguments])
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_error(code: int, err: str, expected: str, exit_code: int = 1) -> None:
@@ -105,7 +91,7 @@ def small_disk(tmp_path):
 
 
 def fill(disk: Path, leave_bytes: int) -> None:
-    """Fills the disk until only about `leave_bytes` are free."""
+    """Fills the disk until only about `leave_bytes` are free (also `bench/bench_faults.py`'s)."""
     descriptor = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
     try:
         while True:
