@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -353,6 +354,9 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
 
 def main() -> None:
     status = run(sys.argv[1:])
+    # Done: a signal during the interpreter's teardown would only turn the status into a kill.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     slicer = sys.modules.get("slicer")
     if getattr(slicer, "app", None) is not None:
         slicer.util.exit(status)  # inside Slicer: sys.exit would leave the application running

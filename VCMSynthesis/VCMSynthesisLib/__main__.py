@@ -1,3 +1,4 @@
+import signal
 import sys
 
 try:
@@ -7,4 +8,8 @@ try:
 except KeyboardInterrupt:  # Ctrl-C while the command starts (imports, parsing)
     print("cancelled while starting: nothing was written", file=sys.stderr)
     code = 130
+# The command is over (its files are in place or not written); a signal during the interpreter's
+# teardown (seconds with torch loaded) would only turn its exit code into a kill.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
 raise SystemExit(code)
