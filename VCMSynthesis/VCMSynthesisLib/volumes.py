@@ -401,6 +401,8 @@ class _Captured:
         self.sink = sink
 
     def text(self) -> str:
+        if self.sink is None:
+            return ""
         self.sink.seek(0)
         return self.sink.read().decode("utf-8", "replace")
 
@@ -412,7 +414,12 @@ def _native_messages_captured() -> Iterator[_Captured]:
     is reported in one line instead."""
     sys.stdout.flush()
     sys.stderr.flush()
-    with tempfile.TemporaryFile() as sink:
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:  # no room even for that (the temp folder's disk is full): do not capture
+        yield _Captured(None)
+        return
+    with sink:
         saved = [os.dup(1), os.dup(2)]
         try:
             os.dup2(sink.fileno(), 1)
