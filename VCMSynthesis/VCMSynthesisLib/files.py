@@ -106,6 +106,7 @@ def write_error(target: str | os.PathLike, error: OSError) -> UserError:
         errno.EDQUOT: ("the disk quota is exceeded", free_space),
         errno.EROFS: ("the disk is read-only", other_folder),
         errno.EACCES: ("permission denied", other_folder),
+        errno.ENAMETOOLONG: ("the file name is too long", "give a shorter name"),
     }
     reason, advice = reasons.get(error.errno, (error.strerror or str(error), other_folder))
     state = "it was left as it was" if Path(target).exists() else "nothing was written"

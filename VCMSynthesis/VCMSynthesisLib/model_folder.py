@@ -329,7 +329,11 @@ class ModelConfig:
                             "fix or replace the file") from None
         except ValueError as error:  # NaN / Infinity, which JSON does not have
             raise UserError(f"{path} {error}; fix or replace the file") from None
-        return cls.from_dict(data, str(path))
+        try:
+            return cls.from_dict(data, str(path))
+        except RecursionError:  # parsed, but too deep for the field checks
+            raise UserError(f"{path} is nested too deeply to be a model config; "
+                            "fix or replace the file") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json object; `from_dict(to_dict())` gives back an equal config."""
