@@ -7,10 +7,12 @@ uniform moment of the write itself (after its partial file appears). Outputs cyc
 .nrrd, .nii.gz, .nii and .mha; the segmentation is large enough (`--size`^3 voxels) that
 writing takes a fair share of the run. After each run the final name must hold either the
 previous file, unchanged, or a complete new one (read back in full by SimpleITK, and by nibabel
-for NIfTI): otherwise it is corrupt; a missing file is lost. Partial files left right after a
-run are counted (SIGKILL cannot clean up: the next run into that folder removes them, which is
-checked at the end). Full-disk runs write onto a 1 MiB tmpfs filled to a random free space
-below the output's size (root only; skipped otherwise).
+for NIfTI): otherwise it is corrupt; a missing file is lost. Exit codes: 0 (done before the
+signal, or signalled after the rename), 130/143 (cancelled), -9 (SIGKILL), -15 (SIGTERM during
+the imports, before the worker installs its handler); any other is listed below the table.
+Partial files left right after a run are counted (SIGKILL cannot clean up: the next run into
+that folder removes them, which is checked at the end). Full-disk runs write onto a 1 MiB tmpfs
+filled to a random free space below the output's size (root only; skipped otherwise).
 
 Usage: .venv/bin/python bench/bench_faults.py [--kills 210] [--full-disk 20] [--size 128]
        [--seed 0]
@@ -107,12 +109,12 @@ def run_kills(work: Path, model: Path, segmentation: Path, kills: int, rng: rand
         durations[suffix] = _clean_run(_command(model, segmentation, output, 0))  # the previous file
     results = []
     for index in range(kills):
-        suffix = SUFFIXES[index % len(SUFFIXES)]
-        signum = SIGNALS[(index // len(SUFFIXES)) % len(SIGNALS)]
+        signum = SIGNALS[index % len(SIGNALS)]
+        suffix = SUFFIXES[(index // len(SIGNALS)) % len(SUFFIXES)]
+        during_write = (index // (len(SIGNALS) * len(SUFFIXES))) % 3 == 2
         folder = folders[suffix]
         output = folder / f"result{suffix}"
         previous = _digest(output)
-        during_write = index % 3 == 2
         process = subprocess.Popen(_command(model, segmentation, output, index + 1), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True, env=ENV)
         if during_write:
@@ -136,7 +138,8 @@ def run_kills(work: Path, model: Path, segmentation: Path, kills: int, rng: rand
         moment = "write" if during_write else "uniform"
         results.append({"signal": signal.Signals(signum).name, "moment": moment,
                         "outcome": outcome, "code": process.returncode,
-                        "partials": _partials(folder, process.pid), "traceback": "Traceback" in err})
+                        "partials": _partials(folder, process.pid), "traceback": "Traceback" in err,
+                        "last_line": (err.strip().splitlines() or [""])[-1]})
     for suffix, folder in folders.items():  # one clean run into each folder removes SIGKILL's partials
         _clean_run(_command(model, segmentation, folder / f"result{suffix}", 10**6))
     results.append({"left_after_clean_runs": sum(_partials(folder) for folder in folders.values())})
@@ -203,6 +206,10 @@ def report(kills: list[dict], full_disk: list[dict] | None) -> str:
                      str(sum(result["partials"] > 0 for result in results)),
                      str(sum(result["traceback"] for result in results))])
     text = _table(rows)
+    expected = {0, -signal.SIGKILL, -signal.SIGTERM, -signal.SIGINT, 130, 143}
+    for result in kills:
+        if result["code"] not in expected:
+            text += f"\n{result['signal']} -> exit {result['code']}: {result['last_line']}"
     text += (f"\n\n{len(kills)} kills: {sum(r['outcome'] == 'corrupt' for r in kills)} corrupt, "
              f"{sum(r['outcome'] == 'lost' for r in kills)} lost; partial files left after one clean run "
              f"into each folder: {left}\n")
