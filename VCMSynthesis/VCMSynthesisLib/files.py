@@ -71,10 +71,9 @@ def remove_stale_partials(folder: str | os.PathLike) -> None:
         if match is None or _alive(int(match["pid"])):
             continue
         path = Path(entry.path)
-        target = path.with_name(match["name"] + (match["suffix"] if match["kind"] == "partial" else ""))
         with contextlib.suppress(OSError):
-            if match["kind"] == "previous" and not target.exists():
-                os.replace(path, target)
+            if match["kind"] == "previous" and not path.with_name(match["name"]).exists():
+                os.replace(path, path.with_name(match["name"]))
             else:
                 _remove(path)
 

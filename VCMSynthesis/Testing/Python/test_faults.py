@@ -190,6 +190,23 @@ def test_partial_files_of_dead_processes_are_removed_by_the_next_run(case, tmp_p
     assert partial_files(tmp_path) == [f".result.partial-{alive}.nrrd"]
 
 
+def test_a_model_folder_whose_replacement_was_killed_is_put_back(case, tmp_path, monkeypatch):
+    # Killed between moving the old folder aside and renaming the new one in: only
+    # `.mine.previous-PID` is left, and the next listing puts it back.
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    shutil.copytree(case["model"], models / f".mine.previous-{int(finished.stdout)}")
+    (models / f".other.partial-{int(finished.stdout)}").mkdir()
+    monkeypatch.setenv(registry.HOME_VARIABLE, str(tmp_path / "home"))
+    code, out, err = run_cli(["models", "--json"])
+    assert code == 0, err
+    assert "mine" in [json.loads(line)["name"] for line in out.splitlines()]
+    assert sorted(path.name for path in models.iterdir()) == ["mine"]
+    load_model_folder(models / "mine")
+
+
 # --- outputs that are inputs ----------------------------------------------------------------
 
 
