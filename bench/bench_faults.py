@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -93,11 +92,29 @@ def _setup(work: Path, size: int) -> tuple[Path, Path, Path]:
     return model, large, small_path
 
 
-def _clean_run(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, seconds the write took) of an uninterrupted run."""
+def _clean_run(command: list[str]) -> None:
+    subprocess.run(command, capture_output=True, check=True, env=ENV)
+
+
+def _timed_run(command: list[str], output: Path) -> tuple[float, float]:
+    """(seconds to exit, seconds the partial file exists: the write) of a clean run."""
     start = time.perf_counter()
-    finished = subprocess.run(command, capture_output=True, text=True, check=True, env=ENV)
-    return time.perf_counter() - start, json.loads(finished.stdout.splitlines()[-1])["timings"]["write_s"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    partial = output.with_name(f".{output.name.split('.')[0]}.partial-{process.pid}{_suffix(output)}")
+    appeared = renamed = None
+    while process.poll() is None:
+        exists = partial.exists()
+        if appeared is None and exists:
+            appeared = time.perf_counter()
+        elif appeared is not None and renamed is None and not exists:
+            renamed = time.perf_counter()
+        time.sleep(0.001)
+    end = time.perf_counter()
+    return end - start, (renamed or end) - (appeared or end)
+
+
+def _suffix(path: Path) -> str:
+    return next(suffix for suffix in SUFFIXES if path.name.endswith(suffix))
 
 
 def run_kills(work: Path, model: Path, segmentation: Path, kills: int, rng: random.Random) -> list[dict]:
@@ -106,7 +123,9 @@ def run_kills(work: Path, model: Path, segmentation: Path, kills: int, rng: rand
     for suffix, folder in folders.items():
         folder.mkdir()
         output = folder / f"result{suffix}"
-        durations[suffix] = _clean_run(_command(model, segmentation, output, 0))  # the previous file
+        _clean_run(_command(model, segmentation, output, 0))  # the previous file
+        runs = [_timed_run(_command(model, segmentation, output, 0), output) for _ in range(3)]
+        durations[suffix] = tuple(float(np.median(column)) for column in zip(*runs, strict=True))
     results = []
     for index in range(kills):
         signum = SIGNALS[index % len(SIGNALS)]
