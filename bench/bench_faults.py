@@ -251,6 +251,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="segmentation size per axis (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
     args = parser.parse_args()
+    # Started in the background (`cmd &`), this process and its children would ignore SIGINT;
+    # a handled signal is reset to the default in the children, so they see Ctrl-C as a user's would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench-faults-"))
     try:
