@@ -12,13 +12,18 @@ import argparse
 import datetime
 import importlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_USAGE, Cancelled, UserError
+
+T = TypeVar("T")
 
 SUBCOMMAND_MODULES = [
     "VCMSynthesisLib.checkpoints",
@@ -95,9 +100,30 @@ def run_reporting_errors(run: Callable[[], int | None]) -> int:
         return reported.exit_code
 
 
+def _interrupt_after(step: Callable[[], T]) -> T:
+    """Runs `step` (importing torch and MONAI) with Ctrl-C recorded, then raised once it is done.
+
+    A KeyboardInterrupt raised inside torch's native import code aborts the process with a C++
+    error instead of unwinding; recorded, it becomes the usual one line and exit 130.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return step()  # not ours to change (a host application's handler, or SIGINT ignored)
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        return step()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if interrupted:
+            raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     def run() -> int:
-        args = build_parser().parse_args(argv)  # imports the subcommands: inside the handler too
+        # The subcommands' imports (torch, MONAI) happen here: inside the handler too.
+        parser = _interrupt_after(build_parser)
+        args = parser.parse_args(argv)
         return args.handler(args)
 
     return run_reporting_errors(run)
