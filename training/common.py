@@ -20,7 +20,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "VCMSynthesis"))
 
 from VCMSynthesisLib.errors import UserError  # noqa: E402
+from VCMSynthesisLib.files import atomic_path  # noqa: E402, F401  (the one write path; scripts use common.atomic_path)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.csv"
@@ -208,21 +209,6 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     kind, keys, position, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary sibling of `path` to write; it replaces `path` only if the block completes.
-
-    A run stopped mid-write (Ctrl-C, out of time, a crash) leaves the previous file intact.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".tmp-{path.name}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -1,3 +1,4 @@
+import signal
 import sys
 
 from VCMSynthesisLib import unsupported_python_message
@@ -6,6 +7,15 @@ if unsupported_python_message():  # before any module that an older Python canno
     print(f"error: {unsupported_python_message()}", file=sys.stderr)
     raise SystemExit(1)
 
-from VCMSynthesisLib.cli import main  # noqa: E402
+try:
+    from VCMSynthesisLib.cli import main
 
-raise SystemExit(main())
+    code = main()
+except KeyboardInterrupt:  # Ctrl-C while the command starts (imports, parsing)
+    print("cancelled while starting: nothing was written", file=sys.stderr)
+    code = 130
+# The command is over (its files are in place or not written); a signal during the interpreter's
+# teardown (seconds with torch loaded) would only turn its exit code into a kill.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+raise SystemExit(code)

@@ -42,6 +42,8 @@ class Case:
 
 def read_manifest(path: str | os.PathLike) -> list[Case]:
     """Parse and check a manifest; paths come back absolute (relative ones from its folder)."""
+    from VCMSynthesisLib.worker import seed_value
+
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
@@ -68,10 +70,9 @@ def read_manifest(path: str | os.PathLike) -> list[Case]:
         if not row["output"]:
             raise UserError(f"manifest '{path}' row {row_number}: 'output' is empty; give the file to write")
         try:
-            seed = int(row.get("seed") or 0)
-        except ValueError:
-            raise UserError(f"manifest '{path}' row {row_number}: seed '{row['seed']}' is not a whole "
-                            "number") from None
+            seed = seed_value(row.get("seed") or "0")
+        except argparse.ArgumentTypeError as error:
+            raise UserError(f"manifest '{path}' row {row_number}: seed {error}") from None
         modalities = {column[len(MODALITY_PREFIX):]: folder / row[column]
                       for column in columns if column.startswith(MODALITY_PREFIX) and row[column]}
         segmentation = folder / row["segmentation"] if row.get("segmentation") else None
@@ -95,6 +96,27 @@ def read_manifest(path: str | os.PathLike) -> list[Case]:
     if not cases:
         raise UserError(f"manifest '{path}' has no cases; add one row per case")
     return cases
+
+
+def overwriting_cases(cases: list[Case], manifest: str | os.PathLike) -> dict[int, str]:
+    """Row -> why, for each case whose output is an input: its own, another case's or the manifest."""
+    from VCMSynthesisLib.files import refuse_overwriting_inputs
+
+    inputs = {"the manifest": manifest}
+    for case in cases:
+        inputs[f"the segmentation of row {case.row}"] = case.segmentation
+        inputs[f"the scan to edit of row {case.row}"] = case.edit
+        inputs[f"the original segmentation of row {case.row}"] = case.original_segmentation
+        inputs[f"the region of row {case.row}"] = case.region
+        inputs.update({f"the {name} volume of row {case.row}": path
+                       for name, path in case.modalities.items()})
+    problems = {}
+    for case in cases:
+        try:
+            refuse_overwriting_inputs({"the output": case.output}, inputs)
+        except UserError as error:
+            problems[case.row] = str(error)
+    return problems
 
 
 @dataclass
@@ -145,7 +167,8 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
             torch.cuda.set_device(ranks.local_rank)
             device = f"cuda:{ranks.local_rank}"
         # Every rank lists the pending cases before any writes one, so all split the same list.
-        pending = [case for case in cases if not case.output.exists()]
+        refused = overwriting_cases(cases, manifest)
+        pending = [case for case in cases if not case.output.exists() and case.row not in refused]
         _barrier(ranks)
         mine = pending[ranks.rank::ranks.world]
 
@@ -157,16 +180,19 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
                 detail = f": {extra['error']}" if "error" in extra else ""
                 print(f"[rank {ranks.rank}] row {case.row} {status} {case.output}{detail}", flush=True)
 
+        failures = 0
         if ranks.rank == 0:
             pending_rows = {case.row for case in pending}
             for case in cases:
-                if case.row not in pending_rows:
+                if case.row in refused:  # not skipped: its output exists because it is an input
+                    failures += 1
+                    report(case, "failed", error=refused[case.row])
+                elif case.row not in pending_rows:
                     report(case, "skipped")
-        failures = 0
-        model = load_model(model_name, device) if mine else None
         with SignalCancellation() as cancellation:
+            model = load_model(model_name, device) if mine else None
             for case in mine:
-                cancellation.raise_if_requested()
+                cancellation.next_job()
                 start = time.perf_counter()
                 try:
                     _run_case(model, case, steps, strength, cancellation)

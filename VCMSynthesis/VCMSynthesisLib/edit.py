@@ -309,15 +309,16 @@ class EditOutcome:
 def check_edit_request(request: EditRequest) -> None:
     """What can be refused before anything is read: an output naming an input, a bad uncertainty
     request, an output that cannot be written."""
+    from VCMSynthesisLib.files import refuse_overwriting_inputs
     from VCMSynthesisLib.volumes import check_output_writable
     from VCMSynthesisLib.worker import check_samples_arguments
 
-    inputs = (request.image, request.segmentation, request.original_segmentation, request.region,
-              *request.modalities.values())
-    for path in inputs:
-        if path is not None and Path(path).resolve() == Path(request.output).resolve():
-            raise UsageError(f"--output names the input '{path}'; write the edit to a new file")
-    check_samples_arguments(request.samples, request.uncertainty, request.output)
+    check_samples_arguments(request.samples, request.seed, request.uncertainty, request.output)
+    refuse_overwriting_inputs(
+        {"--output": request.output, "--uncertainty": request.uncertainty},
+        {"--image": request.image, "--segmentation": request.segmentation,
+         "--original-segmentation": request.original_segmentation, "--region": request.region,
+         **{f"--modality {name}": path for name, path in request.modalities.items()}})
     check_output_writable(request.output)
 
 
@@ -334,7 +335,7 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
     """
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
-    from VCMSynthesisLib.volumes import write_volume_atomic
+    from VCMSynthesisLib.volumes import write_volumes_atomic
     from VCMSynthesisLib.worker import SignalCancellation
 
     cancellation = cancellation or SignalCancellation()
@@ -354,9 +355,10 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
     start = time.perf_counter()
     with cancellation.deferred():
         # The uncertainty first: the main output appears only once everything is written.
+        volumes = [(result.image, request.output, request.image)]
         if request.uncertainty is not None:
-            write_volume_atomic(result.std, request.uncertainty, reference=request.image)
-        output = write_volume_atomic(result.image, request.output, reference=request.image)
+            volumes.insert(0, (result.std, request.uncertainty, request.image))
+        output = write_volumes_atomic(volumes, cancellation.commit)[-1]
     timings["write_s"] = time.perf_counter() - start
     return EditOutcome(output=output, uncertainty=request.uncertainty,
                        edited_voxels=int((result.weight > 0).sum()), timings=timings)

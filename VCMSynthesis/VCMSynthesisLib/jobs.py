@@ -24,6 +24,7 @@ from pathlib import Path
 
 from VCMSynthesisLib import MINIMUM_PYTHON, MINIMUM_SLICER
 from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UserError
+from VCMSynthesisLib.files import atomic_path
 
 LIB_PARENT = Path(__file__).resolve().parent.parent
 JOB_DESCRIPTION = "job.json"
@@ -63,9 +64,8 @@ class Job:
         """Write `job.json`, so that a failed run can be repeated by hand from the log folder."""
         path = self.folder / JOB_DESCRIPTION
         description = {"arguments": self.arguments, "output": str(self.output)}
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(description, indent=2))
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            temporary.write_text(json.dumps(description, indent=2))
         return path
 
 

@@ -17,6 +17,12 @@ from typing import Any
 from VCMSynthesisLib.errors import UserError
 
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20  # a config.json is a few kB
+# Sizes past these are typing mistakes (or hostile files); they must fail before anything is
+# allocated. A network integer (channels, blocks) above MAX_NETWORK_INTEGER is refused outright.
+MAX_TRAIN_TIMESTEPS = 100_000
+MAX_NETWORK_INTEGER = 1 << 16
+LABEL_MAX = 2**31 - 1  # labelmaps are read as int32
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
 TASKS = ("synthesis", "translation", "superres")
@@ -313,17 +319,29 @@ class ModelConfig:
         """Reads and checks a config.json file."""
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise UserError(f"{path} is {path.stat().st_size / 2**20:.0f} MiB, too large to be a model "
+                                f"config; fix or replace the file")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise UserError(f"{path} is missing; a model folder needs a {CONFIG_NAME}") from None
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"cannot read {path}: {error}") from None
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as error:
             raise UserError(f"{path} is not valid JSON (line {error.lineno}: {error.msg}); "
                             f"fix or replace the file") from None
-        return cls.from_dict(data, str(path))
+        except RecursionError:
+            raise UserError(f"{path} is nested too deeply to be a model config; "
+                            "fix or replace the file") from None
+        except ValueError as error:  # NaN / Infinity, which JSON does not have
+            raise UserError(f"{path} {error}; fix or replace the file") from None
+        try:
+            return cls.from_dict(data, str(path))
+        except RecursionError:  # parsed, but too deep for the field checks
+            raise UserError(f"{path} is nested too deeply to be a model config; "
+                            "fix or replace the file") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The config.json object; `from_dict(to_dict())` gives back an equal config."""
@@ -385,7 +403,10 @@ def _parse_labels(labels: _Fields | None) -> tuple[Label, ...]:
     rows = []
     for index, row in enumerate(table):
         entry = _Fields(row, labels.source, labels.path(f"table[{index}]"))
-        rows.append(Label(entry.integer("value", minimum=0), entry.string("name")))
+        value = entry.integer("value", minimum=0)
+        if value > LABEL_MAX:
+            entry.fail("value", f"must be at most {LABEL_MAX} (labelmaps are 32-bit), got {value}")
+        rows.append(Label(value, entry.string("name")))
     for key in ("value", "name"):
         seen = [getattr(row, key) for row in rows]
         if len(set(seen)) != len(seen):
@@ -409,6 +430,21 @@ def _parse_modalities(conditions: _Fields) -> tuple[Modality, ...]:
     return tuple(parsed)
 
 
+def _check_network_integers(value: Any, key: str, top: _Fields) -> None:
+    """Channel and block counts beyond `MAX_NETWORK_INTEGER` would build networks of terabytes."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            _check_network_integers(item, f"{key}.{name}", top)
+    elif isinstance(value, list):
+        for item in value:
+            _check_network_integers(item, key, top)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_NETWORK_INTEGER:
+        top.fail(key, f"holds {value}, more than {MAX_NETWORK_INTEGER}: a network that size would not fit "
+                      "in memory")
+    elif isinstance(value, float) and not math.isfinite(value):
+        top.fail(key, f"holds {value}, which is not a finite number")
+
+
 def _check_consistency(config: ModelConfig, top: _Fields) -> None:
     """Cross-field checks that would otherwise surface as shape errors inside the networks."""
     autoencoder, diffusion = config.autoencoder.params, config.diffusion.params
@@ -418,6 +454,18 @@ def _check_consistency(config: ModelConfig, top: _Fields) -> None:
         top.fail("autoencoder.params.channels", "must be the list of AutoencoderKL channels per level")
     if autoencoder.get("latent_channels", config.latent_channels) != config.latent_channels:
         top.fail("autoencoder.params.latent_channels", f"must equal latent.channels ({latent})")
+    schedule = config.noise_schedule
+    if schedule.num_train_timesteps > MAX_TRAIN_TIMESTEPS:
+        top.fail("scheduler.num_train_timesteps", f"must be at most {MAX_TRAIN_TIMESTEPS}, "
+                                                  f"got {schedule.num_train_timesteps}")
+    if not schedule.beta_start <= schedule.beta_end < 1:
+        # betas are noise variances per step: outside (0, 1) the sampler produces NaN
+        top.fail("scheduler.beta_end", f"must be below 1 and at least beta_start ({schedule.beta_start}), "
+                                       f"got {schedule.beta_end}")
+    for kind in ("autoencoder", "diffusion", "adapter"):
+        spec = getattr(config, kind)
+        if spec is not None:
+            _check_network_integers(spec.params, f"{kind}.params", top)
     dm_channels = diffusion.get("channels")
     if not isinstance(dm_channels, list) or not dm_channels:
         top.fail("diffusion.params.channels", "must be the list of DiffusionModelUNet channels per level")
@@ -448,3 +496,7 @@ def _check_consistency(config: ModelConfig, top: _Fields) -> None:
                      f"must equal the number of condition channels ({condition_count}), got {declared!r}")
         if config.adapter.params.get("latent_channels", config.latent_channels) != config.latent_channels:
             top.fail("adapter.params.latent_channels", f"must equal latent.channels ({latent})")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"has the value {name}, which is not a number JSON allows")

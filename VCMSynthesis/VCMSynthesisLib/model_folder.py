@@ -10,21 +10,22 @@ model where a complete one was.
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.files import atomic_path
 from VCMSynthesisLib.model_config import CONFIG_NAME, MODEL_CARD_NAME, Label, ModelConfig, NetworkSpec
 
 
@@ -83,7 +84,7 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
         advice: what a mismatch means for this file and what to do, ending the message.
 
     Raises:
-        UserError: `state` does not match `module` tensor for tensor.
+        UserError: `state` does not match `module` tensor for tensor, or holds NaN or Inf.
     """
     expected = module.state_dict()
     problem = None
@@ -101,6 +102,12 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
             problem = f"{source} has tensor '{extra}' that the network lacks"
     if problem is not None:
         raise UserError(f"{problem}; {advice}")
+    broken = (name for name, tensor in state.items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all())
+    name = next(broken, None)
+    if name is not None:  # sampling would turn the output into NaN
+        raise UserError(f"{source}: tensor '{name}' holds NaN or infinite values (a diverged training run "
+                        "or a damaged file); re-download the model or export it from an earlier checkpoint")
     module.load_state_dict(state, strict=True)
 
 
@@ -115,6 +122,22 @@ def _load_weights(module: nn.Module, path: Path) -> None:
                         f"re-download the model") from None
     load_state_strict(module, tensors, f"weights file {path}",
                       f"the file does not match {CONFIG_NAME}; re-download the model or fix {CONFIG_NAME}")
+
+
+def _check_size_matches(sketch: nn.Module, path: Path, what: str) -> None:
+    """Refuses a config whose network is far larger than its weights file (e.g. channels typed
+    1000x too large) before that network is allocated; smaller mismatches are named tensor by
+    tensor by `load_state_strict`."""
+    expected = sum(tensor.numel() for tensor in sketch.state_dict().values())
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            stored = sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
+    except (SafetensorError, OSError):
+        return  # missing or unreadable: `_load_weights` says so
+    if expected > 2 * stored + 2**20:
+        raise UserError(f"{what} describes a network of {expected:,} values ({expected * 4 / 2**30:.3g} "
+                        f"GiB) but {path} holds {stored:,}; the config does not match its weights: fix "
+                        f"{CONFIG_NAME} or re-download the model")
 
 
 def _frozen(module: nn.Module, device: torch.device) -> nn.Module:
@@ -149,6 +172,9 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
 
         specs["adapter"] = (VCM, config.adapter)
     for kind, (factory, spec) in specs.items():
+        with torch.device("meta"):  # sized without allocating: config and file must agree first
+            sketch = _build(kind, factory, spec.params, source)
+        _check_size_matches(sketch, folder / spec.weights, f"{source}: '{kind}.params'")
         module = _build(kind, factory, spec.params, source)
         _load_weights(module, folder / spec.weights)
         networks[kind] = _frozen(module, device)
@@ -172,6 +198,17 @@ def _state_for_saving(module: nn.Module, dtype: torch.dtype | None) -> dict[str,
             tensor = tensor.to(dtype)
         state[name] = tensor.contiguous().clone()
     return state
+
+
+def _verify_saved(staged: Path, folder: Path) -> None:
+    """The written folder reads back: its config parses and every weights file is complete."""
+    try:
+        ModelConfig.load(staged / CONFIG_NAME)
+        for path in staged.glob("*.safetensors"):
+            load_file(str(path))
+    except (UserError, SafetensorError, OSError) as error:
+        raise UserError(f"cannot write model folder {folder}: what was written does not read back ({error}); "
+                        "is the disk full? (the previous folder, if any, is unchanged)") from None
 
 
 def _is_shared(spec: NetworkSpec) -> bool:
@@ -212,13 +249,9 @@ def save_model_folder(
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder} exists and is not a folder; choose another output folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    partial = folder.parent / f".{folder.name}.partial-{token}"
-    previous = folder.parent / f".{folder.name}.previous-{token}"
-    try:
-        partial.mkdir()
+    with atomic_path(folder, folder=True, verify=partial(_verify_saved, folder=folder)) as staged:
         text = json.dumps(config.to_dict(), indent=2) + "\n"
-        (partial / CONFIG_NAME).write_text(text, encoding="utf-8")
+        (staged / CONFIG_NAME).write_text(text, encoding="utf-8")
         parts = [(config.autoencoder, autoencoder), (config.diffusion, diffusion)]
         if config.adapter is not None:
             parts.append((config.adapter, adapter))
@@ -228,21 +261,9 @@ def save_model_folder(
                     raise UserError(f"shared weights {folder / spec.weights} do not exist; "
                                     f"write the base model folder first")
                 continue
-            save_file(_state_for_saving(module, dtype), str(partial / spec.weights),
+            save_file(_state_for_saving(module, dtype), str(staged / spec.weights),
                       metadata={"format": "pt"})
-        (partial / MODEL_CARD_NAME).write_text(model_card or _default_model_card(config), encoding="utf-8")
-        if folder.exists():
-            os.replace(folder, previous)
-            try:
-                os.replace(partial, folder)
-            except OSError:
-                os.replace(previous, folder)
-                raise
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        (staged / MODEL_CARD_NAME).write_text(model_card or _default_model_card(config), encoding="utf-8")
     return folder
 
 

@@ -15,12 +15,12 @@ Firewalled sites can place the files by hand in `downloads/<name>/` of the user 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +28,12 @@ from pathlib import Path
 from VCMSynthesisLib.checksums import BLOCK_BYTES as _BLOCK
 from VCMSynthesisLib.checksums import Checksums
 from VCMSynthesisLib.errors import UsageError, UserError
+from VCMSynthesisLib.files import HOME_VARIABLE, atomic_path, remove_stale_partials, user_home
 from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
 
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 REGISTRY_PATH = RESOURCES / "Models.json"
 SHIPPED_MODELS = RESOURCES / "Models"
-HOME_VARIABLE = "VCM_SYNTHESIS_HOME"
 REFERENCE_ROLES = ("adapter", "autoencoder", "diffusion")
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -82,12 +82,6 @@ class ModelEntry:
         return (self.folder / CONFIG_NAME).is_file()
 
 
-def user_home() -> Path:
-    """The user model folder: `$VCM_SYNTHESIS_HOME`, else `~/.cache/vcm-synthesis`."""
-    configured = os.environ.get(HOME_VARIABLE)
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "vcm-synthesis"
-
-
 def _registry_entries(registry: Path) -> list[ModelEntry]:
     try:
         data = json.loads(registry.read_text(encoding="utf-8"))
@@ -109,18 +103,37 @@ def _registry_entries(registry: Path) -> list[ModelEntry]:
     return entries
 
 
+_warned_folders: set[Path] = set()
+
+
+def _warn_broken(folder: Path, reason: str) -> None:
+    """One stderr line per broken user model folder and process (listing runs several times)."""
+    if folder not in _warned_folders:
+        _warned_folders.add(folder)
+        print(f"warning: skipping user model folder {folder}: {reason}", file=sys.stderr, flush=True)
+
+
 def _user_entries(known: set[str]) -> list[ModelEntry]:
+    """The user's model folders; a broken one is skipped with a warning, so that one bad folder
+    never hides the others (or the shipped models)."""
     models = user_home() / "models"
     if not models.is_dir():
         return []
+    remove_stale_partials(models)  # e.g. puts back a model folder whose replacement was killed
     entries = []
-    for folder in sorted(models.iterdir()):
-        if folder.name in known or folder.name.startswith(".") or not (folder / CONFIG_NAME).is_file():
+    try:
+        folders = sorted(models.iterdir())
+    except OSError as error:
+        _warn_broken(models, f"cannot be listed ({error.strerror})")
+        return []
+    for folder in folders:
+        if folder.name in known or folder.name.startswith(".") or not folder.is_dir():
             continue
         try:
             config = ModelConfig.load(folder / CONFIG_NAME)
-        except UserError:
-            continue  # a broken folder is reported when it is used, not when listing
+        except UserError as error:
+            _warn_broken(folder, str(error))
+            continue
         entries.append(ModelEntry(name=folder.name, task=config.task, description=config.description,
                                   conditions=", ".join(config.condition_channel_names) or "none",
                                   source="user", folder=folder))
@@ -138,6 +151,9 @@ def _find(name: str, registry: Path) -> ModelEntry:
     for entry in entries:
         if entry.name == name:
             return entry
+    broken = user_home() / "models" / name
+    if name and not name.startswith(".") and broken.is_dir():
+        ModelConfig.load(broken / CONFIG_NAME)  # raises what is wrong with it
     raise UserError(f"unknown model {name!r}; known models: {', '.join(e.name for e in entries)}; "
                     f"or give the path of a model folder")
 
@@ -172,18 +188,10 @@ def resolve_model(name_or_folder: str | os.PathLike, registry: Path = REGISTRY_P
 
 def _fetch(file: RemoteFile, expected_sha256: str, target: Path, progress: Progress | None) -> None:
     """Streams `file` to a temporary name beside `target`, checks it, renames it into place."""
-    partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
     checksums = Checksums()
-    try:
-        with urllib.request.urlopen(file.url, timeout=60) as response, partial.open("wb") as out:
-            total = file.size or int(response.headers.get("Content-Length") or 0) or None
-            done = 0
-            while block := response.read(_BLOCK):
-                out.write(block)
-                checksums.update(block)
-                done += len(block)
-                if progress is not None:
-                    progress(file.name, done, total)
+
+    def verify(partial: Path) -> None:
+        """What reached the disk is what was checked (a short write would not match)."""
         if not checksums.matches(expected_sha256, file.md5):
             found = f"sha256 {checksums.sha256}, expected {expected_sha256}"
             if file.md5:
@@ -191,13 +199,26 @@ def _fetch(file: RemoteFile, expected_sha256: str, target: Path, progress: Progr
             raise UserError(f"{file.name} from {file.url} does not match its checksum ({found}); the "
                             f"download is corrupt or the file has changed: try again or place a verified "
                             f"copy at {target}")
-        os.replace(partial, target)
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", None) or error
-        raise UserError(f"cannot download {file.name} from {file.url} ({reason}); check the network, "
-                        f"or place the file by hand at {target}") from None
-    finally:
-        partial.unlink(missing_ok=True)
+        if not Checksums.of_file(partial).matches(expected_sha256, file.md5):
+            raise UserError(f"cannot write {target}: the file on disk differs from the download; "
+                            f"check the disk (is it full?) and try again")
+
+    with atomic_path(target, verify=verify) as partial:
+        try:
+            with urllib.request.urlopen(file.url, timeout=60) as response, partial.open("wb") as out:
+                total = file.size or int(response.headers.get("Content-Length") or 0) or None
+                done = 0
+                while block := response.read(_BLOCK):
+                    out.write(block)
+                    checksums.update(block)
+                    done += len(block)
+                    if progress is not None:
+                        progress(file.name, done, total)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
+                ValueError) as error:  # the network's fault; a disk error is `atomic_path`'s
+            reason = getattr(error, "reason", None) or error
+            raise UserError(f"cannot download {file.name} from {file.url} ({reason}); check the network, "
+                            f"or place the file by hand at {target}") from None
 
 
 def _verified(path: Path, expected_sha256: str, md5: str | None) -> bool:

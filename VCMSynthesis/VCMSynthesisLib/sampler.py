@@ -257,6 +257,10 @@ def sample(
             raise Cancelled()
         with timer("decoder_s"):
             image = model.autoencoder.decode(latent / config.scale_factor).float()
+    if not torch.isfinite(image).all():  # clamp keeps NaN: it must never reach a file
+        raise UserError(f"model {config.name!r} produced NaN or infinite values: its weights or its noise "
+                        f"schedule ('scheduler' in {model.folder}/config.json) are broken, or half precision "
+                        "overflowed on the GPU (try --device cpu)")
     low, high = config.intensity_range
     return image.clamp(low, high).cpu()
 

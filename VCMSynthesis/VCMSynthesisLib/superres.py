@@ -127,12 +127,14 @@ def isotropic_grid(image: sitk.Image, spacing_mm: float | None = None) -> sitk.I
     if not math.isfinite(spacing_mm) or spacing_mm <= 0:
         raise UserError(f"--spacing must be a positive number of millimetres, got {spacing_mm:g}")
     extent = np.asarray(image.GetSize(), dtype=float) * np.asarray(image.GetSpacing(), dtype=float)
-    size = np.maximum(1, np.round(extent / spacing_mm)).astype(int)
-    if int(np.prod(size)) > 1024**3:
-        raise UserError(
-            f"an output grid of {' x '.join(map(str, size))} voxels at {spacing_mm:g} mm is too large; "
-            "pass a coarser --spacing"
-        )
+    with np.errstate(over="ignore"):  # a tiny spacing gives inf here, refused just below
+        counts = np.maximum(1.0, np.round(extent / spacing_mm))
+        voxels = float(np.prod(counts))
+    if voxels > 1024**3:
+        shape = " x ".join(f"{n:.0f}" for n in counts)
+        raise UserError(f"an output grid of {shape} voxels at {spacing_mm:g} mm is too large; "
+                        "pass a coarser --spacing")
+    size = counts.astype(int)
     direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
     centre = np.asarray(
         image.TransformContinuousIndexToPhysicalPoint(((np.asarray(image.GetSize()) - 1) / 2.0).tolist())
@@ -350,7 +352,8 @@ def super_resolve(
 # --- command line ---------------------------------------------------------------------------
 
 
-def _positive_mm(text: str) -> float:
+def positive_mm(text: str) -> float:
+    """argparse type of a spacing: a positive, finite number of millimetres."""
     try:
         value = float(text)
     except ValueError:
@@ -371,7 +374,7 @@ def register(subparsers) -> None:
     parser.add_argument("--output", type=Path, required=True, help="volume to write (.nrrd, .nii.gz, .mha)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"superres model name or folder "
                                                                f"(default {DEFAULT_MODEL})")
-    parser.add_argument("--spacing", type=_positive_mm, help="output spacing in mm (default: the input's "
+    parser.add_argument("--spacing", type=positive_mm, help="output spacing in mm (default: the input's "
                                                              "finest in-plane spacing)")
     add_samples_arguments(parser, default=DEFAULT_SAMPLES)
     add_run_arguments(parser)
@@ -386,9 +389,10 @@ def run_superres_command(args: argparse.Namespace) -> int:
 
 
 def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
+    from VCMSynthesisLib.files import refuse_overwriting_inputs
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
-    from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volume_atomic
+    from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volumes_atomic
     from VCMSynthesisLib.worker import (
         JsonProgress,
         TextProgress,
@@ -400,7 +404,9 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
     )
 
     started = process_age_s()
-    check_samples_arguments(args.samples, args.uncertainty, args.output)
+    check_samples_arguments(args.samples, args.seed, args.uncertainty, args.output)
+    refuse_overwriting_inputs({"--output": args.output, "--uncertainty": args.uncertainty},
+                              {"--input": args.input})
     check_output_writable(args.output)
     thick = read_volume(args.input)
     geometry = slice_geometry(thick)
@@ -429,11 +435,11 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
             should_cancel=cancellation.should_cancel, stats=stats,
         )
         superres_s = time.perf_counter() - start
-        cancellation.raise_if_requested()
-        # The uncertainty first: the main output appears only once everything is written.
-        if args.uncertainty is not None:
-            write_volume_atomic(std, args.uncertainty)
-        output = write_volume_atomic(mean, args.output)
+        # Both written and checked before either replaces a file; the uncertainty is renamed
+        # first, so the main output appears only once everything is in place.
+        volumes = ([(std, args.uncertainty, None)] if args.uncertainty is not None else []) + [
+            (mean, args.output, None)]
+        output = write_volumes_atomic(volumes, cancellation.commit)[-1]
     timings = {"startup_s": started, "load_s": load_s, "superres_s": superres_s, "model_s": stats.model_s,
                "total_s": process_age_s()}
     size = " x ".join(map(str, grid.GetSize()))

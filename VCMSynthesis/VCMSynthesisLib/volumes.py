@@ -11,20 +11,33 @@ can move them by one unit in the last place, which would break voxel-for-voxel a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.files import AtomicWrites, partial_path, remove_stale_partials, write_error
+from VCMSynthesisLib.model_config import LABEL_MAX
 
 # Larger than any scan this tool is meant for (1024 x 1024 x 512); a header claiming more is
 # either corrupt or needs cropping before synthesis.
 MAX_VOXELS = 1024 * 1024 * 512
 
 WRITABLE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+# Headers outside these ranges are corrupt (or hostile): no scan has metre-sized voxels.
+MIN_SPACING_MM, MAX_SPACING_MM = 1e-4, 1e4
+MAX_ORIGIN_MM = 1e7
+LABEL_MIN = -LABEL_MAX - 1  # labelmaps are int32
 _NRRD_GEOMETRY_KEYS = ("space", "space origin", "space units")
 
 
@@ -76,14 +89,13 @@ def check_output_writable(path: str | os.PathLike) -> Path:
     folder = path.parent
     if not folder.is_dir():
         raise UserError(f"cannot write '{path}': folder '{folder}' does not exist; create it first")
-    probe = _temporary_name(path, suffix)
+    remove_stale_partials(folder)
+    probe = partial_path(path, ".probe")
     try:
         with open(probe, "xb"):
             pass
     except OSError as error:
-        raise UserError(
-            f"cannot write '{path}': {error.strerror}; choose a folder you can write to"
-        ) from None
+        raise write_error(path, error) from None
     probe.unlink()
     return path
 
@@ -105,13 +117,16 @@ def read_image_information(path: str | os.PathLike, *, allow_layers: bool = Fals
         raise UserError(f"'{path}' is a folder, not an image file; give a NRRD or NIfTI file")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    _check_header_geometry(path)
     try:
-        reader.ReadImageInformation()
+        with _native_messages_captured():
+            reader.ReadImageInformation()
     except RuntimeError:
         raise UserError(
             f"'{path}' is not an image file that can be read (or its header is corrupt); "
             "give a NRRD, NIfTI or MHA volume"
         ) from None
+    _check_geometry(reader, path)
     size = reader.GetSize()
     if reader.GetDimension() < 3 or min(size) < 2:
         raise UserError(f"'{path}' is a 2D image (size {_format_size(size)}); give a 3D volume")
@@ -132,6 +147,65 @@ def read_image_information(path: str | os.PathLike, *, allow_layers: bool = Fals
             f"{MAX_VOXELS:.3g}); crop or downsample it first (Slicer: Crop Volume)"
         )
     return reader
+
+
+def _check_geometry(reader: sitk.ImageFileReader, path) -> None:
+    """Spacing, origin and direction must place every voxel: finite, positive, non-singular."""
+    spacing, origin = np.array(reader.GetSpacing()), np.array(reader.GetOrigin())
+    direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), -1)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise UserError(f"'{path}' has voxel spacing {tuple(spacing.tolist())}; spacings must be positive "
+                        "finite millimetres: fix the file's header (spacing / space directions)")
+    if (spacing > MAX_SPACING_MM).any() or (spacing < MIN_SPACING_MM).any():
+        raise UserError(f"'{path}' has voxel spacing {tuple(spacing.tolist())} mm, outside "
+                        f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm; fix the file's header (units are mm)")
+    if not (np.isfinite(origin).all() and (np.abs(origin) < MAX_ORIGIN_MM).all()):
+        raise UserError(f"'{path}' has origin {tuple(origin.tolist())}; it must be finite (within "
+                        f"{MAX_ORIGIN_MM:g} mm): fix the file's header")
+    if not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < 1e-6:
+        raise UserError(f"'{path}' has a singular direction matrix (its axes are not independent "
+                        "directions), so its voxels have no place in space; fix the header's directions")
+
+
+def _check_header_geometry(path: Path) -> None:
+    """What ITK gets wrong or reports vaguely: a NIfTI without orientation (ITK silently uses
+    identity axes), NaN or all-zero forms, NaN in a NRRD's space fields."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel
+
+            header = nibabel.load(str(path)).header
+            sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+            form = "sform" if sform_code else "qform"
+            affine = header.get_sform() if sform_code else header.get_qform()
+            spacing = np.hypot.reduce(affine[:3, :3], axis=0)
+        elif name.endswith((".nrrd", ".nhdr")):
+            import nrrd
+
+            header = nrrd.read_header(str(path))
+            sform_code = qform_code = None
+            form = "space directions / space origin"
+            directions = np.asarray(header.get("space directions", np.zeros((0, 3))), dtype=np.float64)
+            directions = directions[~np.isnan(directions).all(axis=1)]  # "none": a list axis (layers)
+            origin = np.asarray(header.get("space origin", np.zeros(directions.shape[1:])), dtype=np.float64)
+            affine = np.vstack([directions, origin.reshape(1, -1)])
+            spacing = np.hypot.reduce(directions, axis=1)  # no overflow to inf for 1e300
+        else:
+            return
+    except Exception:  # not readable this way: ITK's reader says what it can
+        return
+    if sform_code == 0 and qform_code == 0:
+        raise UserError(f"'{path}' is a NIfTI file without orientation (its sform and qform codes are both "
+                        "0), so where its voxels lie is unknown; save it again with its orientation")
+    if affine.size and not np.isfinite(affine).all():
+        raise UserError(f"'{path}' has NaN or infinite values in its {form}; fix the file's header")
+    if (spacing > MAX_SPACING_MM).any():  # ITK's NRRD reader would quietly make it 1 mm
+        raise UserError(f"'{path}' has voxel spacing {tuple(spacing.tolist())} mm in its {form}, more than "
+                        f"{MAX_SPACING_MM:g} mm; fix the file's header (units are mm)")
+    if sform_code is not None and abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise UserError(f"'{path}' has a singular (e.g. all-zero) NIfTI {form}, so its voxels have no place "
+                        "in space; save it again with its orientation")
 
 
 def read_volume(path: str | os.PathLike) -> sitk.Image:
@@ -171,6 +245,10 @@ def read_segmentation(path: str | os.PathLike) -> Segmentation:
             f"'{path}' has non-integer values, so it is not a labelmap; give a segmentation "
             "whose voxels are label values"
         )
+    if array.size and (array.min() < LABEL_MIN or array.max() > LABEL_MAX):
+        raise UserError(f"'{path}' has label values from {array.min():.6g} to {array.max():.6g}, outside "
+                        f"the 32-bit range of label values ({LABEL_MIN}..{LABEL_MAX}); relabel it with small "
+                        "values")
     if segment_table is None:
         labelmap = sitk.Cast(image, sitk.sitkInt32)
         return Segmentation(labelmap=labelmap, path=path)
@@ -196,9 +274,12 @@ def read_segmentation(path: str | os.PathLike) -> Segmentation:
 
 
 def write_volume_atomic(
-    image: sitk.Image, path: str | os.PathLike, reference: str | os.PathLike | None = None
+    image: sitk.Image,
+    path: str | os.PathLike,
+    reference: str | os.PathLike | None = None,
+    raise_if_cancelled: Callable[[], None] | None = None,
 ) -> Path:
-    """Write `image` to `path` through a temporary file in the same folder and a rename.
+    """Write `image` to `path` completely or not at all (see `write_volumes_atomic`).
 
     Args:
         image: a scalar 3D image.
@@ -207,26 +288,149 @@ def write_volume_atomic(
             output and reference are both NRRD or both NIfTI, the reference's geometry header
             is copied verbatim, so reading the output gives back the reference's size, spacing,
             origin and direction bit for bit.
+        raise_if_cancelled: checked once the file is written and verified, before the rename.
     """
-    path = Path(path)
-    suffix = output_suffix(path)
-    temporary = _temporary_name(path, suffix)
-    try:
-        family = _format_family(suffix)
-        copy_header = reference is not None and family == _format_family(_input_suffix(reference))
-        if copy_header:
-            _check_same_geometry(image, reference)
+    return write_volumes_atomic([(image, path, reference)], raise_if_cancelled)[0]
+
+
+def write_volumes_atomic(
+    volumes: Sequence[tuple[sitk.Image, str | os.PathLike, str | os.PathLike | None]],
+    raise_if_cancelled: Callable[[], None] | None = None,
+) -> list[Path]:
+    """Write several volumes (image, path, reference), renamed into place only once all are written.
+
+    Each goes to a temporary file beside its output (`files.AtomicWrites`), is synced and read
+    back (complete, same geometry, same voxels) before any output is replaced, so a full disk,
+    a crash or a cancel leaves every previous file as it was. Non-finite voxels are refused.
+    """
+    paths = []
+    with AtomicWrites(raise_if_cancelled) as writes:
+        for image, path, reference in volumes:
+            path = Path(path)
+            suffix = output_suffix(path)
+            _check_finite_result(image, path)
+            verify = partial(_verify_volume, image=image, suffix=suffix, target=path)
+            temporary = writes.stage(path, suffix=suffix, verify=verify)
+            _write_volume(image, temporary, suffix, reference)
+            paths.append(path)
+    return paths
+
+
+def _write_volume(image: sitk.Image, temporary: Path, suffix: str, reference) -> None:
+    family = _format_family(suffix)
+    copy_header = reference is not None and family == _format_family(_input_suffix(reference))
+    if copy_header:
+        _check_same_geometry(image, reference)
+    with _native_messages_captured() as messages:
         if copy_header and family == "nrrd":
             copy_header = _write_nrrd_with_reference_header(image, temporary, reference)
         elif copy_header:
             _write_nifti_with_reference_header(image, temporary, reference)
         if not copy_header:
-            sitk.WriteImage(image, str(temporary), useCompression=True)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+            try:
+                sitk.WriteImage(image, str(temporary), useCompression=True)
+            except RuntimeError as error:
+                raise _os_error(str(error) + messages.text()) from None
+
+
+def _os_error(message: str) -> OSError:
+    """ITK reports failed writes as RuntimeErrors; the reason is in the text."""
+    if "No space left" in message:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return OSError(errno.EIO, message.strip().splitlines()[-1] if message.strip() else "write failed")
+
+
+def _verify_volume(temporary: Path, *, image: sitk.Image, suffix: str, target: Path) -> None:
+    """The written file reads back complete, with `image`'s geometry and voxels.
+
+    ITK's NIfTI writer reports a short write only on stderr and its reader zero-fills a
+    truncated file, so NIfTI data is also counted (through gzip for .nii.gz).
+    """
+    with _native_messages_captured():
+        try:
+            if suffix in (".nii", ".nii.gz"):
+                _check_nifti_complete(temporary, compressed=suffix == ".nii.gz")
+            written = sitk.ReadImage(str(temporary))
+        except Exception as error:  # whatever the reader trips on, the file is not right
+            written, problem = None, f"it does not read back ({type(error).__name__})"
+    if written is not None:
+        problem = _difference(image, written)
+    if problem is not None:
+        free = shutil.disk_usage(temporary.parent).free
+        raise UserError(f"cannot write '{target}': the file written {problem} (the disk has "
+                        f"{free / 2**20:.0f} MiB free); free some space or write elsewhere "
+                        "(nothing was replaced)")
+
+
+def _check_nifti_complete(path: Path, compressed: bool) -> None:
+    import gzip
+
+    import nibabel
+
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as stream:
+        header = nibabel.Nifti1Header.from_fileobj(stream)
+        needed = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * \
+            header.get_data_dtype().itemsize
+        size = stream.tell()
+        while block := stream.read(1 << 22):  # gzip raises EOFError on a stream cut short
+            size += len(block)
+    if size < needed:
+        raise EOFError(f"{size} of {needed} bytes")
+
+
+def _difference(image: sitk.Image, written: sitk.Image) -> str | None:
+    if written.GetSize() != image.GetSize() or written.GetNumberOfComponentsPerPixel() != 1:
+        return "has another size"
+    for name in ("GetSpacing", "GetOrigin", "GetDirection"):
+        if not np.allclose(getattr(written, name)(), getattr(image, name)(), rtol=1e-5, atol=1e-4):
+            return "has another geometry"
+    if not np.array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)):
+        return "reads back with other voxel values"
+    return None
+
+
+def _check_finite_result(image: sitk.Image, path: Path) -> None:
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        count = int(array.size - np.isfinite(array).sum())
+        raise UserError(f"the result for '{path}' has {count} NaN or infinite voxels, so it was not written; "
+                        "the model or its settings are broken (check its weights and noise schedule)")
+
+
+class _Captured:
+    def __init__(self, sink) -> None:
+        self.sink = sink
+
+    def text(self) -> str:
+        if self.sink is None:
+            return ""
+        self.sink.seek(0)
+        return self.sink.read().decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _native_messages_captured() -> Iterator[_Captured]:
+    """Keeps what ITK and niftilib print straight to file descriptors 1 and 2 (e.g. "wrote
+    only 7840 of 16128 bytes") off the user's terminal and the worker's JSON stdout; a failure
+    is reported in one line instead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        sink = tempfile.TemporaryFile()
+    except OSError:  # no room even for that (the temp folder's disk is full): do not capture
+        yield _Captured(None)
+        return
+    with sink:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield _Captured(sink)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
@@ -245,7 +449,8 @@ def _format_size(size) -> str:
 
 def _execute(reader: sitk.ImageFileReader, path) -> sitk.Image:
     try:
-        return reader.Execute()
+        with _native_messages_captured():
+            return reader.Execute()
     except RuntimeError:
         raise UserError(
             f"'{path}' is truncated or corrupt (its voxel data cannot be read); export or copy it again"
@@ -278,6 +483,8 @@ def _seg_nrrd_segments(path: Path) -> list[tuple[int, Segment]] | None:
             name = header.get(f"Segment{index}_Name", f"Segment {index}")
             value = int(header.get(f"Segment{index}_LabelValue", 1))
             layer = int(header.get(f"Segment{index}_Layer", 0))
+            if not (LABEL_MIN <= value <= LABEL_MAX and 0 <= layer < 2**16):
+                raise ValueError(value)
         except ValueError:
             raise UserError(
                 f"'{path}' has a malformed Segment{index} entry; save the segmentation again from Slicer"
@@ -285,11 +492,6 @@ def _seg_nrrd_segments(path: Path) -> list[tuple[int, Segment]] | None:
         table.append((layer, Segment(name=name, label_value=value)))
         index += 1
     return table or None
-
-
-def _temporary_name(path: Path, suffix: str) -> Path:
-    stem = path.name[: len(path.name) - len(suffix)]
-    return path.with_name(f".{stem}.partial-{os.getpid()}{suffix}")
 
 
 def _input_suffix(path) -> str:

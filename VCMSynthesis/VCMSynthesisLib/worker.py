@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 DEVICES = ("auto", "cpu", "cuda")
 #: Steps between live previews: each costs one decoder forward (README: "Live preview").
 DEFAULT_PREVIEW_EVERY = 5
+MAX_SEED = 2**63 - 1
+MAX_SAMPLES = 64  # every sample is held on the output grid until they are averaged
 _MISSING = {"shipped": ", missing", "download": ", not downloaded", "user": ", missing"}
 
 
@@ -79,6 +81,24 @@ class SynthesisRequest:
     def reference_path(self) -> Path:
         return self.segmentation if self.segmentation is not None else next(iter(self.modalities.values()))
 
+    def check_paths(self) -> None:
+        """Before any work: the outputs can be written, are different files and none of the inputs."""
+        from VCMSynthesisLib.files import refuse_overwriting_inputs
+        from VCMSynthesisLib.volumes import check_output_writable
+
+        check_samples_arguments(self.samples, self.seed, self.uncertainty, self.output)
+        if self.preview is not None:
+            others = {Path(path).resolve() for path in (self.output, self.uncertainty) if path is not None}
+            if Path(self.preview).resolve() in others:
+                raise UsageError("--preview names another output; give it a file of its own")
+        refuse_overwriting_inputs({"--output": self.output, "--uncertainty": self.uncertainty,
+                                   "--preview": self.preview}, {
+            "--segmentation": self.segmentation,
+            **{f"--modality {name}": path for name, path in self.modalities.items()}})
+        check_output_writable(self.output)
+        if self.preview is not None:
+            check_output_writable(self.preview)
+
 
 @dataclass
 class SynthesisResult:
@@ -96,9 +116,11 @@ class SignalCancellation:
     thread therefore hears the signal through `signal.set_wakeup_fd` (written by the C-level
     handler at once) and ends the process with `os._exit` if it still runs `GRACE_S` later.
     That is safe because nothing is written outside `deferred()` blocks, in which signals are
-    only recorded (the write completes; `should_cancel()` / `raise_if_requested()` then stop
-    the run). Leaving the `with` block stops the watchdog, so in-process callers (tests, batch)
-    are never killed.
+    only recorded: the write runs to its temporary file and then, before renaming it into place,
+    calls `commit()` (`files.AtomicWrites`), so a signal during the write aborts it and leaves
+    the previous file, and one after the rename is too late (the run ends as a success).
+    Leaving the `with` block stops the watchdog, so in-process callers (tests, batch) are
+    never killed.
 
     Args:
         farewell: called before a watchdog exit (e.g. to print the JSON error line).
@@ -111,6 +133,7 @@ class SignalCancellation:
         self.exit_code: int | None = None
         self.farewell = farewell
         self._deferred = False
+        self._committed = False  # an output was renamed into place: too late to cancel this job
         self._deferred_lock = threading.Lock()  # the watchdog never exits inside `deferred()`
         self._closed = threading.Event()
         self._previous_handlers: dict[int, Any] = {}
@@ -141,7 +164,7 @@ class SignalCancellation:
     def _handle(self, signum: int, frame) -> None:
         if self.exit_code is None:
             self.exit_code = _exit_code_for(signum)
-        if not (self._deferred or self._closed.is_set()):
+        if not (self._deferred or self._committed or self._closed.is_set()):
             raise Cancelled(self.exit_code)
 
     def _watch(self, reader: socket.socket) -> None:
@@ -158,8 +181,8 @@ class SignalCancellation:
                 if self._closed.wait(self.GRACE_S):
                     return
                 with self._deferred_lock:
-                    if self._deferred:
-                        return
+                    if self._deferred or self._committed:
+                        continue  # the write ends by raising Cancelled (or commits); keep watching
                     if self.farewell is not None:
                         self.farewell()
                     os._exit(self.exit_code or _exit_code_for(received[0]))
@@ -171,9 +194,25 @@ class SignalCancellation:
         if self.exit_code is not None:
             raise Cancelled(self.exit_code)
 
+    def commit(self) -> None:
+        """The last moment to cancel a job, just before its output is renamed into place (the
+        `raise_if_cancelled` of its writes): a later signal is only recorded, so that a run
+        that replaced its output never reports "cancelled; nothing was written"."""
+        with self._deferred_lock:
+            self.raise_if_requested()
+            self._committed = True
+
+    def next_job(self) -> None:
+        """Between the jobs of a batch: a signal recorded after the last commit stops it here."""
+        self.raise_if_requested()
+        self._committed = False
+
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
-        """A block that signals do not interrupt, for writes (a pending request raises before it)."""
+        """A block that signals do not interrupt, for writes (a pending request raises before it).
+
+        Its writes pass `commit` as `raise_if_cancelled`, so a signal that arrives during a
+        write still cancels it, before the rename."""
         with self._deferred_lock:
             self.raise_if_requested()
             self._deferred = True
@@ -236,12 +275,7 @@ def synthesize(
     from VCMSynthesisLib.conditions import assemble_conditions
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats, sample, sample_spread
-    from VCMSynthesisLib.volumes import (
-        check_output_writable,
-        read_segmentation,
-        read_volume,
-        write_volume_atomic,
-    )
+    from VCMSynthesisLib.volumes import read_segmentation, read_volume, write_volumes_atomic
 
     cancellation = cancellation or SignalCancellation()
     timings: dict[str, float] = {}
@@ -249,13 +283,7 @@ def synthesize(
     if config.task == "superres":
         raise UserError(f"model '{config.name}' is a super-resolution model; run `vcm-synthesis superres "
                         f"--model {config.name} --input FILE --output FILE` instead")
-    check_samples_arguments(request.samples, request.uncertainty, request.output)
-    check_output_writable(request.output)
-    if request.preview is not None:
-        others = {Path(path).resolve() for path in (request.output, request.uncertainty) if path is not None}
-        if Path(request.preview).resolve() in others:
-            raise UsageError("--preview names another output; give it a file of its own")
-        check_output_writable(request.preview)
+    request.check_paths()
     check_memory(config, model.folder, model.device, available=available_memory)
 
     start = time.perf_counter()
@@ -294,10 +322,11 @@ def synthesize(
     result = conditions.synthesized_to_reference(mean, config)
     with cancellation.deferred():
         # The uncertainty first: the main output appears only once everything is written.
+        volumes = [(result, request.output, request.reference_path)]
         if request.uncertainty is not None:
-            write_volume_atomic(conditions.to_reference(std, default_value=0.0), request.uncertainty,
-                                reference=request.reference_path)
-        output = write_volume_atomic(result, request.output, reference=request.reference_path)
+            volumes.insert(0, (conditions.to_reference(std, default_value=0.0), request.uncertainty,
+                               request.reference_path))
+        output = write_volumes_atomic(volumes, cancellation.commit)[-1]
     timings["write_s"] = time.perf_counter() - start
     return SynthesisResult(output=output, timings=timings, uncertainty=request.uncertainty)
 
@@ -334,14 +363,27 @@ class PreviewWriter:
 # --- command line ---------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts (steps, samples): a whole number of at least 1."""
+def positive_int(text: str, maximum: int = 2**31 - 1) -> int:
+    """argparse type of counts (steps, samples): a whole number from 1 to `maximum`."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {text}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """argparse type of seeds: a whole number from 0 to `MAX_SEED` (what PyTorch's generators take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED} (2^63 - 1), got {text}")
     return value
 
 
@@ -364,7 +406,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """`--steps --seed --strength --device --progress`, as every sampling command takes them."""
     parser.add_argument("--steps", type=positive_int,
                         help="denoising steps per sample (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the first sample (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0,
+                        help="random seed of the first sample (default 0)")
     add_strength_argument(parser)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
@@ -373,16 +416,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_samples_arguments(parser: argparse.ArgumentParser, default: int) -> None:
     """`--samples K` (average K draws) and `--uncertainty FILE` (their per-voxel std)."""
-    parser.add_argument("--samples", type=positive_int, default=default,
+    parser.add_argument("--samples", type=partial(positive_int, maximum=MAX_SAMPLES), default=default,
                         help=f"samples to average (posterior mean; default {default})")
     parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
                                                          "across samples (needs --samples 2 or more)")
 
 
-def check_samples_arguments(samples: int, uncertainty: Path | None, output: Path) -> None:
-    """Refuse an uncertainty map without a spread to show, or on the output's file; check it is writable."""
+def check_samples_arguments(samples: int, seed: int, uncertainty: Path | None, output: Path) -> None:
+    """Refuse seeds past the largest, an uncertainty map without a spread to show or on the
+    output's file; check it is writable."""
     from VCMSynthesisLib.volumes import check_output_writable
 
+    if seed + samples - 1 > MAX_SEED:
+        raise UsageError(f"--seed {seed} with {samples} samples runs past the largest seed, {MAX_SEED}; "
+                         "give a smaller --seed")
     if uncertainty is None:
         return
     if samples < 2:
@@ -513,9 +560,12 @@ def run_worker_command(json_mode: bool, body: Callable[[SignalCancellation], int
             emit_json({"error": str(error)})
         raise
     except Exception as error:
+        from VCMSynthesisLib.cli import internal_error
+
+        reported = internal_error(error)  # the traceback goes to a log that the line names
         if json_mode:
-            emit_json({"error": f"internal error: {type(error).__name__}: {error}".splitlines()[0]})
-        raise
+            emit_json({"error": str(reported)})
+        raise reported from None
 
 
 def run_synthesize_command(args: argparse.Namespace) -> int:
@@ -534,10 +584,7 @@ def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, 
                                steps=args.steps, seed=args.seed, guided=not args.unguided,
                                strength=args.strength, samples=args.samples, uncertainty=args.uncertainty,
                                preview=args.preview, preview_every=args.preview_every)
-    from VCMSynthesisLib.volumes import check_output_writable
-
-    check_samples_arguments(request.samples, request.uncertainty, request.output)
-    check_output_writable(request.output)
+    request.check_paths()
     start = time.perf_counter()
     model = load_model(args.model, args.device)
     load_s = time.perf_counter() - start

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -26,9 +27,17 @@ from pathlib import Path
 # Installed and in a checkout alike, VCMSynthesisLib sits two folders up (VCMSynthesis/).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from VCMSynthesisLib import jobs  # noqa: E402
-from VCMSynthesisLib.cli import run_reporting_errors  # noqa: E402
-from VCMSynthesisLib.errors import EXIT_USAGE, UsageError, UserError  # noqa: E402
+try:
+    from VCMSynthesisLib import jobs
+    from VCMSynthesisLib.cli import run_reporting_errors
+    from VCMSynthesisLib.errors import EXIT_USAGE, UsageError, UserError
+    from VCMSynthesisLib.files import refuse_overwriting_inputs
+    from VCMSynthesisLib.superres import positive_mm
+    from VCMSynthesisLib.volumes import LABEL_MAX
+    from VCMSynthesisLib.worker import positive_int, seed_value
+except KeyboardInterrupt:  # Ctrl-C while starting: one line, not a traceback
+    print("cancelled while starting: nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -231,6 +240,8 @@ def _label_mapping(
             mapping[by_name[name]] = int(value)
         except ValueError:
             raise UsageError(f"--label {name}={value}: the value must be an integer label value") from None
+        if not 0 <= mapping[by_name[name]] <= LABEL_MAX:
+            raise UsageError(f"--label {name}={value}: label values go from 0 to {LABEL_MAX}")
     mapping = {segment_id: value for segment_id, value in mapping.items() if value != 0}
     unmatched = [
         name for segment_id, name in names.items() if segment_id not in mapping and name not in labels
@@ -243,6 +254,21 @@ def _label_mapping(
             "their label values"
         )
     return mapping
+
+
+def _inputs_of(cases: list[Case], arguments: argparse.Namespace) -> dict[str, Path]:
+    """Every file the run reads, named as the user knows it: no output may be one of them."""
+    manifest = arguments.cases if arguments.cases is not None and arguments.cases.is_file() else None
+    inputs = {"--cases": manifest}
+    for name, path in arguments.modality.items():
+        inputs[f"--modality {name}"] = Path(path)
+    for case in cases:
+        source = case.segmentation or case.output
+        inputs[f"the segmentation {source.name}"] = case.segmentation
+        inputs[f"the reference of {source.name}"] = case.reference
+        inputs.update({f"the {name} volume of {source.name}": path
+                       for name, path in case.modalities.items()})
+    return {label: path for label, path in inputs.items() if path is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,14 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--map-by-value", action="store_true",
                         help="map .seg.nrrd segments whose names match no model label by their label value")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     parser.add_argument("--strength", type=float,
                         help="condition strength: 1 as trained, above 1 follows the segmentation more "
                              "closely (default: the model's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--spacing", type=float, help="superres: output spacing in mm")
-    parser.add_argument("--samples", type=int,
+    parser.add_argument("--spacing", type=positive_mm, help="superres: output spacing in mm")
+    parser.add_argument("--samples", type=positive_int,
                         help="superres: samples to average (default: that of vcm-synthesis superres)")
     parser.add_argument(
         "--python", help="Python executable for the worker (default: this one / PythonSlicer)"
@@ -345,6 +371,7 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
     if arguments.superres is not None:
         if not arguments.superres.is_file():
             raise UserError(f"the volume '{arguments.superres}' does not exist; check the path")
+        refuse_overwriting_inputs({"--output": arguments.output}, {"--superres": arguments.superres})
         job = jobs.superres_job(
             jobs.new_job_folder(work),
             input_path=arguments.superres,
@@ -374,15 +401,18 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
         cases = cases_from_manifest(arguments.cases)
     else:
         raise UserError(f"--cases '{arguments.cases}' is neither a folder nor a CSV file; check the path")
+    inputs = _inputs_of(cases, arguments)
     failures = 0
     for number, case in enumerate(cases, start=1):
         label = f"case {number}/{len(cases)} ({(case.segmentation or case.output).name})"
-        if arguments.skip_existing and case.output.exists():
-            print(f"{label}: {case.output} exists, skipped", file=sys.stderr)
-            continue
-        case.output.parent.mkdir(parents=True, exist_ok=True)
-        folder = jobs.new_job_folder(work)
+        folder = None
         try:
+            refuse_overwriting_inputs({"the output": case.output}, inputs)  # never skipped as "existing"
+            if arguments.skip_existing and case.output.exists():
+                print(f"{label}: {case.output} exists, skipped", file=sys.stderr)
+                continue
+            case.output.parent.mkdir(parents=True, exist_ok=True)
+            folder = jobs.new_job_folder(work)
             job = segmentation_job(case, folder, arguments, labels)
             _run_job(job, arguments, label)
         except UserError as error:
@@ -402,6 +432,9 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
 
 def main() -> None:
     status = run(sys.argv[1:])
+    # Done: a signal during the interpreter's teardown would only turn the status into a kill.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     slicer = sys.modules.get("slicer")
     if getattr(slicer, "app", None) is not None:
         slicer.util.exit(status)  # inside Slicer: sys.exit would leave the application running

@@ -94,7 +94,8 @@ def test_a_failing_case_does_not_stop_the_others(batch, tmp_path):
 @pytest.mark.parametrize(("text", "expected"), [
     (None, "does not exist"),
     ("segmentation,result\nseg.nrrd,out.nrrd\n", r"needs 'output' .*\(unknown: \['result'\]\)"),
-    ("segmentation,output,seed\nseg.nrrd,out.nrrd,seven\n", "row 2: seed 'seven' is not a whole number"),
+    ("segmentation,output,seed\nseg.nrrd,out.nrrd,seven\n", "row 2: seed must be a whole number"),
+    ("segmentation,output,seed\nseg.nrrd,out.nrrd,46116860184273879040\n", "seed must be from 0 to 92233"),
     ("segmentation,output\nseg.nrrd,\n", "row 2: 'output' is empty"),
     ("segmentation,output\na.nrrd,out.nrrd\nb.nrrd,./out.nrrd\n", "more than once"),
     ("segmentation,output\n", "has no cases"),

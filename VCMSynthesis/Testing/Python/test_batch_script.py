@@ -133,9 +133,32 @@ def test_failed_cases_are_reported_in_one_line_each_and_the_rest_go_on(tmp_path)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_outputs_that_are_inputs_are_refused_and_never_skipped(tmp_path):
+    labelmap = tmp_path / "b.nrrd"
+    scene.export_volume(add_volume(new_mrml_scene(), GEOMETRIES["oblique"], blob_labelmap().astype(np.int16)),
+                        labelmap)
+    before = labelmap.read_bytes()
+    table = tmp_path / "manifest.csv"
+    table.write_text("segmentation,output\nb.nrrd,b.nrrd\nb.nrrd,manifest.csv\n")
+    for arguments in (["--segmentation", labelmap, "--output", labelmap],
+                      ["--superres", labelmap, "--output", tmp_path / "." / "b.nrrd"],
+                      ["--cases", table, "--skip-existing"]):
+        completed = run_batch(*arguments, temporary=tmp_path)
+        errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
+        assert completed.returncode == 1 and "Traceback" not in completed.stderr
+        assert "is the same file as" in errors[0], completed.stderr
+    assert "the output '" in errors[0] and "the segmentation b.nrrd" in errors[0]
+    assert "is the same file as --cases" in errors[1]
+    assert errors[2] == "error: 2 of 2 cases failed (see above)"
+    assert labelmap.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("arguments", "code", "message"),
     [
+        (["--seed", "-1"], 2, "--seed: must be from 0 to"),
+        (["--steps", "0"], 2, "--steps: must be at least 1"),
+        (["--spacing", "nan"], 2, "--spacing: must be a positive number"),
         (["--segmentation", "x.seg.nrrd"], 2, "--output FILE is needed"),
         (["--cases", "."], 2, "--output-dir FOLDER is needed"),
         (["--segmentation", "missing.seg.nrrd", "--output", "o.nrrd"], 1, "does not exist; check the path"),

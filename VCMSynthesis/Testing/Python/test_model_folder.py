@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from dataclasses import replace
@@ -147,6 +148,11 @@ _DELETE = object()
     (_set("grid.size", [20, 16, 16]), "'grid.size' must be divisible by 8"),
     (_set("colour", "blue"), "'colour' is not a known field"),
     (_set("autoencoder.params.norm_num_groups", 3), "'autoencoder.params' does not build a AutoencoderKL"),
+    (_set("scheduler.beta_end", 5.0), "'scheduler.beta_end' must be below 1"),
+    (_set("scheduler.beta_end", 0.001), "'scheduler.beta_end' must be below 1 and at least beta_start"),
+    (_set("scheduler.num_train_timesteps", 10**12), "'scheduler.num_train_timesteps' must be at most"),
+    (_set("diffusion.params.num_res_blocks", 10**9), "'diffusion.params.num_res_blocks' holds 1000000000"),
+    (_set("conditions.labels.table", [{"value": 2**40, "name": "a"}]), r"value' must be at most 2147483647"),
 ])
 def test_bad_config_fields_are_named(saved_folder, tmp_path, edit, field):
     folder = _copy(saved_folder, tmp_path / "m")
@@ -175,11 +181,11 @@ def test_save_replaces_an_existing_folder_only_when_complete(tmp_path, monkeypat
     def failing_save(tensors, path, metadata=None):
         calls.append(path)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         save_file(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(model_folder, "save_file", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="cannot write .*model': the disk is full .*left as it was"):
         save_model_folder(folder, config, *networks)
     assert {item.name: item.read_bytes() for item in folder.iterdir()} == before
     assert sorted(os.listdir(tmp_path)) == ["model"]

@@ -230,3 +230,19 @@ def test_download_cli_errors(home, capsys):
     assert cli.main(["download-model", "brainldm-vcm-semantics", "--sha256", "autoencoder.pth=xyz"]) == 2
     assert "must be FILE=<64 hex digits>" in capsys.readouterr().err
     assert not home.exists()
+
+
+def test_a_broken_user_folder_is_skipped_with_one_warning_and_named_when_asked_for(home, monkeypatch, capsys):
+    monkeypatch.setattr(registry, "_warned_folders", set())
+    make_tiny_model_folder(home / "models" / "good")
+    broken = home / "models" / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"format_version": NaN}')
+    assert "good" in [entry.name for entry in list_models()]
+    assert "good" in [entry.name for entry in list_models()]  # listed twice, warned once
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings == [f"warning: skipping user model folder {broken}: {broken / 'config.json'} has the "
+                        "value NaN, which is not a number JSON allows; fix or replace the file"]
+    assert resolve_model("good") == home / "models" / "good"
+    with pytest.raises(UserError, match="has the value NaN"):
+        resolve_model("broken")

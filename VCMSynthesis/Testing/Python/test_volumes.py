@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import nrrd
 import numpy as np
 import pytest
@@ -59,6 +62,38 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["out.mha"]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(path)), sitk.GetArrayFromImage(old))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_a_short_write_is_caught_by_reading_back(tmp_path, monkeypatch, suffix):
+    # ITK's NIfTI writer reports a short write (a full disk) only on stderr; its reader then
+    # zero-fills the missing data. The read-back must see the file is incomplete.
+    path = tmp_path / f"out{suffix}"
+    old = _random_volume("oblique", seed=1)
+    write_volume_atomic(old, path)
+    real_write = sitk.WriteImage
+
+    def short_write(image, name, *args, **kwargs):
+        real_write(image, name, *args, **kwargs)
+        os.truncate(name, os.path.getsize(name) * 3 // 4)
+
+    monkeypatch.setattr(sitk, "WriteImage", short_write)
+    with pytest.raises(UserError, match=f"cannot write '.*out{re.escape(suffix)}': the file written"):
+        write_volume_atomic(_random_volume("oblique", seed=2), path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(path)), sitk.GetArrayFromImage(old))
+
+
+def test_non_finite_results_are_never_written(tmp_path):
+    image = _random_volume("oblique", seed=1)
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    values[0, 0, 0] = np.nan
+    broken = sitk.GetImageFromArray(values)
+    broken.CopyInformation(image)
+    with pytest.raises(UserError, match="1 NaN or infinite voxels, so it was not written"):
+        write_volume_atomic(broken, tmp_path / "out.nrrd")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_atomic_write_replaces_an_existing_output(tmp_path):

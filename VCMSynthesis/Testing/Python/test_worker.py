@@ -423,3 +423,19 @@ def test_models_lists_shipped_and_user_models(tmp_path, monkeypatch):
     entries = [json.loads(line) for line in out.splitlines()]
     assert {"name": "my-tiny", "source": "user", "available": True}.items() <= next(
         e for e in entries if e["name"] == "my-tiny").items()
+
+
+def test_a_signal_after_the_commit_is_too_late_and_one_before_it_cancels():
+    # Real signals to this process, in one SignalCancellation as the batch holds it.
+    with SignalCancellation() as cancellation:
+        with cancellation.deferred():
+            cancellation.commit()  # the output is renamed into place after this
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run: it only recorded the signal
+        with pytest.raises(Cancelled) as stopped:
+            cancellation.next_job()  # the next case of a batch does not start
+        assert stopped.value.exit_code == 143
+    with pytest.raises(Cancelled), SignalCancellation() as cancellation, cancellation.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        cancellation.commit()  # during the write: cancelled before the rename
