@@ -465,7 +465,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     labels = LIB_PARENT / "Resources" / "SampleData" / "demo-tissue-labels.nii.gz"
     process = subprocess.Popen([sys.executable, "-m", "VCMSynthesisLib", "synthesize", "--model", "demo",
                                 "--segmentation", str(labels), "--output", str(tmp_path / "out.nrrd")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_environment())
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=cli_environment())
     maps = Path(f"/proc/{process.pid}/maps")
     if not maps.exists():
         process.kill()
