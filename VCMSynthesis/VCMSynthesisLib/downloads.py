@@ -1,0 +1,200 @@
+"""Resumable, checked downloads of one file over HTTP(S) or from a `file://` URL.
+
+MONAI's `monai.apps.download_url` (urlretrieve, or gdown for Google Drive) restarts from zero
+and cannot resume a 2 GB file, so this is our own plain path for any host or lab mirror:
+
+- the bytes go to `<target>.partial`, kept when the connection drops; the next call asks for
+  the rest with an HTTP `Range` request (a server that ignores it sends the whole file again,
+  which restarts the partial file cleanly);
+- the file's checksums cover the whole file (the kept part is hashed first), and the partial
+  file becomes `target` (`os.replace`) only once they match;
+- every failure is one `UserError` line: host unreachable, HTTP error, a web page instead of
+  the file (Google Drive's "can't scan for viruses" page), dropped connection, disk full,
+  checksum mismatch.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from VCMSynthesisLib.checksums import BLOCK_BYTES, Checksums
+from VCMSynthesisLib.errors import UserError
+
+TIMEOUT_S = 60  # per socket operation: a stalled server is a dropped connection
+PARTIAL_SUFFIX = ".partial"
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<!--")
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a file must match; `source` says where the values come from, for messages."""
+
+    sha256: str | None = None
+    md5: str | None = None
+    size: int | None = None
+    source: str = "the registry"
+
+    @property
+    def checkable(self) -> bool:
+        return self.sha256 is not None or self.md5 is not None
+
+    def mismatch(self, checksums: Checksums, size: int) -> str | None:
+        """Why a file with these checksums and size is not the expected one (None: it is)."""
+        if self.size is not None and size != self.size:
+            return f"{size} bytes, expected {self.size}"
+        found = []
+        if self.sha256 is not None and checksums.sha256 != self.sha256:
+            found.append(f"sha256 {checksums.sha256}, expected {self.sha256}")
+        if self.md5 is not None and checksums.md5 != self.md5:
+            found.append(f"md5 {checksums.md5}, expected {self.md5}")
+        return "; ".join(found) or None
+
+
+def partial_path(target: Path) -> Path:
+    """Where the bytes of `target` are kept while it is downloaded (and after a dropped connection)."""
+    return target.with_name(target.name + PARTIAL_SUFFIX)
+
+
+def check_file(path: Path, expected: Expected) -> Checksums:
+    """The checksums of `path`; a one-line `UserError` if it is not the expected file."""
+    checksums = Checksums.of_file(path)
+    reason = expected.mismatch(checksums, path.stat().st_size)
+    if reason is not None:
+        raise UserError(f"{path} does not match the checksum from {expected.source} ({reason}): it is "
+                        f"damaged or a different file; replace it with a verified copy, or delete it to "
+                        f"download again")
+    return checksums
+
+
+def fetch(url: str, target: Path, expected: Expected, progress: Progress | None = None) -> Checksums:
+    """Downloads `url` to `target` (resuming `<target>.partial`), checked against `expected`.
+
+    Returns:
+        The checksums of the complete file (a file with nothing to check against is taken as
+        the server sent it; its sha256 is here to be recorded).
+    """
+    partial = partial_path(target)
+    kept = partial.stat().st_size if partial.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={kept}-"} if kept else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and kept:  # the kept part is not a prefix of the file: start again
+            partial.unlink()
+            return fetch(url, target, expected, progress)
+        raise UserError(f"cannot download {target.name}: {url} answered HTTP {error.code} {error.reason}; "
+                        f"check the URL (or the mirror), or place the file by hand at {target}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise UserError(f"cannot download {target.name}: cannot reach {_host(url)} ({reason}); check the "
+                        f"network, or place the file by hand at {target}") from None
+    with response:
+        start = _resumed_from(response, kept)
+        checksums = Checksums()
+        if start:
+            with partial.open("rb") as stream:
+                while block := stream.read(BLOCK_BYTES):
+                    checksums.update(block)
+        length = response.headers.get("Content-Length")
+        total = start + int(length) if length and length.isdigit() else expected.size
+        _refuse_web_page(response, url, target, resumed=bool(start))
+        done = _stream(response, partial, start, checksums, url, target, total, progress)
+    if total is not None and done != total:
+        raise _dropped(url, target, done, total)
+    reason = expected.mismatch(checksums, done)
+    if reason is not None:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"{target.name} from {url} does not match its checksum from {expected.source} "
+                        f"({reason}); the download is corrupt or the file has changed: try again, or place "
+                        f"a verified copy at {target}")
+    os.replace(partial, target)
+    return checksums
+
+
+def _host(url: str) -> str:
+    """The server of a URL (the URL itself for `file://`), for messages."""
+    return urllib.parse.urlsplit(url).netloc or url
+
+
+def _resumed_from(response, kept: int) -> int:
+    """Where the response body starts in the file: `kept` for a matching 206, else 0."""
+    content_range = response.headers.get("Content-Range", "")
+    if kept and getattr(response, "status", None) == 206 and content_range.startswith(f"bytes {kept}-"):
+        return kept
+    return 0
+
+
+def _refuse_web_page(response, url: str, target: Path, resumed: bool) -> None:
+    """A one-line `UserError` when the server answers with a web page instead of the file.
+
+    Google Drive answers large files with a "can't scan this file for viruses" page; only the
+    `Content-Type` or the first bytes tell (the status is 200). Peeking keeps the bytes for `_stream`.
+    """
+    content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    first = b"" if resumed else response.peek(64) if hasattr(response, "peek") else b""
+    if content_type not in ("text/html", "application/xhtml+xml") and \
+            not first.lstrip().lower().startswith(_HTML_STARTS):
+        return
+    drive = "google" in _host(url).lower()
+    why = ("Google Drive sends its \"can't scan this file for viruses\" page for large files"
+           if drive else "the link may need a login or lead to a download page")
+    raise UserError(f"cannot download {target.name}: {url} answered with a web page, not the file ({why}); "
+                    f"open the URL in a browser, save the file, and import it with `vcm-synthesis "
+                    f"download-model NAME --from FOLDER` (or place it at {target})")
+
+
+def _stream(response, partial: Path, start: int, checksums: Checksums, url: str, target: Path,
+            total: int | None, progress: Progress | None) -> int:
+    done = start
+    try:
+        out = partial.open("ab" if start else "wb")
+    except OSError as error:
+        raise _write_failed(partial, error) from None
+    with out:
+        if progress is not None:
+            progress(target.name, done, total)
+        while True:
+            try:
+                block = response.read(BLOCK_BYTES)
+            except (OSError, http.client.HTTPException):  # reset, timeout, IncompleteRead
+                out.flush()
+                raise _dropped(url, target, done, total) from None
+            if not block:
+                break
+            try:
+                out.write(block)
+            except OSError as error:
+                raise _write_failed(partial, error) from None
+            checksums.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(target.name, done, total)
+    return done
+
+
+def _dropped(url: str, target: Path, done: int, total: int | None) -> UserError:
+    of = f" of {_megabytes(total)}" if total else ""
+    return UserError(f"the connection to {_host(url)} dropped after {_megabytes(done)}{of} of {target.name}; "
+                     f"the part is kept in {partial_path(target)}: run the same command again to resume")
+
+
+def _write_failed(partial: Path, error: OSError) -> UserError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"cannot write {partial}: the disk is full; free some space (or set "
+                         f"VCM_SYNTHESIS_HOME to another disk) and run the command again to resume")
+    return UserError(f"cannot write {partial} ({error.strerror or error}); check the folder's permissions "
+                     f"or set VCM_SYNTHESIS_HOME to a folder you can write to")
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
