@@ -30,6 +30,7 @@ from VCMSynthesisLib.errors import UserError
 
 TIMEOUT_S = 60  # per socket operation: a stalled server is a dropped connection
 PARTIAL_SUFFIX = ".partial"
+_PAGE_TYPES = ("text/html", "application/xhtml+xml")
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<!--")
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -114,9 +115,11 @@ def fetch(url: str, target: Path, expected: Expected, progress: Progress | None 
     reason = expected.mismatch(checksums, done)
     if reason is not None:
         partial.unlink(missing_ok=True)
+        why = ("the server sent no Content-Length, so the connection may have dropped before the end: run "
+               "the command again" if total is None else
+               "the download is corrupt or the file has changed: try again")
         raise UserError(f"{target.name} from {url} does not match its checksum from {expected.source} "
-                        f"({reason}); the download is corrupt or the file has changed: try again, or place "
-                        f"a verified copy at {target}")
+                        f"({reason}); {why}, or place a verified copy at {target}")
     os.replace(partial, target)
     return checksums
 
@@ -141,11 +144,10 @@ def _refuse_web_page(response, url: str, target: Path, resumed: bool) -> None:
     `Content-Type` or the first bytes tell (the status is 200). Peeking keeps the bytes for `_stream`.
     """
     content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    first = b"" if resumed else response.peek(64) if hasattr(response, "peek") else b""
-    if content_type not in ("text/html", "application/xhtml+xml") and \
-            not first.lstrip().lower().startswith(_HTML_STARTS):
+    first = b"" if resumed or not hasattr(response, "peek") else response.peek(2048).lower()
+    if content_type not in _PAGE_TYPES and not first.lstrip().startswith(_HTML_STARTS):
         return
-    drive = "google" in _host(url).lower()
+    drive = "google" in _host(response.geturl() or url).lower() or b"google drive" in first
     why = ("Google Drive sends its \"can't scan this file for viruses\" page for large files"
            if drive else "the link may need a login or lead to a download page")
     raise UserError(f"cannot download {target.name}: {url} answered with a web page, not the file ({why}); "

@@ -249,14 +249,16 @@ def test_unreachable_url_says_where_to_place_the_file(home, tmp_path, release):
     _, entry = release
     entry["files"][0]["url"] = (tmp_path / "gone.pt").as_uri()
     registry_path = _write_registry(tmp_path, entry)
-    with pytest.raises(UserError, match="cannot download vcm_wegith_complexSemantics.pt: .* place the file by hand"):
+    message = "cannot download vcm_wegith_complexSemantics.pt: .* place the file by hand"
+    with pytest.raises(UserError, match=message):
         download_model("paper-tiny", registry=registry_path)
     assert not (home / "models" / "paper-tiny").exists()
 
 
 def test_download_cli_errors(home, tmp_path, capsys):
     assert cli.main(["download-model", "brainldm-vcm-semantics", "--from", str(tmp_path)]) == 1
-    assert "lacks autoencoder.pth, diffusion_model.pth, vcm_wegith_complexSemantics.pt" in capsys.readouterr().err
+    lacks = "lacks autoencoder.pth, diffusion_model.pth, vcm_wegith_complexSemantics.pt"
+    assert lacks in capsys.readouterr().err
     assert cli.main(["download-model", "brainldm-vcm-semantics", "--sha256", "autoencoder.pth=xyz"]) == 2
     assert "must be FILE=<64 hex digits>" in capsys.readouterr().err
     assert cli.main(["download-model", "brainldm-vcm-semantics", "--sha256", f"other.pt={'0' * 64}"]) == 2
