@@ -5,11 +5,11 @@ folder under `Resources/Models/`) and the downloadable ones (files with URLs and
 converted into a model folder after download). Downloaded and user-made models live in the user
 model folder: `$VCM_SYNTHESIS_HOME`, else `~/.cache/vcm-synthesis`, as `models/<name>/`.
 
-Downloads are streamed to a temporary file, checked against sha256 before use and renamed into
-place; a file without a registered sha256 is refused unless the user gives the expected value.
-Firewalled sites can place the files by hand in `downloads/<name>/` of the user model folder
-(they are checked the same way), or convert them directly with `vcm-synthesis import-reference
-... --output <user model folder>/models/<name>`.
+Downloads (`downloads.fetch`) resume a kept partial file and are checked against the
+registry's sha256/md5, the user's `--sha256`, or `downloads/<name>/SHA256SUMS` (the sha256 an
+earlier download recorded for a file nobody published a checksum for). Registries of the user's
+own (`$VCM_SYNTHESIS_REGISTRY`) add entries. Firewalled sites import copied files with
+`download-model NAME --from FOLDER`, or place them in `downloads/<name>/` (checked the same way).
 """
 
 from __future__ import annotations
