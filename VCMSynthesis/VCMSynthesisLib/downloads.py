@@ -8,14 +8,15 @@ and cannot resume a 2 GB file, so this is our own plain path for any host or lab
   which restarts the partial file cleanly);
 - the file's checksums cover the whole file (the kept part is hashed first), and the partial
   file becomes `target` (`os.replace`) only once they match;
+- Google Drive's "can't scan this file for viruses" page is followed through its download form;
 - every failure is one `UserError` line: host unreachable, HTTP error, a web page instead of
-  the file (Google Drive's "can't scan for viruses" page), dropped connection, disk full,
-  checksum mismatch.
+  the file, dropped connection, disk full, checksum mismatch.
 """
 
 from __future__ import annotations
 
 import errno
+import html.parser
 import http.client
 import os
 import urllib.error
@@ -30,6 +31,7 @@ from VCMSynthesisLib.errors import UserError
 
 TIMEOUT_S = 60  # per socket operation: a stalled server is a dropped connection
 PARTIAL_SUFFIX = ".partial"
+_MAX_PAGE_BYTES = 1 << 20  # a confirmation page is a few kB
 _PAGE_TYPES = ("text/html", "application/xhtml+xml")
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<!--")
 
@@ -77,8 +79,12 @@ def check_file(path: Path, expected: Expected) -> Checksums:
     return checksums
 
 
-def fetch(url: str, target: Path, expected: Expected, progress: Progress | None = None) -> Checksums:
+def fetch(url: str, target: Path, expected: Expected, progress: Progress | None = None,
+          confirmed: bool = False) -> Checksums:
     """Downloads `url` to `target` (resuming `<target>.partial`), checked against `expected`.
+
+    A web page holding a download confirmation form (Google Drive's "can't scan this file for
+    viruses" page, `<form id="download-form">`) is followed once (`confirmed`), as gdown does.
 
     Returns:
         The checksums of the complete file (a file with nothing to check against is taken as
@@ -92,7 +98,7 @@ def fetch(url: str, target: Path, expected: Expected, progress: Progress | None 
     except urllib.error.HTTPError as error:
         if error.code == 416 and kept:  # the kept part is not a prefix of the file: start again
             partial.unlink()
-            return fetch(url, target, expected, progress)
+            return fetch(url, target, expected, progress, confirmed)
         raise UserError(f"cannot download {target.name}: {url} answered HTTP {error.code} {error.reason}; "
                         f"check the URL (or the mirror), or place the file by hand at {target}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
@@ -108,7 +114,13 @@ def fetch(url: str, target: Path, expected: Expected, progress: Progress | None 
                     checksums.update(block)
         length = response.headers.get("Content-Length")
         total = start + int(length) if length and length.isdigit() else expected.size
-        _refuse_web_page(response, url, target, resumed=bool(start))
+        page = _web_page_start(response, resumed=bool(start))
+        if page is not None:
+            link = None if confirmed else _confirmation_link(response.read(_MAX_PAGE_BYTES),
+                                                             response.geturl() or url)
+            if link is None:
+                raise _web_page_error(url, response.geturl() or url, page, target)
+            return fetch(link, target, expected, progress, confirmed=True)
         done = _stream(response, partial, start, checksums, url, target, total, progress)
     if total is not None and done != total:
         raise _dropped(url, target, done, total)
@@ -137,22 +149,56 @@ def _resumed_from(response, kept: int) -> int:
     return 0
 
 
-def _refuse_web_page(response, url: str, target: Path, resumed: bool) -> None:
-    """A one-line `UserError` when the server answers with a web page instead of the file.
+def _web_page_start(response, resumed: bool) -> bytes | None:
+    """The first bytes (lower case) of a web page sent instead of the file; None for a file.
 
-    Google Drive answers large files with a "can't scan this file for viruses" page; only the
-    `Content-Type` or the first bytes tell (the status is 200). Peeking keeps the bytes for `_stream`.
+    Only the `Content-Type` or the first bytes tell (the status is 200). Peeking keeps the
+    bytes for `_stream`.
     """
     content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
     first = b"" if resumed or not hasattr(response, "peek") else response.peek(2048).lower()
-    if content_type not in _PAGE_TYPES and not first.lstrip().startswith(_HTML_STARTS):
-        return
-    drive = "google" in _host(response.geturl() or url).lower() or b"google drive" in first
-    why = ("Google Drive sends its \"can't scan this file for viruses\" page for large files"
+    if content_type in _PAGE_TYPES or first.lstrip().startswith(_HTML_STARTS):
+        return first
+    return None
+
+
+class _DownloadForm(html.parser.HTMLParser):
+    """The action and hidden fields of `<form id="download-form">` (Google Drive's confirmation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+        self._inside = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {name: value or "" for name, value in attrs}
+        if tag == "form" and attributes.get("id") == "download-form" and self.action is None:
+            self.action, self._inside = attributes.get("action", ""), True
+        elif tag == "input" and self._inside and attributes.get("type") == "hidden" and "name" in attributes:
+            self.fields[attributes["name"]] = attributes.get("value", "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self._inside = False
+
+
+def _confirmation_link(page: bytes, base: str) -> str | None:
+    """The URL a download confirmation page's form leads to (GET), or None without one."""
+    form = _DownloadForm()
+    form.feed(page.decode("utf-8", "replace"))
+    if not form.action:
+        return None
+    return f"{urllib.parse.urljoin(base, form.action)}?{urllib.parse.urlencode(form.fields)}"
+
+
+def _web_page_error(url: str, final_url: str, page: bytes, target: Path) -> UserError:
+    drive = "google" in _host(final_url).lower() or b"google drive" in page
+    why = ("Google Drive sent its \"can't scan this file for viruses\" page without a download link"
            if drive else "the link may need a login or lead to a download page")
-    raise UserError(f"cannot download {target.name}: {url} answered with a web page, not the file ({why}); "
-                    f"open the URL in a browser, save the file, and import it with `vcm-synthesis "
-                    f"download-model NAME --from FOLDER` (or place it at {target})")
+    return UserError(f"cannot download {target.name}: {url} answered with a web page, not the file ({why}); "
+                     f"open the URL in a browser, save the file, and import it with `vcm-synthesis "
+                     f"download-model NAME --from FOLDER` (or place it at {target})")
 
 
 def _stream(response, partial: Path, start: int, checksums: Checksums, url: str, target: Path,

@@ -41,6 +41,7 @@ class LoopbackServer:
         self.no_length: set[str] = set()
         self.redirect: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.queries: list[str] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -48,8 +49,9 @@ class LoopbackServer:
                 pass
 
             def do_GET(self) -> None:
-                path = self.path.lstrip("/")
+                path, _, query = self.path.lstrip("/").partition("?")
                 server.requests.append((path, self.headers.get("Range")))
+                server.queries.append(query)
                 if path in server.redirect:
                     self.send_response(302)
                     self.send_header("Location", f"/{server.redirect[path]}")
@@ -200,11 +202,31 @@ def test_a_web_page_instead_of_the_file_is_one_line_and_no_model(home, tmp_path,
     failed = run_cli("download-model", "lab-mirror")
     assert failed.returncode == 1
     assert_one_error_line(failed.stderr, "answered with a web page, not the file")
-    assert "Google Drive sends its \"can't scan this file for viruses\" page" in failed.stderr
+    assert "Google Drive sent its \"can't scan this file for viruses\" page" in failed.stderr
     assert "--from FOLDER" in failed.stderr
     assert not (home / "models" / "lab-mirror").exists()
     assert not (home / "downloads" / "lab-mirror" / "autoencoder.pth").exists()
     assert not (home / "downloads" / "lab-mirror" / "autoencoder.pth.partial").exists()
+
+
+def test_google_drives_virus_scan_page_is_followed_and_resumed(home, tmp_path, monkeypatch, release, server):
+    """The page's download form leads to the file; a dropped download resumes through the page again."""
+    big = "diffusion_model.pth"
+    form = (b'<!DOCTYPE html><html><body>Google Drive can\'t scan this file for viruses.'
+            b'<form id="download-form" action="/' + big.encode() + b'" method="get">'
+            b'<input type="hidden" name="id" value="1XO"><input type="hidden" name="confirm" value="t">'
+            b'<input type="submit" value="Download anyway"></form></body></html>')
+    server.page["uc"] = ("text/html; charset=utf-8", form)
+    user_registry(tmp_path, monkeypatch, release, server, **{big: {"url": f"{server.url}/uc?id=1XO"}})
+    half = len(server.files[big]) // 2
+    server.drop[big] = half
+    with pytest.raises(UserError, match="dropped after"):
+        download_model("lab-mirror")
+    folder = download_model("lab-mirror")
+    assert load_model_folder(folder).diffusion is not None
+    assert server.ranges("uc") == [None, f"bytes={half}-"]
+    assert server.ranges(big) == [None, f"bytes={half}-"]
+    assert "id=1XO&confirm=t" in server.queries
 
 
 def test_a_wrong_hash_never_becomes_a_model(home, tmp_path, monkeypatch, release, server):
