@@ -256,6 +256,20 @@ def test_missing_content_length_and_a_redirect_still_download(home, tmp_path, mo
     assert [path for path, _ in server.requests].count("diffusion_model.pth") == 1
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_one_line_and_no_model(home, tmp_path, monkeypatch, release, server):
+    """The partial file links to /dev/full, where every write fails with ENOSPC (a real full disk)."""
+    user_registry(tmp_path, monkeypatch, release, server)
+    downloads = home / "downloads" / "lab-mirror"
+    downloads.mkdir(parents=True)
+    (downloads / "autoencoder.pth.partial").symlink_to("/dev/full")
+    failed = run_cli("download-model", "lab-mirror")
+    assert failed.returncode == 1
+    partial = downloads / "autoencoder.pth.partial"
+    assert_one_error_line(failed.stderr, f"cannot write {partial}: the disk is full; free some space")
+    assert not (home / "models" / "lab-mirror").exists() and not (downloads / "autoencoder.pth").exists()
+
+
 def test_a_cut_download_without_content_length_says_so(home, tmp_path, monkeypatch, release, server):
     """Without Content-Length, a dropped connection looks like the end of the file: the checksum tells."""
     user_registry(tmp_path, monkeypatch, release, server)
