@@ -369,9 +369,9 @@ def download_model(
                  f"download against this one")
         sums[file.name] = checksums.sha256
         paths[file.role] = path
-    downloads.mkdir(parents=True, exist_ok=True)
-    _write_lock(lock_path, sums)
     folder = _install(entry, paths)
+    downloads.mkdir(parents=True, exist_ok=True)
+    _write_lock(lock_path, sums)  # only files that imported: a broken one must not be locked in
     if source_folder is None:
         for path in paths.values():
             path.unlink(missing_ok=True)
