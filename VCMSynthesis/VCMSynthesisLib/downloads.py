@@ -69,7 +69,12 @@ def partial_path(target: Path) -> Path:
 
 
 def check_file(path: Path, expected: Expected) -> Checksums:
-    """The checksums of `path`; a one-line `UserError` if it is not the expected file."""
+    """The checksums of `path`; a one-line `UserError` if it is a web page or not the expected file."""
+    with path.open("rb") as stream:
+        if stream.read(2048).lower().lstrip().startswith(_HTML_STARTS):
+            raise UserError(f"{path} is a web page, not the file (a browser saves Google Drive's \"can't "
+                            f"scan this file for viruses\" page under the file's name): open the page, press "
+                            f"its download button, and put the downloaded file there instead")
     checksums = Checksums.of_file(path)
     reason = expected.mismatch(checksums, path.stat().st_size)
     if reason is not None:

@@ -355,15 +355,17 @@ def download_model(
                             f"({', '.join(file.name for file in entry.files)}) into it")
         lock = {**read_lock(source_folder / LOCK_NAME), **lock}
     paths, sums = {}, dict(lock)
+    expected = {file.name: _expected(file, given, lock) for file in entry.files}
+    where = source_folder or downloads
+    present = {file.name: check_file(where / file.name, expected[file.name]) for file in entry.files
+               if (where / file.name).is_file()}  # all of them before any download
     for file in entry.files:
-        expected = _expected(file, given, lock)
-        path = (source_folder or downloads) / file.name
-        if path.is_file():
-            checksums = check_file(path, expected)
-        else:
+        path = where / file.name
+        checksums = present.get(file.name)
+        if checksums is None:
             downloads.mkdir(parents=True, exist_ok=True)
-            checksums = fetch(file.url, path, expected, progress)
-        if not expected.checkable:
+            checksums = fetch(file.url, path, expected[file.name], progress)
+        if not expected[file.name].checkable:
             warn(f"nothing was published to check {file.name} against; its sha256 {checksums.sha256} is "
                  f"recorded in {lock_path} and the model card: copy that file to check another machine's "
                  f"download against this one")

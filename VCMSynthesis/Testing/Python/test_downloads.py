@@ -286,12 +286,16 @@ def test_a_file_placed_by_hand_that_fails_its_check_says_so(home, tmp_path, monk
     user_registry(tmp_path, monkeypatch, release, server)
     placed = home / "downloads" / "lab-mirror" / "autoencoder.pth"
     placed.parent.mkdir(parents=True)
-    placed.write_bytes(GOOGLE_PAGE)
+    placed.write_bytes(server.files["autoencoder.pth"][:-1])  # a truncated copy
     with pytest.raises(UserError) as raised:
         download_model("lab-mirror")
     message = str(raised.value)
     assert f"{placed} does not match the checksum from the registry" in message
     assert "replace it with a verified copy, or delete it to download again" in message
+    assert server.requests == []  # never downloaded over
+    placed.write_bytes(GOOGLE_PAGE)  # a browser saved the virus-scan page under the file's name
+    with pytest.raises(UserError, match=f"{placed} is a web page, not the file"):
+        download_model("lab-mirror")
     assert placed.read_bytes() == GOOGLE_PAGE and not (home / "models" / "lab-mirror").exists()
 
 
