@@ -5,28 +5,25 @@ folder under `Resources/Models/`) and the downloadable ones (files with URLs and
 converted into a model folder after download). Downloaded and user-made models live in the user
 model folder: `$VCM_SYNTHESIS_HOME`, else `~/.cache/vcm-synthesis`, as `models/<name>/`.
 
-Downloads are streamed to a temporary file, checked against sha256 before use and renamed into
-place; a file without a registered sha256 is refused unless the user gives the expected value.
-Firewalled sites can place the files by hand in `downloads/<name>/` of the user model folder
-(they are checked the same way), or convert them directly with `vcm-synthesis import-reference
-... --output <user model folder>/models/<name>`.
+Downloads (`downloads.fetch`) resume a kept partial file and are checked against the
+registry's sha256/md5, the user's `--sha256`, or `downloads/<name>/SHA256SUMS` (the sha256 an
+earlier download recorded for a file nobody published a checksum for). Registries of the user's
+own (`$VCM_SYNTHESIS_REGISTRY`) add entries. Firewalled sites import copied files with
+`download-model NAME --from FOLDER`, or place them in `downloads/<name>/` (checked the same way).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
+import re
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from VCMSynthesisLib.checksums import BLOCK_BYTES as _BLOCK
-from VCMSynthesisLib.checksums import Checksums
+from VCMSynthesisLib.downloads import Expected, check_file, fetch
 from VCMSynthesisLib.errors import UsageError, UserError
 from VCMSynthesisLib.files import HOME_VARIABLE, atomic_path, remove_stale_partials, user_home
 from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
@@ -34,6 +31,8 @@ from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 REGISTRY_PATH = RESOURCES / "Models.json"
 SHIPPED_MODELS = RESOURCES / "Models"
+REGISTRY_VARIABLE = "VCM_SYNTHESIS_REGISTRY"  # user registries (os.pathsep-separated JSON files)
+LOCK_NAME = "SHA256SUMS"
 REFERENCE_ROLES = ("adapter", "autoencoder", "diffusion")
 
 Progress = Callable[[str, int, "int | None"], None]
@@ -82,24 +81,123 @@ class ModelEntry:
         return (self.folder / CONFIG_NAME).is_file()
 
 
-def _registry_entries(registry: Path) -> list[ModelEntry]:
+def _registry_entries(registry: Path, user: bool = False) -> list[ModelEntry]:
+    """The entries of one registry file; a user registry (`user`) is validated against the schema."""
     try:
         data = json.loads(registry.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise _damaged(registry, user, f"{type(error).__name__}: {error}") from None
+    if user:
+        problem = schema_problem(data)
+        if problem is not None:
+            raise _damaged(registry, user, problem)
+    try:
         entries = []
         for item in data["models"]:
             files = tuple(
                 RemoteFile(f["role"], f["name"], f["url"], f.get("sha256"), f.get("md5"), f.get("size"))
                 for f in item.get("files", ()))
             shipped = "folder" in item
+            if shipped and user:
+                raise _damaged(registry, user, f"model {item['name']!r} names a shipped folder; a user "
+                                               f"registry adds downloadable entries (files + import) only")
             entries.append(ModelEntry(
                 name=item["name"], task=item["task"], description=item["description"],
                 conditions=item["conditions"], source="shipped" if shipped else "download",
                 folder=SHIPPED_MODELS / item["folder"] if shipped else user_home() / "models" / item["name"],
                 files=files, import_format=item.get("import"), import_params=item.get("import_params"),
             ))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"model registry {registry} is unreadable or damaged ({type(error).__name__}: "
-                        f"{error}); reinstall the extension") from None
+    except (KeyError, TypeError, AttributeError) as error:
+        raise _damaged(registry, user, f"{type(error).__name__}: {error}") from None
+    return entries
+
+
+def _damaged(registry: Path, user: bool, reason: str) -> UserError:
+    if user:
+        return UserError(f"model registry {registry} (from ${REGISTRY_VARIABLE}) is invalid: {reason}; "
+                         f"fix it (schema: {RESOURCES / 'Models.schema.json'}) or remove it from "
+                         f"${REGISTRY_VARIABLE}")
+    return UserError(f"model registry {registry} is unreadable or damaged ({reason}); reinstall the "
+                     f"extension")
+
+
+def schema_problem(data: object) -> str | None:
+    """Where `data` breaks `Models.schema.json`, in one line (None: it follows it).
+
+    Uses jsonschema where it is installed; otherwise a minimal check of the fields the loader
+    reads (the catalogue must not need more than the standard library).
+    """
+    schema = json.loads((RESOURCES / "Models.schema.json").read_text(encoding="utf-8"))
+    try:
+        import jsonschema
+    except ImportError:
+        return _minimal_schema_problem(data, schema)
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(data))
+    return None if error is None else f"{error.json_path}: {error.message}"
+
+
+def _minimal_schema_problem(data: object, schema: dict) -> str | None:
+    if not isinstance(data, dict) or data.get("format_version") != 1 or \
+            not isinstance(data.get("models"), list):
+        return '$: must be {"format_version": 1, "models": [...]}'
+    model_schema, file_schema = schema["$defs"]["model"], schema["$defs"]["file"]
+    for index, model in enumerate(data["models"]):
+        where = f"$.models[{index}]"
+        if not isinstance(model, dict):
+            return f"{where}: must be an object"
+        problem = _fields_problem(model, model_schema, where)
+        if problem:
+            return problem
+        if ("folder" in model) == ("files" in model) or ("files" in model) != ("import" in model):
+            return f"{where}: needs either folder, or files and import"
+        for number, file in enumerate(model.get("files") or ()):
+            problem = _fields_problem(file, file_schema, f"{where}.files[{number}]")
+            if problem:
+                return problem
+    return None
+
+
+def _fields_problem(item: object, schema: dict, where: str) -> str | None:
+    """Required fields, unknown fields, enums and string patterns of one schema object."""
+    if not isinstance(item, dict):
+        return f"{where}: must be an object"
+    missing = [key for key in schema["required"] if key not in item]
+    if missing:
+        return f"{where}: lacks {', '.join(missing)}"
+    unknown = sorted(set(item) - set(schema["properties"]))
+    if unknown:
+        return f"{where}: unknown field {unknown[0]!r}"
+    for key, value in item.items():
+        rule = schema["properties"][key]
+        options = rule.get("oneOf", [rule])
+        if value is None and any(option.get("type") == "null" for option in options):
+            continue
+        for option in options:
+            if "enum" in option and value not in option["enum"]:
+                return f"{where}.{key}: {value!r} is not one of {option['enum']}"
+            if option.get("type") == "string" and (
+                    not isinstance(value, str) or not re.search(option.get("pattern", ""), value)):
+                return f"{where}.{key}: {value!r} is not a valid {key}"
+    return None
+
+
+def user_registries() -> list[Path]:
+    """The registry files named by `$VCM_SYNTHESIS_REGISTRY`, in order."""
+    parts = os.environ.get(REGISTRY_VARIABLE, "").split(os.pathsep)
+    return [Path(part).expanduser() for part in parts if part]
+
+
+def _all_registry_entries(registry: Path) -> list[ModelEntry]:
+    """The registry's entries, then those of the user registries (a name may appear once)."""
+    entries = _registry_entries(registry)
+    origin = {entry.name: registry for entry in entries}
+    for path in user_registries():
+        for entry in _registry_entries(path, user=True):
+            if entry.name in origin:
+                raise UserError(f"model registry {path} (from ${REGISTRY_VARIABLE}) registers {entry.name!r} "
+                                f"again (already in {origin[entry.name]}); give its entry another name")
+            origin[entry.name] = path
+            entries.append(entry)
     return entries
 
 
@@ -142,7 +240,7 @@ def _user_entries(known: set[str]) -> list[ModelEntry]:
 
 def list_models(registry: Path = REGISTRY_PATH) -> list[ModelEntry]:
     """Registered models (shipped and downloadable) followed by the user's own model folders."""
-    entries = _registry_entries(registry)
+    entries = _all_registry_entries(registry)
     return entries + _user_entries({entry.name for entry in entries})
 
 
@@ -186,43 +284,38 @@ def resolve_model(name_or_folder: str | os.PathLike, registry: Path = REGISTRY_P
                     f"{entry.name}` or place its files by hand in {user_home() / 'downloads' / entry.name}")
 
 
-def _fetch(file: RemoteFile, expected_sha256: str, target: Path, progress: Progress | None) -> None:
-    """Streams `file` to a temporary name beside `target`, checks it, renames it into place."""
-    checksums = Checksums()
-
-    def verify(partial: Path) -> None:
-        """What reached the disk is what was checked (a short write would not match)."""
-        if not checksums.matches(expected_sha256, file.md5):
-            found = f"sha256 {checksums.sha256}, expected {expected_sha256}"
-            if file.md5:
-                found += f"; md5 {checksums.md5}, expected {file.md5}"
-            raise UserError(f"{file.name} from {file.url} does not match its checksum ({found}); the "
-                            f"download is corrupt or the file has changed: try again or place a verified "
-                            f"copy at {target}")
-        if not Checksums.of_file(partial).matches(expected_sha256, file.md5):
-            raise UserError(f"cannot write {target}: the file on disk differs from the download; "
-                            f"check the disk (is it full?) and try again")
-
-    with atomic_path(target, verify=verify) as partial:
-        try:
-            with urllib.request.urlopen(file.url, timeout=60) as response, partial.open("wb") as out:
-                total = file.size or int(response.headers.get("Content-Length") or 0) or None
-                done = 0
-                while block := response.read(_BLOCK):
-                    out.write(block)
-                    checksums.update(block)
-                    done += len(block)
-                    if progress is not None:
-                        progress(file.name, done, total)
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
-                ValueError) as error:  # the network's fault; a disk error is `atomic_path`'s
-            reason = getattr(error, "reason", None) or error
-            raise UserError(f"cannot download {file.name} from {file.url} ({reason}); check the network, "
-                            f"or place the file by hand at {target}") from None
+def _expected(file: RemoteFile, given: Mapping[str, str], lock: Mapping[str, str]) -> Expected:
+    """The checksums a file must match: the registry's, else the user's `--sha256`, else the lock file's."""
+    if file.sha256:
+        return Expected(file.sha256, file.md5, file.size, "the registry")
+    if file.name in given:
+        return Expected(given[file.name], file.md5, file.size, "--sha256")
+    if file.name in lock:
+        return Expected(lock[file.name], file.md5, file.size, f"{LOCK_NAME} of an earlier download")
+    return Expected(None, file.md5, file.size, "the registry")
 
 
-def _verified(path: Path, expected_sha256: str, md5: str | None) -> bool:
-    return path.is_file() and Checksums.of_file(path).matches(expected_sha256, md5)
+def read_lock(path: Path) -> dict[str, str]:
+    """`SHA256SUMS` (the `sha256sum` format: `HEX  NAME` per line) as {name: hex}."""
+    if not path.is_file():
+        return {}
+    sums = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        digest, _, name = line.strip().partition(" ")
+        name = name.strip().lstrip("*")
+        if not line.strip():
+            continue
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()) or not name:
+            raise UserError(f"{path} line {number} is not `<64 hex digits>  <file name>`; fix or delete the "
+                            f"file (it records the sha256 of earlier downloads)")
+        sums[name] = digest.lower()
+    return sums
+
+
+def _write_lock(path: Path, sums: Mapping[str, str]) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())),
+                             encoding="utf-8")
 
 
 def download_model(
@@ -230,22 +323,31 @@ def download_model(
     progress: Progress | None = None,
     sha256: Mapping[str, str] | None = None,
     registry: Path = REGISTRY_PATH,
+    source_folder: Path | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Downloads a registered model, checks every file and converts it into a model folder.
 
     Files already in `downloads/<name>/` of the user model folder (an earlier download, or
-    placed by hand) are used when they match their checksum.
+    placed by hand) are checked and used; a kept `<file>.partial` is resumed. A file with a
+    published sha256 or md5 must match it; one with neither is taken as it comes (with a
+    warning) and its sha256 recorded in `downloads/<name>/SHA256SUMS`, which later downloads
+    (copy it to another machine) check against. The model folder appears only once every
+    file is verified and the import succeeded.
 
     Args:
         name: a downloadable registry entry.
         progress: called as `progress(file_name, bytes_done, bytes_total_or_None)`.
-        sha256: expected sha256 per file name, for files the registry has no checksum for
-            (check the value against the publisher's before passing it).
+        sha256: expected sha256 per file name, pinning files the registry has no sha256 for.
         registry: the registry file.
+        source_folder: a folder holding the files (copied from elsewhere): nothing is
+            downloaded, the files are checked and imported from there, and left as they are.
+        warn: called with one-line warnings (default: printed to stderr).
 
     Returns:
         The model folder.
     """
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
     entry = _find(name, registry)
     if entry.source != "download":
         if entry.available:
@@ -254,23 +356,42 @@ def download_model(
     if entry.available:
         return entry.folder
     given = {file_name: value.lower() for file_name, value in (sha256 or {}).items()}
-    expected = {file.name: file.sha256 or given.get(file.name) for file in entry.files}
-    for file_name, digest in expected.items():
-        if digest is None:
-            raise UserError(f"{file_name} of {entry.name!r} has no registered sha256 to check it against; "
-                            f"pass --sha256 {file_name}=<hex> with the publisher's value, or convert files "
-                            f"you trust with `vcm-synthesis import-reference`")
+    unknown = sorted(set(given) - {file.name for file in entry.files})
+    if unknown:
+        raise UsageError(f"--sha256 names {', '.join(unknown)}, not a file of {entry.name!r} "
+                         f"({', '.join(file.name for file in entry.files)})")
     downloads = user_home() / "downloads" / entry.name
-    downloads.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    lock_path = downloads / LOCK_NAME
+    lock = read_lock(lock_path)
+    if source_folder is not None:
+        missing = [file.name for file in entry.files if not (source_folder / file.name).is_file()]
+        if missing:
+            raise UserError(f"{source_folder} lacks {', '.join(missing)} of {entry.name!r}; copy every file "
+                            f"({', '.join(file.name for file in entry.files)}) into it")
+        lock = {**read_lock(source_folder / LOCK_NAME), **lock}
+    paths, sums = {}, dict(lock)
+    expected = {file.name: _expected(file, given, lock) for file in entry.files}
+    where = source_folder or downloads
+    present = {file.name: check_file(where / file.name, expected[file.name]) for file in entry.files
+               if (where / file.name).is_file()}  # all of them before any download
     for file in entry.files:
-        target = downloads / file.name
-        if not _verified(target, expected[file.name], file.md5):
-            _fetch(file, expected[file.name], target, progress)
-        paths[file.role] = target
+        path = where / file.name
+        checksums = present.get(file.name)
+        if checksums is None:
+            downloads.mkdir(parents=True, exist_ok=True)
+            checksums = fetch(file.url, path, expected[file.name], progress)
+        if not expected[file.name].checkable:
+            warn(f"nothing was published to check {file.name} against; its sha256 {checksums.sha256} is "
+                 f"recorded in {lock_path} and the model card: copy that file to check another machine's "
+                 f"download against this one")
+        sums[file.name] = checksums.sha256
+        paths[file.role] = path
     folder = _install(entry, paths)
-    for path in paths.values():
-        path.unlink(missing_ok=True)
+    downloads.mkdir(parents=True, exist_ok=True)
+    _write_lock(lock_path, sums)  # only files that imported: a broken one must not be locked in
+    if source_folder is None:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
     return folder
 
 
@@ -301,14 +422,23 @@ def _run_download(args: argparse.Namespace) -> int:
     bars: dict[str, tqdm] = {}
 
     def progress(file_name: str, done: int, total: int | None) -> None:
+        """One bar per file, with speed and time left; a resumed file starts at its kept bytes."""
         bar = bars.get(file_name)
         if bar is None:
-            bar = tqdm(total=total, desc=file_name, unit="B", unit_scale=True, file=sys.stderr)
+            bar = tqdm(total=total, initial=done, desc=file_name, unit="B", unit_scale=True,
+                       unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
             bars[file_name] = bar
         bar.update(done - bar.n)
 
+    def warn(message: str) -> None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    source_folder = args.source_folder
+    if source_folder is not None and not source_folder.is_dir():
+        raise UsageError(f"--from {source_folder} is not a folder; give the folder holding the copied files")
     try:
-        folder = download_model(args.name, progress, _parse_sha256(args.sha256))
+        folder = download_model(args.name, progress, _parse_sha256(args.sha256), source_folder=source_folder,
+                                warn=warn)
     finally:
         for bar in bars.values():
             bar.close()
@@ -321,10 +451,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "download-model",
         help="download a registered model into the user model folder",
-        description="Download a registered model, check its sha256 and convert it into a model folder "
-                    f"under ${HOME_VARIABLE} (default ~/.cache/vcm-synthesis).",
+        description="Download a registered model (resuming an interrupted download), check its published "
+                    "sha256/md5 and convert it into a model folder under "
+                    f"${HOME_VARIABLE} (default ~/.cache/vcm-synthesis). Registries of your own "
+                    f"(${REGISTRY_VARIABLE}) add entries.",
     )
     parser.add_argument("name", help="registered model name (see `vcm-synthesis models`)")
     parser.add_argument("--sha256", action="append", default=[], metavar="FILE=HEX",
                         help="expected sha256 of a file the registry has no checksum for (repeatable)")
+    parser.add_argument("--from", dest="source_folder", type=Path, metavar="FOLDER",
+                        help="import files copied from elsewhere (offline sites): check and convert the "
+                             "files in FOLDER, download nothing")
     parser.set_defaults(handler=_run_download)

@@ -3,21 +3,23 @@ imports the standard library only, so Slicer's own Python needs no torch for the
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-from VCMSynthesisLib import cli
+from VCMSynthesisLib import cli, registry
 
 MODULE_DIR = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "monai", "SimpleITK", "scipy", "numpy")
 
 
-def imported_modules(*arguments: str, code: str | None = None) -> set[str]:
+def imported_modules(*arguments: str, code: str | None = None, env: dict[str, str] | None = None) -> set[str]:
     """Top-level packages a fresh interpreter imports for `python -m VCMSynthesisLib ARGS` (or `code`)."""
     command = ["-c", code] if code is not None else ["-m", "VCMSynthesisLib", *arguments]
+    env = {"PYTHONPATH": str(MODULE_DIR), **(env or {})}
     completed = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True,
-                               check=False, cwd=MODULE_DIR, env={"PYTHONPATH": str(MODULE_DIR)})
+                               check=False, cwd=MODULE_DIR, env=env)
     assert completed.returncode == 0, completed.stderr[-2000:]
     lines = [line.split("|")[-1] for line in completed.stderr.splitlines() if line.startswith("import time:")]
     return {line.strip().split(".")[0] for line in lines}
@@ -26,6 +28,18 @@ def imported_modules(*arguments: str, code: str | None = None) -> set[str]:
 def test_listing_models_imports_no_torch_monai_simpleitk_or_scipy():
     modules = imported_modules("models")
     assert "VCMSynthesisLib" in modules  # the import log was read
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_user_registries_are_validated_without_torch(tmp_path):
+    """`$VCM_SYNTHESIS_REGISTRY` files are checked (jsonschema where installed) on listing, torch-free."""
+    data = json.loads(registry.REGISTRY_PATH.read_text())
+    mirror = next(entry for entry in data["models"] if "files" in entry)
+    mirror["name"] = "lab-mirror"
+    (tmp_path / "lab.json").write_text(json.dumps({"format_version": 1, "models": [mirror]}))
+    modules = imported_modules("models", env={registry.REGISTRY_VARIABLE: str(tmp_path / "lab.json"),
+                                              registry.HOME_VARIABLE: str(tmp_path / "home")})
+    assert {"VCMSynthesisLib", "jsonschema"} <= modules  # validated by jsonschema
     assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
 
 

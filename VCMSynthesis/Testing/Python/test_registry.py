@@ -6,6 +6,7 @@ import functools
 import hashlib
 import http.server
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -163,7 +164,10 @@ def test_download_over_http_checks_and_imports(home, tmp_path, release, http_roo
     final = {name: (done, total) for name, done, total in seen}
     assert set(final) == set(ROLES)
     assert all(done == total and done > 0 for done, total in final.values())
-    assert list((home / "downloads" / "paper-tiny").iterdir()) == []  # converted, then removed
+    downloads = home / "downloads" / "paper-tiny"
+    assert [path.name for path in downloads.iterdir()] == ["SHA256SUMS"]  # converted, then removed
+    assert registry.read_lock(downloads / "SHA256SUMS") == {
+        file["name"]: file["sha256"] for file in entry["files"]}
     assert download_model("paper-tiny", registry=registry_path) == folder  # already there
 
 
@@ -183,7 +187,7 @@ def test_wrong_md5_is_refused_even_with_the_right_sha256(home, tmp_path, release
     entry["files"][0]["md5"] = hashlib.md5((source / entry["files"][0]["name"]).read_bytes()).hexdigest()
     entry["files"][1]["md5"] = "0" * 32
     registry_path = _write_registry(tmp_path, entry)
-    message = r"autoencoder.pth from file://.* does not match .*; md5 [0-9a-f]{32}, expected 0{32}\)"
+    message = r"autoencoder.pth from file://.* does not match .* \(md5 [0-9a-f]{32}, expected 0{32}\)"
     with pytest.raises(UserError, match=message):
         download_model("paper-tiny", registry=registry_path)
     assert not (home / "models" / "paper-tiny").exists()
@@ -191,16 +195,42 @@ def test_wrong_md5_is_refused_even_with_the_right_sha256(home, tmp_path, release
     assert leftovers == ["vcm_wegith_complexSemantics.pt"]  # its md5 matched
 
 
-def test_missing_checksum_needs_the_users_value(home, tmp_path, release):
+def test_a_file_without_published_checksums_is_recorded_then_checked(home, tmp_path, release):
+    """No sha256, no md5: downloaded with one warning, its sha256 locked for the next machine."""
+    source, entry = release
+    adapter = entry["files"][0]
+    adapter["sha256"] = None
+    registry_path = _write_registry(tmp_path, entry)
+    warnings = []
+    folder = download_model("paper-tiny", registry=registry_path, warn=warnings.append)
+    digest = _sha256(source / adapter["name"])
+    lock = home / "downloads" / "paper-tiny" / "SHA256SUMS"
+    assert len(warnings) == 1 and f"nothing was published to check {adapter['name']}" in warnings[0]
+    assert digest in warnings[0] and str(lock) in warnings[0]
+    assert registry.read_lock(lock)[adapter["name"]] == digest
+    assert digest in (folder / "README.md").read_text()  # the model card names it too
+
+    # a second machine with the first one's lock file refuses a different file
+    second = tmp_path / "second"
+    (second / "downloads" / "paper-tiny").mkdir(parents=True)
+    (second / "downloads" / "paper-tiny" / "SHA256SUMS").write_text(lock.read_text())
+    (source / adapter["name"]).write_bytes((source / adapter["name"]).read_bytes() + b"changed")
+    os.environ[registry.HOME_VARIABLE] = str(second)
+    with pytest.raises(UserError, match=f"{adapter['name']} from file://.* does not match its checksum from "
+                                        "SHA256SUMS of an earlier download"):
+        download_model("paper-tiny", registry=registry_path, warn=warnings.append)
+    assert not (second / "models" / "paper-tiny").exists()
+
+
+def test_sha256_pins_a_file_without_published_checksums(home, tmp_path, release):
     source, entry = release
     entry["files"][0]["sha256"] = None
     registry_path = _write_registry(tmp_path, entry)
-    with pytest.raises(UserError, match="has no registered sha256 to check it against; pass --sha256"):
-        download_model("paper-tiny", registry=registry_path)
-    assert not home.exists()
     name = entry["files"][0]["name"]
+    with pytest.raises(UserError, match=f"{name} from file://.* does not match its checksum from --sha256"):
+        download_model("paper-tiny", sha256={name: "0" * 64}, registry=registry_path)
     given = {name: _sha256(source / name).upper()}
-    folder = download_model("paper-tiny", sha256=given, registry=registry_path)
+    folder = download_model("paper-tiny", sha256=given, registry=registry_path, warn=pytest.fail)
     assert load_model_folder(folder).adapter is not None
 
 
@@ -219,16 +249,20 @@ def test_unreachable_url_says_where_to_place_the_file(home, tmp_path, release):
     _, entry = release
     entry["files"][0]["url"] = (tmp_path / "gone.pt").as_uri()
     registry_path = _write_registry(tmp_path, entry)
-    with pytest.raises(UserError, match="cannot download vcm_wegith_complexSemantics.pt .* place the file"):
+    message = "cannot download vcm_wegith_complexSemantics.pt: .* place the file by hand"
+    with pytest.raises(UserError, match=message):
         download_model("paper-tiny", registry=registry_path)
     assert not (home / "models" / "paper-tiny").exists()
 
 
-def test_download_cli_errors(home, capsys):
-    assert cli.main(["download-model", "brainldm-vcm-semantics"]) == 1
-    assert "has no registered sha256" in capsys.readouterr().err
+def test_download_cli_errors(home, tmp_path, capsys):
+    assert cli.main(["download-model", "brainldm-vcm-semantics", "--from", str(tmp_path)]) == 1
+    lacks = "lacks autoencoder.pth, diffusion_model.pth, vcm_wegith_complexSemantics.pt"
+    assert lacks in capsys.readouterr().err
     assert cli.main(["download-model", "brainldm-vcm-semantics", "--sha256", "autoencoder.pth=xyz"]) == 2
     assert "must be FILE=<64 hex digits>" in capsys.readouterr().err
+    assert cli.main(["download-model", "brainldm-vcm-semantics", "--sha256", f"other.pt={'0' * 64}"]) == 2
+    assert "--sha256 names other.pt, not a file of 'brainldm-vcm-semantics'" in capsys.readouterr().err
     assert not home.exists()
 
 
