@@ -1,0 +1,269 @@
+"""`vcm-synthesis serve` and its client on loopback: a real uvicorn server in a subprocess on a
+free port, tiny random models, real uploads (`serve.py`, `remote.py`)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_worker import SHAPE, run_cli
+from tiny_models import make_tiny_model_folder
+from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.jobs import synthesis_job
+from VCMSynthesisLib.model_folder import load_model_folder
+from VCMSynthesisLib.remote import Server, job_bundle, run_remote_job
+from VCMSynthesisLib.volumes import read_volume
+from VCMSynthesisLib.worker import SynthesisRequest, synthesize
+from volume_cases import blob, geometry_of, make_image, write_case
+
+LIB_PARENT = Path(__file__).resolve().parents[2]
+LONG_STEPS = 1000  # a job that runs for seconds, to cancel or kill mid-way
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(folder: Path, *options: str):
+    """`vcm-synthesis serve` in a subprocess, with the tiny model 'tiny' in its user folder."""
+    home = folder / "home"
+    if not (home / "models" / "tiny").is_dir():
+        make_tiny_model_folder(home / "models" / "tiny")
+    token_file = folder / "token"
+    token_file.write_text(secrets.token_urlsafe(32) + "\n")
+    port = _free_port()
+    environment = {**os.environ, "PYTHONPATH": str(LIB_PARENT), "VCM_SYNTHESIS_HOME": str(home),
+                   "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "VCMSynthesisLib", "serve", "--port", str(port),
+         "--token-file", str(token_file), "--work-dir", str(folder / "work"), "--device", "cpu", *options],
+        env=environment, stderr=subprocess.PIPE, text=True)
+    server = Server(url=f"http://127.0.0.1:{port}", token=token_file.read_text().strip())
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            server.info()
+            break
+        except UserError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"the server did not start: {process.stderr.read()}") from None
+            time.sleep(0.2)
+    try:
+        yield {"server": server, "token_file": token_file, "work": folder / "work", "process": process,
+               "model": home / "models" / "tiny"}
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve"), "--max-upload-mb", "1") as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """An oblique segmentation (LPS NRRD) and a T2 (NIfTI) for the tiny model."""
+    folder = tmp_path_factory.mktemp("inputs")
+    labels = np.zeros(SHAPE, np.int16)
+    labels[blob(SHAPE, (7, 8, 9), (5, 6, 7))] = 1
+    labels[blob(SHAPE, (7, 8, 9), (3, 3, 3))] = 2
+    t2 = np.random.default_rng(0).random(SHAPE).astype(np.float32) * 300.0
+    return {"segmentation": write_case(make_image(labels, "oblique"), folder, "segmentation", "nrrd-lps"),
+            "t2": write_case(make_image(t2, "oblique"), folder, "t2", "nifti")}
+
+
+def panel_job(folder: Path, inputs, seed: int = 0, steps: int | None = None):
+    """A job folder as the panel writes it: the conditions inside, `jobs.synthesis_job`."""
+    folder.mkdir(parents=True)
+    segmentation = Path(shutil.copy(inputs["segmentation"], folder / "segmentation.nrrd"))
+    t2 = Path(shutil.copy(inputs["t2"], folder / "t2.nii.gz"))
+    return synthesis_job(folder, model="tiny", segmentation=segmentation, modalities={"T2": t2}, seed=seed,
+                         steps=steps)
+
+
+def post(server: Server, body: bytes, token: str | None = None) -> tuple[int, str]:
+    """A raw `POST /jobs`: (status, first line of the answer)."""
+    parsed = server.url.split("//")[1]
+    host, port = parsed.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    headers = {"Authorization": f"Bearer {token or server.token}"}
+    connection.request("POST", "/jobs", body=body, headers=headers)
+    response = connection.getresponse()
+    answer = response.read().decode()
+    connection.close()
+    return response.status, answer.splitlines()[0] if answer else ""
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as bundle:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            bundle.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def job_description(*arguments: str) -> bytes:
+    return json.dumps({"arguments": list(arguments)}).encode()
+
+
+def test_remote_synthesis_equals_local_with_exact_geometry(served, inputs, tmp_path):
+    common = ["--segmentation", inputs["segmentation"], "--modality", f"T2={inputs['t2']}", "--seed", "3"]
+    code, _, err = run_cli(["synthesize", "--model", served["model"], *common, "--device", "cpu",
+                            "--output", tmp_path / "local.nrrd"])
+    assert code == 0, err
+    code, out, err = run_cli(["synthesize", "--model", "tiny", *common, "--output", tmp_path / "remote.nrrd",
+                              "--server", served["server"].url, "--token-file", served["token_file"],
+                              "--progress", "json"])
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["step"] for line in lines if "step" in line] == [1, 2, 3]
+    assert lines[-1]["result"] == str(tmp_path / "remote.nrrd")
+    local, remote = read_volume(tmp_path / "local.nrrd"), read_volume(tmp_path / "remote.nrrd")
+    assert geometry_of(remote) == geometry_of(read_volume(inputs["segmentation"])) == geometry_of(local)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(local))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.nrrd", "remote.nrrd"]
+    assert list((served["work"] / "jobs").iterdir()) == []  # fetched results are removed
+
+
+def test_a_wrong_or_missing_token_is_refused_in_one_line_before_any_work(served, inputs, tmp_path):
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text(secrets.token_urlsafe(32))
+    code, _, err = run_cli(["synthesize", "--model", "tiny", "--segmentation", inputs["segmentation"],
+                            "--modality", f"T2={inputs['t2']}", "--output", tmp_path / "out.nrrd",
+                            "--server", served["server"].url, "--token-file", wrong])
+    assert code == 1 and err.count("\n") == 1 and "refused the access token" in err
+    assert not (tmp_path / "out.nrrd").exists()
+    status, answer = post(served["server"], b"x" * 4096, token="not-the-token")
+    assert status == 401 and "token" in answer
+    assert list((served["work"] / "jobs").iterdir()) == []
+
+
+def test_an_unreachable_server_and_a_version_mismatch_are_one_line(served, inputs, tmp_path, monkeypatch):
+    unreachable = Server(url=f"http://127.0.0.1:{_free_port()}", token="x" * 20)
+    with pytest.raises(UserError, match="cannot reach the VCM Synthesis server"):
+        unreachable.info()
+    monkeypatch.setattr("VCMSynthesisLib.remote.__version__", "0.0.1")
+    with pytest.raises(UserError, match=r"runs VCM Synthesis .* this client 0\.0\.1; install the same"):
+        served["server"].info()
+
+
+def test_four_clients_at_once_each_get_their_own_result(served, inputs, tmp_path):
+    jobs = [panel_job(tmp_path / f"job{seed}", inputs, seed=seed) for seed in range(4)]
+    failures = []
+
+    def run(job):
+        try:
+            run_remote_job(job, served["server"])
+        except Exception as error:  # noqa: BLE001 - reported below
+            failures.append(error)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures
+    model = load_model_folder(served["model"], "cpu")
+    for seed, job in enumerate(jobs):
+        local = tmp_path / f"local{seed}.nrrd"
+        request = SynthesisRequest(segmentation=inputs["segmentation"], modalities={"T2": inputs["t2"]},
+                                   output=local, seed=seed)
+        synthesize(model, request)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(read_volume(job.output)),
+                                      sitk.GetArrayFromImage(read_volume(local)))
+
+
+def test_a_client_that_goes_away_cancels_its_job_within_2_s(served, inputs, tmp_path):
+    job = panel_job(tmp_path / "job", inputs, steps=LONG_STEPS)
+    host, port = served["server"].url.split("//")[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection.request("POST", "/jobs", body=job_bundle(job).read_bytes(),
+                       headers={"Authorization": f"Bearer {served['server'].token}"})
+    response = connection.getresponse()
+    job_id = json.loads(response.readline())["job"]
+    while "step" not in json.loads(response.readline()):
+        pass
+    connection.close()
+    gone = time.monotonic()
+    while (served["work"] / "jobs" / job_id).exists():
+        assert time.monotonic() - gone < 2.5, "the job still runs after its client went away"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("files", "reason"), [
+    ({"job.json": job_description("synthesize"), "../escape.nrrd": b"NRRD0004\n"}, "no paths"),
+    ({"job.json": job_description("synthesize"), "seg.mhd": b"ObjectType = Image\n"}, "volumes and job.json"),
+    ({"job.json": job_description("synthesize", "--model", "tiny", "--segmentation", "seg.nrrd",
+                                  "--output", "out.nrrd"),
+      "seg.nrrd": b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 4\nencoding: raw\n"
+                  b"data file: /etc/passwd\n\n"}, "separate data file"),
+    ({"job.json": job_description("synthesize", "--model", "tiny", "--segmentation", "/etc/passwd",
+                                  "--output", "out.nrrd")}, "is a path"),
+    ({"job.json": job_description("synthesize", "--model", "tiny", "--segmentation", "seg.nii.gz",
+                                  "--output", "../out.nrrd"),
+      "seg.nii.gz": b"NRRD0004\ndatafile: /etc/passwd\n\n"}, "separate data file"),
+    ({"job.json": job_description("synthesize", "--model", "/etc", "--segmentation", "x.nrrd",
+                                  "--output", "out.nrrd"), "x.nrrd": b"NRRD0004\n\n"}, "not on this server"),
+    ({"job.json": b"{not json"}, "no list of worker arguments"),
+])
+def test_uploads_naming_files_outside_the_job_are_refused(served, files, reason):
+    status, answer = post(served["server"], tar_of(files))
+    assert status == 400 and reason in answer
+    assert list((served["work"] / "jobs").iterdir()) == []
+    assert not any((folder / "escape.nrrd").exists() for folder in (served["work"], served["work"].parent))
+
+
+def test_oversized_and_malformed_uploads_are_refused_in_one_line(served):
+    status, answer = post(served["server"], b"\0" * (2 * 2**20))
+    assert status == 413 and "at most 1 MiB" in answer
+    status, answer = post(served["server"], b"this is not a tar archive" * 100)
+    assert status == 400 and "not a tar archive" in answer
+    assert list((served["work"] / "jobs").iterdir()) == []
+
+
+def test_a_server_killed_mid_job_fails_the_client_in_one_line_within_15_s(inputs, tmp_path):
+    with running_server(tmp_path / "server", "--max-jobs", "1") as served:
+        job = panel_job(tmp_path / "job", inputs, steps=LONG_STEPS)
+        steps, failure = threading.Event(), []
+
+        def run():
+            try:
+                run_remote_job(job, served["server"], on_line=lambda line: "step" in line and steps.set())
+            except UserError as error:
+                failure.append((time.monotonic(), str(error)))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert steps.wait(30)
+        with pytest.raises(UserError, match="1 jobs queued or running"):  # 429
+            run_remote_job(panel_job(tmp_path / "second", inputs), served["server"])
+        os.kill(served["process"].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        thread.join(20)
+    (ended, message), = failure
+    assert ended - killed < 15 and "\n" not in message and "nothing was written" in message
+    assert not job.output.exists()

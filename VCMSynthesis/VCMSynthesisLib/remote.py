@@ -1,0 +1,309 @@
+"""The client of `vcm-synthesis serve` (`serve.py`): run a job folder on a remote GPU.
+
+Standard library only (`http.client`), so that Slicer's Python and the batch script need
+nothing more. `run_remote_job(job, server)` uploads a `jobs.Job` folder as a tar, passes the
+server's JSON lines to `on_line` as they come, then downloads the results, checks their sha256
+and renames each into place; the job is deleted on the server afterwards. Every failure is one
+`UserError` line (unreachable, refused, version mismatch, the job's own one-line reason); a
+server silent for `SILENCE_S` (it heartbeats every 2 s) or gone mid-job leaves no output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import tarfile
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from VCMSynthesisLib import __version__
+from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UsageError, UserError
+from VCMSynthesisLib.jobs import JOB_DESCRIPTION, LOG_NAME, Job
+
+#: A server says something at least every 2 s (`serve.HEARTBEAT_S`); silence this long means it is gone.
+SILENCE_S = 10.0
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where a server listens and the token it wants (`Server.from_files(url, token_file)`)."""
+
+    url: str
+    token: str
+
+    @classmethod
+    def from_files(cls, url: str, token_file: str | os.PathLike | None) -> Server:
+        from VCMSynthesisLib.serve import read_token
+
+        if token_file is None:
+            raise UsageError("--server needs --token-file FILE (the file holding the server's access token)")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise UsageError(f"--server '{url}' is not an http:// or https:// URL (e.g. http://gpu-host:8765)")
+        return cls(url=url.rstrip("/"), token=read_token(token_file))
+
+    def _connection(self, timeout_s: float = SILENCE_S) -> http.client.HTTPConnection:
+        parsed = urllib.parse.urlsplit(self.url)
+        kind = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+        return kind(parsed.hostname, parsed.port, timeout=timeout_s)
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None):
+        """Send one request; return (connection, response) for a 2xx answer, else one `UserError` line."""
+        connection = self._connection()
+        headers = {"Authorization": f"Bearer {self.token}", **(headers or {})}
+        try:
+            connection.request(method, urllib.parse.urlsplit(self.url).path + path, body=body,
+                               headers=headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise UserError(f"cannot reach the VCM Synthesis server at {self.url} ({_reason(error)}); is "
+                            "`vcm-synthesis serve` running there, and the URL right?") from None
+        if response.status >= 400:
+            detail = _detail(response)
+            connection.close()
+            if response.status == 401:
+                raise UserError(f"the server at {self.url} refused the access token; check --token-file")
+            raise UserError(f"the server at {self.url} refused the job: {detail}")
+        return connection, response
+
+    def info(self) -> dict:
+        """`GET /info` (version, device, GPU, models), refused when the versions differ."""
+        connection, response = self.request("GET", "/info")
+        with contextlib.closing(connection):
+            info = json.loads(response.read())
+        if info.get("version") != __version__:
+            raise UserError(f"the server at {self.url} runs VCM Synthesis {info.get('version')}, this client "
+                            f"{__version__}; install the same version on both")
+        return info
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return f"no answer within {SILENCE_S:g} s"
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
+
+def _detail(response) -> str:
+    """The server's one-line reason from an error response."""
+    body = response.read(64 * 1024)
+    try:
+        detail = json.loads(body)["detail"]
+    except (ValueError, KeyError, TypeError):
+        detail = body.decode("utf-8", "replace").strip() or f"HTTP {response.status} {response.reason}"
+    return str(detail).splitlines()[0] if str(detail) else f"HTTP {response.status}"
+
+
+def job_bundle(job: Job) -> Path:
+    """The job folder as the tar the server takes (written into the folder): its files by bare
+    name, and `job.json` whose arguments name them so."""
+    prefix = str(job.folder) + os.sep
+    arguments = [token.replace(prefix, "") for token in job.arguments]
+    archive = job.folder / ".upload.tar"
+    with tarfile.open(archive, mode="w", format=tarfile.PAX_FORMAT) as bundle:
+        description = json.dumps({"arguments": arguments, "output": job.output.name}).encode("utf-8")
+        info = tarfile.TarInfo(JOB_DESCRIPTION)
+        info.size = len(description)
+        bundle.addfile(info, io.BytesIO(description))
+        for path in sorted(job.folder.iterdir()):
+            skipped = path.name.startswith(".") or path.name in (JOB_DESCRIPTION, LOG_NAME)
+            if path.is_file() and not skipped:
+                bundle.add(path, arcname=path.name, recursive=False)
+    return archive
+
+
+def run_remote_job(job: Job, server: Server, destinations: dict[str, Path] | None = None,
+                   on_line: Callable[[dict], None] | None = None) -> dict:
+    """Run `job` on `server`; write its result to `destinations[name]` (default: `job.output`).
+
+    `destinations` maps the job's output file names (`job.output.name`, the uncertainty's) to
+    local paths; each is downloaded beside its path, its sha256 checked, then renamed into place
+    (the uncertainty first, the output last). Returns the server's result line. Ctrl+C or a
+    dropped connection cancels the job on the server.
+    """
+    destinations = destinations or {job.output.name: job.output}
+    server.info()
+    archive = job_bundle(job)
+    try:
+        with open(archive, "rb") as body:
+            connection, response = server.request(
+                "POST", "/jobs", body=body,
+                headers={"Content-Type": "application/x-tar", "Content-Length": str(archive.stat().st_size)})
+    finally:
+        archive.unlink(missing_ok=True)
+    job_id = None
+    try:
+        with contextlib.closing(connection):
+            final = None
+            while final is None:
+                try:
+                    raw = response.readline()
+                except (OSError, http.client.HTTPException) as error:
+                    raise UserError(f"the server at {server.url} stopped answering during the job "
+                                    f"({_reason(error)}); nothing was written; run it again") from None
+                if not raw:
+                    raise UserError(f"the server at {server.url} closed the connection during the job "
+                                    "(it may have stopped); nothing was written; run it again")
+                line = json.loads(raw)
+                if "job" in line:
+                    job_id = line["job"]
+                elif "result" in line or "error" in line:
+                    final = line
+                elif "heartbeat" not in line and on_line is not None:
+                    on_line(line)
+        if "error" in final:
+            code = int(final.get("exit_code") or 1)
+            if code in (EXIT_SIGINT, EXIT_SIGTERM):
+                raise Cancelled(code)
+            error_type = UsageError if code == UsageError.exit_code else UserError
+            raise error_type(f"{final['error']} (on the server {server.url})")
+        files = [(final.get("uncertainty"), final.get("uncertainty_sha256")),
+                 (final["result"], final["sha256"])]
+        for name, sha256 in files:
+            if name is not None and name in destinations:
+                _download(server, job_id, name, sha256, Path(destinations[name]))
+        return final
+    except KeyboardInterrupt:
+        raise Cancelled(EXIT_SIGINT) from None  # closing the stream cancels the job on the server
+    finally:
+        if job_id is not None:
+            _delete_quietly(server, job_id)
+
+
+def _download(server: Server, job_id: str, name: str, sha256: str, destination: Path) -> None:
+    """Stream one result file beside `destination`, check its sha256, rename it into place."""
+    from VCMSynthesisLib.volumes import output_suffix
+
+    suffix = output_suffix(destination)
+    temporary = destination.with_name(f".{destination.name[: -len(suffix)]}.partial-{os.getpid()}{suffix}")
+    connection, response = server.request("GET", f"/jobs/{job_id}/files/{urllib.parse.quote(name)}")
+    digest = hashlib.sha256()
+    try:
+        with contextlib.closing(connection), open(temporary, "wb") as target:
+            while True:
+                block = response.read(_BLOCK)
+                if not block:
+                    break
+                digest.update(block)
+                target.write(block)
+        if digest.hexdigest() != sha256:
+            raise UserError(f"the result '{name}' from {server.url} arrived damaged (sha256 differs); "
+                            "nothing was written; run it again")
+        os.replace(temporary, destination)
+    except (OSError, http.client.HTTPException) as error:
+        raise UserError(f"the result '{name}' from {server.url} did not arrive ({_reason(error)}); nothing "
+                        "was written; run it again") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _delete_quietly(server: Server, job_id: str) -> None:
+    """Remove the job's folder on the server (it also expires there on its own)."""
+    try:
+        connection, _ = server.request("DELETE", f"/jobs/{job_id}")
+        connection.close()
+    except UserError:
+        pass
+
+
+# --- `vcm-synthesis synthesize|edit --server URL --token-file F` --------------------------------
+
+
+def _stage(folder: Path, path: Path | None, name: str) -> Path | None:
+    """Link (or copy) an input into the job folder under a bare name keeping its suffix."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"cannot read '{path}': no such file; check the path")
+    lower = path.name.lower()
+    suffix = next((s for s in (".seg.nrrd", ".nii.gz") if lower.endswith(s)), path.suffix)
+    staged = folder / f"{name}{suffix}"
+    try:
+        os.link(path, staged)
+    except OSError:
+        shutil.copyfile(path, staged)
+    return staged
+
+
+def _remote_output(folder: Path, path: Path, name: str) -> Path:
+    from VCMSynthesisLib.volumes import output_suffix
+
+    return folder / f"{name}{output_suffix(path)}"
+
+
+def remote_job(args, folder: Path) -> tuple[Job, dict[str, Path]]:
+    """The job folder of a parsed `synthesize` / `edit` command line, and where its results go."""
+    from VCMSynthesisLib.jobs import edit_job, synthesis_job
+
+    modalities = {name: _stage(folder, path, f"modality-{index}")
+                  for index, (name, path) in enumerate(args.modality)}
+    output = _remote_output(folder, args.output, "result")
+    samples = args.samples if args.samples > 1 else None
+    if args.command == "synthesize":
+        segmentation = _stage(folder, args.segmentation, "segmentation")
+        job = synthesis_job(folder, model=args.model, segmentation=segmentation,
+                            modalities=modalities, output=output, steps=args.steps, seed=args.seed,
+                            strength=args.strength, samples=samples)
+        extra = ["--unguided"] if args.unguided else []
+    else:
+        job = edit_job(folder, model=args.model, image=_stage(folder, args.image, "image"),
+                       segmentation=_stage(folder, args.segmentation, "segmentation"),
+                       original_segmentation=_stage(folder, args.original_segmentation, "original"),
+                       region=_stage(folder, args.region, "region"), output=output, margin_mm=args.margin_mm,
+                       samples=samples, steps=args.steps, seed=args.seed, strength=args.strength)
+        extra = ["--resample", str(args.resample)]
+        for name, path in modalities.items():
+            extra += ["--modality", f"{name}={path}"]
+    arguments = job.arguments + extra
+    destinations = {output.name: Path(args.output)}
+    if args.uncertainty is not None:
+        uncertainty = _remote_output(folder, args.uncertainty, "uncertainty")
+        arguments[arguments.index("--uncertainty") + 1] = str(uncertainty)
+        destinations[uncertainty.name] = Path(args.uncertainty)
+    return Job(folder=folder, arguments=arguments, output=output), destinations
+
+
+def run_remote_command(args) -> int:
+    """A `synthesize` / `edit` command line run on `--server`: same outputs, lines and exit codes."""
+    from VCMSynthesisLib.jobs import new_job_folder
+    from VCMSynthesisLib.volumes import check_output_writable
+    from VCMSynthesisLib.worker import TextProgress, check_samples_arguments, emit_json, emit_result
+
+    server = Server.from_files(args.server, args.token_file)
+    check_samples_arguments(args.samples, args.uncertainty, args.output)
+    check_output_writable(args.output)
+    json_mode = args.progress == "json"
+    bar = None if json_mode else TextProgress()
+
+    def on_line(line: dict) -> None:
+        if json_mode:
+            emit_json(line)
+        elif "warning" in line:
+            print(f"warning: {line['warning']}", flush=True, file=sys.stderr)
+        elif "step" in line:
+            bar(line["step"], line["total"])
+
+    start = time.perf_counter()
+    folder = new_job_folder()
+    try:
+        job, destinations = remote_job(args, folder)
+        final = run_remote_job(job, server, destinations, on_line)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    timings = {**final.get("timings", {}), "total_s": time.perf_counter() - start}
+    extra = {"edited_voxels": final["edited_voxels"]} if "edited_voxels" in final else {}
+    emit_result(json_mode, args.output, timings, uncertainty=args.uncertainty,
+                describe=lambda t: f"on {server.url}, {t.get('total_s', 0):.1f} s in all", **extra)
+    return 0
