@@ -125,14 +125,15 @@ def job_bundle(job: Job) -> Path:
 
 def run_remote_job(job: Job, server: Server, destinations: dict[str, Path] | None = None,
                    on_line: Callable[[dict], None] | None = None) -> dict:
-    """Run `job` on `server`; write its result to `destinations[name]` (default: `job.output`).
+    """Run `job` on `server`, its outputs written where its arguments say (as a local run would).
 
-    `destinations` maps the job's output file names (`job.output.name`, the uncertainty's) to
-    local paths; each is downloaded beside its path, its sha256 checked, then renamed into place
-    (the uncertainty first, the output last). Returns the server's result line. Ctrl+C or a
-    dropped connection cancels the job on the server.
+    `destinations` (default: from `localize_job(job)`, which then also links the inputs into the
+    folder) maps the job's output names to local paths; each is downloaded beside its path, its
+    sha256 checked, then renamed into place (the uncertainty first, the output last). Returns
+    the server's result line. Ctrl+C or a dropped connection cancels the job on the server.
     """
-    destinations = destinations or {job.output.name: job.output}
+    if destinations is None:
+        job, destinations = localize_job(job)
     server.info()
     archive = job_bundle(job)
     try:
@@ -220,11 +221,14 @@ def _delete_quietly(server: Server, job_id: str) -> None:
 # --- `vcm-synthesis synthesize|edit --server URL --token-file F` --------------------------------
 
 
-def _stage(folder: Path, path: Path | None, name: str) -> Path | None:
-    """Link (or copy) an input into the job folder under a bare name keeping its suffix."""
-    if path is None:
-        return None
-    path = Path(path)
+#: The path arguments a worker writes; every other path argument is an input it reads.
+OUTPUT_ARGUMENTS = ("output", "uncertainty", "preview")
+
+
+def _stage(folder: Path, path: Path, name: str) -> Path:
+    """An input inside the job folder: as it is, or linked (else copied) under a bare name."""
+    if path.parent == folder:
+        return path
     if not path.is_file():
         raise UserError(f"cannot read '{path}': no such file; check the path")
     lower = path.name.lower()
@@ -237,42 +241,66 @@ def _stage(folder: Path, path: Path | None, name: str) -> Path | None:
     return staged
 
 
-def _remote_output(folder: Path, path: Path, name: str) -> Path:
+def localize_job(job: Job) -> tuple[Job, dict[str, Path]]:
+    """The same job with every file inside its folder, as a server takes it, and where each of
+    its outputs goes here (`{name in the folder: local path}`).
+
+    Inputs outside the folder (the batch script's labelmaps, the CLI's files) are linked in;
+    outputs outside it are renamed into it. The arguments are read by the CLI's own parser.
+    """
+    from VCMSynthesisLib.cli import build_parser
     from VCMSynthesisLib.volumes import output_suffix
 
-    return folder / f"{name}{output_suffix(path)}"
+    args = build_parser(job.arguments[0]).parse_args(job.arguments)
+    folder, tokens, destinations = job.folder, {}, {}
+    paths = {key: value for key, value in vars(args).items() if isinstance(value, Path)}
+    inputs = {path.resolve() for key, path in paths.items() if key not in OUTPUT_ARGUMENTS}
+    inputs |= {path.resolve() for _, path in getattr(args, "modality", [])}
+    for key in OUTPUT_ARGUMENTS:
+        if key in paths and paths[key].resolve() in inputs:
+            raise UsageError(f"--{key} '{paths[key]}' names an input; give the result a file of its own")
+    for key, value in vars(args).items():
+        if not isinstance(value, Path):
+            continue
+        if key in OUTPUT_ARGUMENTS:
+            inside = value if value.parent == folder else folder / f"{key}{output_suffix(value)}"
+            destinations[inside.name] = value
+        else:
+            inside = _stage(folder, value, key)
+        tokens[str(value)] = str(inside)
+    for index, (name, path) in enumerate(getattr(args, "modality", [])):
+        tokens[f"{name}={path}"] = f"{name}={_stage(folder, path, f'modality-{index}')}"
+    arguments = [tokens.get(token, token) for token in job.arguments]
+    return Job(folder=folder, arguments=arguments, output=Path(tokens[str(args.output)])), destinations
 
 
-def remote_job(args, folder: Path) -> tuple[Job, dict[str, Path]]:
-    """The job folder of a parsed `synthesize` / `edit` command line, and where its results go."""
+def remote_job(args, folder: Path) -> Job:
+    """The job of a parsed `synthesize` / `edit` command line (its files where they are)."""
     from VCMSynthesisLib.jobs import edit_job, synthesis_job
 
-    modalities = {name: _stage(folder, path, f"modality-{index}")
-                  for index, (name, path) in enumerate(args.modality)}
-    output = _remote_output(folder, args.output, "result")
+    modalities = dict(args.modality)
     samples = args.samples if args.samples > 1 else None
     if args.command == "synthesize":
-        segmentation = _stage(folder, args.segmentation, "segmentation")
-        job = synthesis_job(folder, model=args.model, segmentation=segmentation,
-                            modalities=modalities, output=output, steps=args.steps, seed=args.seed,
-                            strength=args.strength, samples=samples)
+        job = synthesis_job(folder, model=args.model, segmentation=args.segmentation, modalities=modalities,
+                            output=args.output, steps=args.steps, seed=args.seed, strength=args.strength,
+                            samples=samples)
         extra = ["--unguided"] if args.unguided else []
     else:
-        job = edit_job(folder, model=args.model, image=_stage(folder, args.image, "image"),
-                       segmentation=_stage(folder, args.segmentation, "segmentation"),
-                       original_segmentation=_stage(folder, args.original_segmentation, "original"),
-                       region=_stage(folder, args.region, "region"), output=output, margin_mm=args.margin_mm,
-                       samples=samples, steps=args.steps, seed=args.seed, strength=args.strength)
+        job = edit_job(folder, model=args.model, image=args.image, segmentation=args.segmentation,
+                       original_segmentation=args.original_segmentation, region=args.region,
+                       output=args.output, margin_mm=args.margin_mm, samples=samples, steps=args.steps,
+                       seed=args.seed, strength=args.strength)
         extra = ["--resample", str(args.resample)]
         for name, path in modalities.items():
             extra += ["--modality", f"{name}={path}"]
     arguments = job.arguments + extra
-    destinations = {output.name: Path(args.output)}
-    if args.uncertainty is not None:
-        uncertainty = _remote_output(folder, args.uncertainty, "uncertainty")
-        arguments[arguments.index("--uncertainty") + 1] = str(uncertainty)
-        destinations[uncertainty.name] = Path(args.uncertainty)
-    return Job(folder=folder, arguments=arguments, output=output), destinations
+    if "--uncertainty" in arguments:  # `jobs` puts it in the folder; this command names its own
+        index = arguments.index("--uncertainty")
+        if args.uncertainty is None:
+            del arguments[index:index + 2]
+        else:
+            arguments[index + 1] = str(args.uncertainty)
+    return Job(folder=folder, arguments=arguments, output=Path(args.output))
 
 
 def run_remote_command(args) -> int:
@@ -298,7 +326,7 @@ def run_remote_command(args) -> int:
     start = time.perf_counter()
     folder = new_job_folder()
     try:
-        job, destinations = remote_job(args, folder)
+        job, destinations = localize_job(remote_job(args, folder))
         final = run_remote_job(job, server, destinations, on_line)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -267,3 +267,46 @@ def test_a_server_killed_mid_job_fails_the_client_in_one_line_within_15_s(inputs
     (ended, message), = failure
     assert ended - killed < 15 and "\n" not in message and "nothing was written" in message
     assert not job.output.exists()
+
+
+def test_the_batch_script_runs_its_cases_on_the_server(served, inputs, tmp_path):
+    script = Path(__file__).resolve().parents[2] / "Resources" / "Scripts" / "VCMSynthesisBatch.py"
+    output = tmp_path / "out" / "batch.nii.gz"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--segmentation", str(inputs["segmentation"]), "--modality",
+         f"T2={inputs['t2']}", "--model", "tiny", "--seed", "5", "--output", str(output),
+         "--server", served["server"].url, "--token-file", str(served["token_file"])],
+        capture_output=True, text=True, timeout=120, check=False, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert completed.returncode == 0, completed.stderr
+    assert "step 3/3" in completed.stderr
+    model = load_model_folder(served["model"], "cpu")
+    local = tmp_path / "local.nii.gz"
+    synthesize(model, SynthesisRequest(segmentation=inputs["segmentation"], modalities={"T2": inputs["t2"]},
+                                       output=local, seed=5))
+    remote = read_volume(output)
+    assert geometry_of(remote) == geometry_of(read_volume(local))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(read_volume(local)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.nii.gz", "out"]  # no job folder left
+
+
+def test_cancel_is_one_request_and_stops_the_job_within_2_s(served, inputs, tmp_path):
+    job = panel_job(tmp_path / "job", inputs, steps=LONG_STEPS)
+    started, failure = threading.Event(), []
+
+    def run():
+        try:
+            run_remote_job(job, served["server"], on_line=lambda line: "step" in line and started.set())
+        except BaseException as error:  # noqa: BLE001 - Cancelled, checked below
+            failure.append((time.monotonic(), error))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(30)
+    job_ids = [path.name for path in (served["work"] / "jobs").iterdir()]
+    connection, _ = served["server"].request("DELETE", f"/jobs/{job_ids[0]}")
+    connection.close()
+    cancelled = time.monotonic()
+    thread.join(10)
+    (ended, error), = failure
+    assert type(error).__name__ == "Cancelled" and ended - cancelled < 2
+    assert not job.output.exists()
