@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_edit import case, edit_arguments  # noqa: F401 - `case` is a fixture
 from test_worker import SHAPE, run_cli
 from tiny_models import make_tiny_model_folder
 from VCMSynthesisLib.errors import UserError
@@ -48,6 +49,7 @@ def running_server(folder: Path, *options: str):
     home = folder / "home"
     if not (home / "models" / "tiny").is_dir():
         make_tiny_model_folder(home / "models" / "tiny")
+        make_tiny_model_folder(home / "models" / "tiny-labels", modalities=None)  # test_edit's model
     token_file = folder / "token"
     token_file.write_text(secrets.token_urlsafe(32) + "\n")
     port = _free_port()
@@ -310,3 +312,27 @@ def test_cancel_is_one_request_and_stops_the_job_within_2_s(served, inputs, tmp_
     (ended, error), = failure
     assert type(error).__name__ == "Cancelled" and ended - cancelled < 2
     assert not job.output.exists()
+
+
+def test_a_remote_edit_equals_the_local_one(served, case, tmp_path):
+    code, _, err = run_cli(edit_arguments(case, tmp_path / "local.nrrd", "--seed", "2"))
+    assert code == 0, err
+    remote_arguments = edit_arguments(case, tmp_path / "remote.nrrd", "--seed", "2", "--progress", "json")
+    remote_arguments[remote_arguments.index("--model") + 1] = "tiny-labels"
+    code, out, err = run_cli([*remote_arguments, "--server", served["server"].url,
+                              "--token-file", served["token_file"]])
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["edited_voxels"] > 0
+    local, remote = read_volume(tmp_path / "local.nrrd"), read_volume(tmp_path / "remote.nrrd")
+    assert geometry_of(remote) == geometry_of(local) == geometry_of(read_volume(case["scan"]))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(local))
+
+
+def test_a_remote_output_naming_an_input_is_refused_and_the_input_kept(served, inputs, tmp_path):
+    segmentation = Path(shutil.copy(inputs["segmentation"], tmp_path / "segmentation.nrrd"))
+    before = segmentation.read_bytes()
+    code, _, err = run_cli(["synthesize", "--model", "tiny", "--segmentation", segmentation, "--modality",
+                            f"T2={inputs['t2']}", "--output", segmentation, "--server", served["server"].url,
+                            "--token-file", served["token_file"]])
+    assert code == 2 and err.count("\n") == 1 and "names an input" in err
+    assert segmentation.read_bytes() == before
