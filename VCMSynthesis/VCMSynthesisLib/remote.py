@@ -218,7 +218,7 @@ def _delete_quietly(server: Server, job_id: str) -> None:
         pass
 
 
-# --- `vcm-synthesis synthesize|edit --server URL --token-file F` --------------------------------
+# --- `vcm-synthesis synthesize|edit|superres --server URL --token-file F` --------------------------------
 
 
 #: The path arguments a worker writes; every other path argument is an input it reads.
@@ -275,12 +275,18 @@ def localize_job(job: Job) -> tuple[Job, dict[str, Path]]:
 
 
 def remote_job(args, folder: Path) -> Job:
-    """The job of a parsed `synthesize` / `edit` command line (its files where they are)."""
-    from VCMSynthesisLib.jobs import edit_job, synthesis_job
+    """The job of a parsed `synthesize` / `edit` / `superres` command line (its files where they are)."""
+    from VCMSynthesisLib.jobs import edit_job, superres_job, synthesis_job
 
-    modalities = dict(args.modality)
+    modalities = dict(getattr(args, "modality", []))
     samples = args.samples if args.samples > 1 else None
-    if args.command == "synthesize":
+    if args.command == "superres":
+        job = superres_job(folder, input_path=args.input, output=args.output, model=args.model,
+                           spacing=args.spacing, samples=args.samples, steps=args.steps, seed=args.seed)
+        extra = [] if args.strength is None else ["--strength", repr(args.strength)]
+        if args.uncertainty is not None:
+            extra += ["--uncertainty", str(args.uncertainty)]
+    elif args.command == "synthesize":
         job = synthesis_job(folder, model=args.model, segmentation=args.segmentation, modalities=modalities,
                             output=args.output, steps=args.steps, seed=args.seed, strength=args.strength,
                             samples=samples)
@@ -304,7 +310,8 @@ def remote_job(args, folder: Path) -> Job:
 
 
 def run_remote_command(args) -> int:
-    """A `synthesize` / `edit` command line run on `--server`: same outputs, lines and exit codes."""
+    """A `synthesize` / `edit` / `superres` command line run on `--server`: same outputs, lines and
+    exit codes."""
     from VCMSynthesisLib.jobs import new_job_folder
     from VCMSynthesisLib.volumes import check_output_writable
     from VCMSynthesisLib.worker import TextProgress, check_samples_arguments, emit_json, emit_result

@@ -44,7 +44,7 @@ from VCMSynthesisLib.errors import EXIT_SIGINT, Cancelled, UserError
 
 DEFAULT_PORT = 8765
 #: Commands a server runs; their parsers are the CLI's own.
-SERVED_COMMANDS = ("synthesize", "edit")
+SERVED_COMMANDS = ("synthesize", "edit", "superres")
 #: Names an upload may hold besides `job.json`: single-file volumes (no .nhdr/.mhd/.hdr pairs).
 VOLUME_SUFFIXES = (".seg.nrrd", ".nrrd", ".nii.gz", ".nii")
 JOB_DESCRIPTION = "job.json"
@@ -333,6 +333,12 @@ class JobQueue:
 
                 result = synthesize(model, synthesis_request(args), progress=progress,
                                     cancellation=job.cancellation, warn=warn)
+            elif args.command == "superres":
+                from VCMSynthesisLib.superres import run_superres
+                from VCMSynthesisLib.volumes import read_volume
+
+                result = run_superres(model, args, read_volume(args.input), progress=progress,
+                                      cancellation=job.cancellation, warn=warn)
             else:
                 from VCMSynthesisLib.edit import check_edit_request, edit_request, run_edit
 

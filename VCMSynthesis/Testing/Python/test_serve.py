@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from test_edit import case, edit_arguments  # noqa: F401 - `case` is a fixture
+from test_superres import thick_scan, tiny_superres_model, write_scan  # noqa: F401 - a fixture
 from test_worker import SHAPE, run_cli
 from tiny_models import make_tiny_model_folder
 from VCMSynthesisLib.errors import UserError
@@ -72,7 +73,7 @@ def running_server(folder: Path, *options: str):
             time.sleep(0.2)
     try:
         yield {"server": server, "token_file": token_file, "work": folder / "work", "process": process,
-               "model": home / "models" / "tiny"}
+               "model": home / "models" / "tiny", "home": home}
     finally:
         process.kill()
         process.wait()
@@ -314,7 +315,7 @@ def test_cancel_is_one_request_and_stops_the_job_within_2_s(served, inputs, tmp_
     assert not job.output.exists()
 
 
-def test_a_remote_edit_equals_the_local_one(served, case, tmp_path):
+def test_a_remote_edit_equals_the_local_one(served, case, tmp_path):  # noqa: F811 - the fixture
     code, _, err = run_cli(edit_arguments(case, tmp_path / "local.nrrd", "--seed", "2"))
     assert code == 0, err
     remote_arguments = edit_arguments(case, tmp_path / "remote.nrrd", "--seed", "2", "--progress", "json")
@@ -336,3 +337,23 @@ def test_a_remote_output_naming_an_input_is_refused_and_the_input_kept(served, i
                             "--token-file", served["token_file"]])
     assert code == 2 and err.count("\n") == 1 and "names an input" in err
     assert segmentation.read_bytes() == before
+
+
+def test_a_remote_super_resolution_with_its_spread_equals_the_local_one(served, tiny_superres_model,  # noqa: F811
+                                                                       tmp_path):
+    shutil.copytree(tiny_superres_model, served["home"] / "models" / "tiny-superres")
+    scan = write_scan(tmp_path / "thick.nrrd", thick_scan())
+    common = ["superres", "--input", scan, "--samples", 2, "--spacing", 2.0, "--seed", 4]
+    code, _, err = run_cli([*common, "--model", tiny_superres_model, "--output", tmp_path / "local.nii.gz",
+                            "--uncertainty", tmp_path / "local-std.nrrd", "--device", "cpu"])
+    assert code == 0, err
+    code, _, err = run_cli([*common, "--model", "tiny-superres", "--output", tmp_path / "remote.nii.gz",
+                            "--uncertainty", tmp_path / "remote-std.nrrd", "--server", served["server"].url,
+                            "--token-file", served["token_file"]])
+    assert code == 0, err
+    for name in ("", "-std"):
+        suffix = ".nrrd" if name else ".nii.gz"
+        local = read_volume(tmp_path / f"local{name}{suffix}")
+        remote = read_volume(tmp_path / f"remote{name}{suffix}")
+        assert geometry_of(remote) == geometry_of(local)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(local))
