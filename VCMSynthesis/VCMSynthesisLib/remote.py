@@ -161,7 +161,7 @@ def run_remote_job(job: Job, server: Server, destinations: dict[str, Path] | Non
                     job_id = line["job"]
                 elif "result" in line or "error" in line:
                     final = line
-                elif "heartbeat" not in line and on_line is not None:
+                elif on_line is not None:  # heartbeats too: a caller may stop on any line
                     on_line(line)
         if "error" in final:
             code = int(final.get("exit_code") or 1)
@@ -323,6 +323,8 @@ def run_remote_command(args) -> int:
     bar = None if json_mode else TextProgress()
 
     def on_line(line: dict) -> None:
+        if "heartbeat" in line:
+            return
         if json_mode:
             emit_json(line)
         elif "warning" in line:
@@ -342,3 +344,85 @@ def run_remote_command(args) -> int:
     emit_result(json_mode, args.output, timings, uncertainty=args.uncertainty,
                 describe=lambda t: f"on {server.url}, {t.get('total_s', 0):.1f} s in all", **extra)
     return 0
+
+
+# --- the panel: a remote run with `jobs.WorkerRun`'s interface ---------------------------------
+
+
+def check_server(url: str, token_file: str | os.PathLike | None) -> str:
+    """One line for the panel's *Check server*: the server's version, device and models."""
+    info = Server.from_files(url, token_file).info()
+    device = info["device"] + (f" ({info['gpu']})" if info.get("gpu") else "")
+    models = ", ".join(info.get("models") or []) or "none"
+    return f"VCM Synthesis {info['version']} on {device}, torch {info.get('torch')}; models: {models}"
+
+
+class RemoteRun:
+    """`jobs.WorkerRun`'s interface (`poll`, `running`, `outcome`, `wait`, `cancel`, `warnings`,
+    `preview`) for a job run on a server, so that the panel's timer loop runs either.
+
+    The job runs on a thread (`run_remote_job`); `cancel()` closes its stream (the server
+    cancels the job) and the outcome is "cancelled"; failures are the one-line message.
+    """
+
+    def __init__(self, job: Job, server: Server):
+        import queue
+        import threading
+
+        self.job, self.server = job, server
+        self.warnings: list[str] = []
+        self.preview = None  # a server writes no previews
+        self._events: queue.Queue = queue.Queue()
+        self._outcome = None
+        self._cancel_requested = False
+        self._connection_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="vcm-remote-run", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from VCMSynthesisLib.jobs import Outcome, Progress
+
+        def on_line(line: dict) -> None:
+            if self._cancel_requested:
+                raise KeyboardInterrupt  # leaves the stream: the server cancels the job
+            if "warning" in line:
+                self.warnings.append(str(line["warning"]))
+            elif "step" in line:
+                self._events.put(Progress(step=int(line["step"]), total=int(line["total"]),
+                                          elapsed_s=float(line.get("elapsed_s") or 0.0),
+                                          eta_s=None if line.get("eta_s") is None else float(line["eta_s"])))
+
+        try:
+            final = run_remote_job(self.job, self.server, on_line=on_line)
+            uncertainty = final.get("uncertainty")
+            self._outcome = Outcome("succeeded", result=self.job.output, timings=final.get("timings") or {},
+                                    exit_code=0, warnings=tuple(self.warnings),
+                                    uncertainty=uncertainty and self.job.folder / uncertainty)
+        except Cancelled as cancelled:
+            self._outcome = Outcome("cancelled", message="cancelled", exit_code=cancelled.exit_code)
+        except UserError as error:
+            status = "cancelled" if self._cancel_requested else "failed"
+            self._outcome = Outcome(status, message=str(error), exit_code=error.exit_code)
+
+    def poll(self) -> list:
+        events = []
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def outcome(self):
+        return None if self.running else self._outcome
+
+    def wait(self, timeout: float | None = None):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the remote job is still running after {timeout} s")
+        return self._outcome
+
+    def cancel(self) -> None:
+        """Stop at the next line the server sends (within its 2 s heartbeat)."""
+        self._cancel_requested = True

@@ -29,7 +29,7 @@ from tiny_models import make_tiny_model_folder
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.jobs import synthesis_job
 from VCMSynthesisLib.model_folder import load_model_folder
-from VCMSynthesisLib.remote import Server, job_bundle, run_remote_job
+from VCMSynthesisLib.remote import RemoteRun, Server, check_server, job_bundle, run_remote_job
 from VCMSynthesisLib.volumes import read_volume
 from VCMSynthesisLib.worker import SynthesisRequest, synthesize
 from volume_cases import blob, geometry_of, make_image, write_case
@@ -357,3 +357,25 @@ def test_a_remote_super_resolution_with_its_spread_equals_the_local_one(served, 
         remote = read_volume(tmp_path / f"remote{name}{suffix}")
         assert geometry_of(remote) == geometry_of(local)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(local))
+
+
+def test_the_panels_remote_run_polls_like_a_worker_run_and_cancels(served, inputs, tmp_path):
+    summary = check_server(served["server"].url, served["token_file"])
+    assert summary.startswith("VCM Synthesis ") and " on cpu, " in summary and "tiny" in summary
+    run = RemoteRun(panel_job(tmp_path / "done", inputs), served["server"])
+    progress = []
+    while run.running:
+        progress += run.poll()
+        time.sleep(0.02)
+    progress += run.poll()
+    outcome = run.outcome()
+    assert outcome.status == "succeeded" and outcome.result.is_file()
+    assert [event.step for event in progress] == [1, 2, 3]
+    run = RemoteRun(panel_job(tmp_path / "cancelled", inputs, steps=LONG_STEPS), served["server"])
+    while not run.poll():
+        time.sleep(0.02)
+    run.cancel()
+    cancelled = time.monotonic()
+    outcome = run.wait(10)
+    assert outcome.status == "cancelled" and time.monotonic() - cancelled < 2.5
+    assert not run.job.output.exists()
