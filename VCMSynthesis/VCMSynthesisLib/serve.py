@@ -527,15 +527,25 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run_serve_command)
 
 
+def start_warnings(host: str, token_file: Path) -> list[str]:
+    """What `serve` warns about before it listens: a non-loopback address, a token others can read."""
+    warnings = []
+    if host not in LOOPBACK_HOSTS:
+        warnings.append(f"serving on {host} without TLS: the token and the scans cross the network in clear; "
+                        "put a TLS reverse proxy in front (README: Remote GPU server)")
+    if os.name == "posix" and Path(token_file).stat().st_mode & 0o077:
+        warnings.append(f"the token file '{token_file}' is readable by other users; chmod 600 it")
+    return warnings
+
+
 def run_serve_command(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError:
         raise UserError("the server needs FastAPI and uvicorn: pip install 'vcm-synthesis[server]'") from None
     token = read_token(args.token_file)
-    if args.host not in LOOPBACK_HOSTS:
-        print(f"warning: serving on {args.host} without TLS: the token and the scans cross the network in "
-              "clear; put a TLS reverse proxy in front (README: Remote GPU server)", file=sys.stderr)
+    for warning in start_warnings(args.host, args.token_file):
+        print(f"warning: {warning}", file=sys.stderr)
     settings = ServerSettings(token=token, work_folder=args.work_dir.resolve(), device=args.device,
                               max_jobs=args.max_jobs, max_upload_bytes=args.max_upload_mb * 2**20)
     app = create_app(settings)

@@ -30,6 +30,7 @@ from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.jobs import synthesis_job
 from VCMSynthesisLib.model_folder import load_model_folder
 from VCMSynthesisLib.remote import RemoteRun, Server, check_server, job_bundle, run_remote_job
+from VCMSynthesisLib.serve import start_warnings
 from VCMSynthesisLib.volumes import read_volume
 from VCMSynthesisLib.worker import SynthesisRequest, synthesize
 from volume_cases import blob, geometry_of, make_image, write_case
@@ -53,6 +54,7 @@ def running_server(folder: Path, *options: str):
         make_tiny_model_folder(home / "models" / "tiny-labels", modalities=None)  # test_edit's model
     token_file = folder / "token"
     token_file.write_text(secrets.token_urlsafe(32) + "\n")
+    token_file.chmod(0o600)
     port = _free_port()
     environment = {**os.environ, "PYTHONPATH": str(LIB_PARENT), "VCM_SYNTHESIS_HOME": str(home),
                    "OMP_NUM_THREADS": "1"}
@@ -379,3 +381,42 @@ def test_the_panels_remote_run_polls_like_a_worker_run_and_cancels(served, input
     outcome = run.wait(10)
     assert outcome.status == "cancelled" and time.monotonic() - cancelled < 2.5
     assert not run.job.output.exists()
+
+
+def test_jobs_wait_in_arrival_order_and_are_told_their_place(served, inputs, tmp_path):
+    long_job = panel_job(tmp_path / "long", inputs, steps=LONG_STEPS)
+    started, lines, failures = threading.Event(), [], []
+
+    def run(job, on_line):
+        try:
+            run_remote_job(job, served["server"], on_line=on_line)
+        except BaseException as error:  # noqa: BLE001 - the long one is cancelled
+            failures.append(type(error).__name__)
+
+    first = threading.Thread(target=run, args=(long_job, lambda line: "step" in line and started.set()))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=run, args=(panel_job(tmp_path / "short", inputs), lines.append))
+    second.start()
+    while not any("queue" in line for line in lines):
+        time.sleep(0.02)
+    assert not any("step" in line for line in lines)  # it waits for the first
+    long_id, = [path.name for path in (served["work"] / "jobs").iterdir()
+                if path.is_dir() and f'"{LONG_STEPS}"' in (path / "job.json").read_text()]
+    connection, _ = served["server"].request("DELETE", f"/jobs/{long_id}")
+    connection.close()
+    first.join(10)
+    second.join(30)
+    assert failures == ["Cancelled"]
+    assert {"queue": 1} in lines and [line["step"] for line in lines if "step" in line] == [1, 2, 3]
+    assert (tmp_path / "short" / "result.nrrd").is_file()
+
+
+def test_serve_warns_about_other_addresses_and_a_token_others_can_read(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(secrets.token_urlsafe(32))
+    token_file.chmod(0o600)
+    assert start_warnings("127.0.0.1", token_file) == []
+    token_file.chmod(0o644)
+    first, second = start_warnings("0.0.0.0", token_file)
+    assert "without TLS" in first and "reverse proxy" in first and "chmod 600" in second
