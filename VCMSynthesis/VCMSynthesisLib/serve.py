@@ -522,6 +522,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-jobs", type=positive_int, default=8,
                         help="jobs queued or running at most (429 beyond)")
     parser.add_argument("--max-upload-mb", type=positive_int, default=512, help="largest upload (413 beyond)")
+    parser.add_argument("--result-timeout-s", type=float, default=KEEP_S,
+                        help=f"remove a job's folder this long after it ended, fetched or not "
+                             f"(default {KEEP_S:g})")
     parser.add_argument("--work-dir", type=Path, default=user_home() / "server",
                         help="where job folders live (default: the user model folder's server/)")
     parser.set_defaults(handler=run_serve_command)
@@ -547,7 +550,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
     for warning in start_warnings(args.host, args.token_file):
         print(f"warning: {warning}", file=sys.stderr)
     settings = ServerSettings(token=token, work_folder=args.work_dir.resolve(), device=args.device,
-                              max_jobs=args.max_jobs, max_upload_bytes=args.max_upload_mb * 2**20)
+                              max_jobs=args.max_jobs, max_upload_bytes=args.max_upload_mb * 2**20,
+                              keep_s=args.result_timeout_s)
     app = create_app(settings)
     print(f"serving VCM Synthesis {__version__} on http://{args.host}:{args.port} "
           f"(device {app.state.jobs.device}, work folder {settings.work_folder})", file=sys.stderr,

@@ -251,7 +251,14 @@ def test_oversized_and_malformed_uploads_are_refused_in_one_line(served):
 
 
 def test_a_server_killed_mid_job_fails_the_client_in_one_line_within_15_s(inputs, tmp_path):
-    with running_server(tmp_path / "server", "--max-jobs", "1") as served:
+    with running_server(tmp_path / "server", "--max-jobs", "1", "--result-timeout-s", "1") as served:
+        # A result nobody fetches is removed after --result-timeout-s.
+        status, _ = post(served["server"], job_bundle(panel_job(tmp_path / "unfetched", inputs)).read_bytes())
+        assert status == 200
+        expiry = time.monotonic()
+        while any((served["work"] / "jobs").iterdir()):
+            assert time.monotonic() - expiry < 5, "an unfetched result outlived --result-timeout-s"
+            time.sleep(0.1)
         job = panel_job(tmp_path / "job", inputs, steps=LONG_STEPS)
         steps, failure = threading.Event(), []
 
