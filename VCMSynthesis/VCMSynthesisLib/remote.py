@@ -362,7 +362,8 @@ class RemoteRun:
     `preview`) for a job run on a server, so that the panel's timer loop runs either.
 
     The job runs on a thread (`run_remote_job`); `cancel()` closes its stream (the server
-    cancels the job) and the outcome is "cancelled"; failures are the one-line message.
+    cancels the job) and the outcome is "cancelled"; failures are the one-line message. The
+    server's lines go to the job's `worker.log` (the panel's *Show log*).
     """
 
     def __init__(self, job: Job, server: Server):
@@ -382,9 +383,14 @@ class RemoteRun:
     def _run(self) -> None:
         from VCMSynthesisLib.jobs import Outcome, Progress
 
+        log = open(self.job.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+
         def on_line(line: dict) -> None:
             if self._cancel_requested:
                 raise KeyboardInterrupt  # leaves the stream: the server cancels the job
+            if "heartbeat" not in line:
+                log.write(json.dumps(line) + "\n")
+                log.flush()
             if "warning" in line:
                 self.warnings.append(str(line["warning"]))
             elif "step" in line:
@@ -392,17 +398,24 @@ class RemoteRun:
                                           elapsed_s=float(line.get("elapsed_s") or 0.0),
                                           eta_s=None if line.get("eta_s") is None else float(line["eta_s"])))
 
+        log_path = self.job.log_path
+        log.write(f"$ run on {self.server.url}: {' '.join(self.job.arguments)}\n")
         try:
             final = run_remote_job(self.job, self.server, on_line=on_line)
+            log.write(json.dumps(final) + "\n")
             uncertainty = final.get("uncertainty")
             self._outcome = Outcome("succeeded", result=self.job.output, timings=final.get("timings") or {},
-                                    exit_code=0, warnings=tuple(self.warnings),
+                                    log_path=log_path, exit_code=0, warnings=tuple(self.warnings),
                                     uncertainty=uncertainty and self.job.folder / uncertainty)
         except Cancelled as cancelled:
-            self._outcome = Outcome("cancelled", message="cancelled", exit_code=cancelled.exit_code)
+            self._outcome = Outcome("cancelled", message="cancelled", log_path=log_path,
+                                    exit_code=cancelled.exit_code)
         except UserError as error:
+            log.write(f"error: {error}\n")
             status = "cancelled" if self._cancel_requested else "failed"
-            self._outcome = Outcome(status, message=str(error), exit_code=error.exit_code)
+            self._outcome = Outcome(status, message=str(error), log_path=log_path, exit_code=error.exit_code)
+        finally:
+            log.close()
 
     def poll(self) -> list:
         events = []

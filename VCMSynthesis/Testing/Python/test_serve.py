@@ -380,6 +380,8 @@ def test_the_panels_remote_run_polls_like_a_worker_run_and_cancels(served, input
     outcome = run.outcome()
     assert outcome.status == "succeeded" and outcome.result.is_file()
     assert [event.step for event in progress] == [1, 2, 3]
+    log = outcome.log_path.read_text()
+    assert log.startswith(f"$ run on {served['server'].url}: synthesize") and '"result": ' in log
     run = RemoteRun(panel_job(tmp_path / "cancelled", inputs, steps=LONG_STEPS), served["server"])
     while not run.poll():
         time.sleep(0.02)
