@@ -249,6 +249,11 @@ class ServerJob:
     def ended(self) -> bool:
         return self.ended_at is not None
 
+    @property
+    def settled(self) -> bool:
+        """Whether its last line (result or error) was said: a client that leaves now still fetches."""
+        return bool(self.lines) and ("result" in self.lines[-1] or "error" in self.lines[-1])
+
 
 class JobQueue:
     """FIFO of jobs run one at a time on one thread, with the last model kept loaded."""
@@ -485,7 +490,7 @@ def create_app(settings: ServerSettings):
                     last_sent = time.monotonic()
                 await asyncio.sleep(0.05)
         finally:
-            if not job.ended:  # the client went away: nobody will fetch the result
+            if not job.settled:  # the client went away mid-job: nobody will fetch the result
                 jobs.remove(job)
 
     @app.get("/jobs/{job_id}/files/{name}", dependencies=[Depends(authorize)])
