@@ -29,7 +29,7 @@ from VCMSynthesisLib import unsupported_python_message
 if unsupported_python_message():  # one line in Slicer's log instead of a syntax error further down
     raise RuntimeError(unsupported_python_message())
 
-from VCMSynthesisLib import jobs, registry, scene  # noqa: E402
+from VCMSynthesisLib import jobs, registry, remote, scene  # noqa: E402
 from VCMSynthesisLib.errors import UserError  # noqa: E402
 from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig  # noqa: E402
 from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY  # noqa: E402
@@ -153,6 +153,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.deviceComboBox.addItems(list(DEVICES))
         self.ui.pythonExecutablePathLineEdit.currentPath = self.logic.configuredWorkerPython()
+        self.ui.serverUrlLineEdit.text = self.logic.serverUrl()
+        self.ui.serverTokenPathLineEdit.currentPath = self.logic.serverTokenFile()
         self.populateModels()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -170,6 +172,9 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.pythonExecutablePathLineEdit.connect(
             "currentPathChanged(QString)", self.logic.setWorkerPython
         )
+        self.ui.serverUrlLineEdit.connect("textChanged(QString)", self.logic.setServerUrl)
+        self.ui.serverTokenPathLineEdit.connect("currentPathChanged(QString)", self.logic.setServerTokenFile)
+        self.ui.checkServerButton.connect("clicked(bool)", self.onCheckServer)
 
         self.initializeParameterNode()
 
@@ -494,6 +499,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._lastLogPath is not None:
             qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(self._lastLogPath)))
 
+    def onCheckServer(self) -> None:
+        with slicer.util.WaitCursor():
+            self.ui.serverStatusLabel.text = self.logic.checkServer()
+
     def onCheckDependencies(self) -> None:
         self.logic.workerHasDependencies(askToInstall=True)
         self.ui.dependencyStatusLabel.text = self.logic.lastEnvironmentSummary
@@ -514,6 +523,8 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
     """
 
     PYTHON_SETTING = "VCMSynthesis/PythonExecutable"
+    SERVER_URL_SETTING = "VCMSynthesis/ServerURL"
+    SERVER_TOKEN_SETTING = "VCMSynthesis/ServerTokenFile"  # the file's path; the token stays in the file
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -541,11 +552,37 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
     def workerPython(self) -> str:
         return self.configuredWorkerPython() or jobs.default_python()
 
+    # Remote server (`vcm-synthesis serve`): runs go there when a URL is set
+
+    def serverUrl(self) -> str:
+        return str(qt.QSettings().value(self.SERVER_URL_SETTING, "") or "").strip()
+
+    def setServerUrl(self, url: str) -> None:
+        qt.QSettings().setValue(self.SERVER_URL_SETTING, (url or "").strip())
+
+    def serverTokenFile(self) -> str:
+        return str(qt.QSettings().value(self.SERVER_TOKEN_SETTING, "") or "")
+
+    def setServerTokenFile(self, path: str) -> None:
+        qt.QSettings().setValue(self.SERVER_TOKEN_SETTING, path or "")
+
+    def checkServer(self) -> str:
+        """*Check server*: the server's version, device and models, or why it cannot be used."""
+        if not self.serverUrl():
+            return _("No server URL: runs use the worker Python on this computer.")
+        try:
+            return remote.check_server(self.serverUrl(), self.serverTokenFile() or None)
+        except UserError as error:
+            return str(error)
+
     def workerHasDependencies(self, askToInstall: bool = True) -> bool:
         """Check the worker Python; for Slicer's own Python offer a one-confirmation install.
 
         A Python found complete is not probed again in this session (probing imports torch).
+        With a server URL set, runs go to the server and need nothing here.
         """
+        if self.serverUrl():
+            return True
         if self.workerPython() in self._completeWorkerPythons:
             return True
         with slicer.util.WaitCursor():
@@ -704,7 +741,11 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
             raise
 
     def _start(self, job, task, outputVolumeNode, name, nextTo):
-        self._run = jobs.WorkerRun(job, python=self.workerPython())
+        if self.serverUrl():
+            server = remote.Server.from_files(self.serverUrl(), self.serverTokenFile() or None)
+            self._run = remote.RemoteRun(job, server)
+        else:
+            self._run = jobs.WorkerRun(job, python=self.workerPython())
         self._target = (outputVolumeNode, name, nextTo)
         self.activeTask = task
         return self._run

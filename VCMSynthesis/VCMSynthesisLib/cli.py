@@ -34,6 +34,7 @@ SUBCOMMANDS = {  # command -> the module that registers it
     "batch": "VCMSynthesisLib.batch",
     "superres": "VCMSynthesisLib.superres",
     "edit": "VCMSynthesisLib.edit",
+    "serve": "VCMSynthesisLib.serve",
 }
 
 

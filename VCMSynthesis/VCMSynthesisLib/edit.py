@@ -381,6 +381,7 @@ def register(subparsers) -> None:
     from VCMSynthesisLib.worker import (
         add_run_arguments,
         add_samples_arguments,
+        add_server_arguments,
         modality_argument,
         positive_int,
     )
@@ -408,14 +409,32 @@ def register(subparsers) -> None:
                              f"proportionally slower (default {DEFAULT_RESAMPLE})")
     add_samples_arguments(parser, default=1)
     add_run_arguments(parser)
+    add_server_arguments(parser)
     parser.set_defaults(handler=run_edit_command)
 
 
 def run_edit_command(args: argparse.Namespace) -> int:
     from VCMSynthesisLib.worker import run_worker_command
 
+    if args.server is not None:
+        from VCMSynthesisLib.remote import run_remote_command
+
+        return run_remote_command(args)
+
     json_mode = args.progress == "json"
     return run_worker_command(json_mode, lambda cancellation: _run_edit(args, cancellation, json_mode))
+
+
+def edit_request(args: argparse.Namespace) -> EditRequest:
+    """The request of a parsed `edit` command line (the CLI and the server's jobs)."""
+    modalities = dict(args.modality)
+    if len(modalities) != len(args.modality):
+        raise UserError("a modality was given twice; give each --modality NAME=FILE once")
+    return EditRequest(image=args.image, segmentation=args.segmentation, output=args.output,
+                       original_segmentation=args.original_segmentation, region=args.region,
+                       modalities=modalities, margin_mm=args.margin_mm, resample=args.resample,
+                       samples=args.samples, uncertainty=args.uncertainty, steps=args.steps,
+                       seed=args.seed, strength=args.strength)
 
 
 def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
@@ -431,14 +450,7 @@ def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
     )
 
     started = process_age_s()
-    modalities = dict(args.modality)
-    if len(modalities) != len(args.modality):
-        raise UserError("a modality was given twice; give each --modality NAME=FILE once")
-    request = EditRequest(image=args.image, segmentation=args.segmentation, output=args.output,
-                          original_segmentation=args.original_segmentation, region=args.region,
-                          modalities=modalities, margin_mm=args.margin_mm, resample=args.resample,
-                          samples=args.samples, uncertainty=args.uncertainty, steps=args.steps,
-                          seed=args.seed, strength=args.strength)
+    request = edit_request(args)
     check_edit_request(request)  # before the model loads: a wrong path fails at once
     start = time.perf_counter()
     model = load_model(args.model, args.device)

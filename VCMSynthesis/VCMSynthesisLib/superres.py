@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -364,7 +363,7 @@ def positive_mm(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import add_run_arguments, add_samples_arguments
+    from VCMSynthesisLib.worker import add_run_arguments, add_samples_arguments, add_server_arguments
 
     parser = subparsers.add_parser(
         "superres", help="super-resolve a thick-slice volume to an isotropic one",
@@ -378,50 +377,39 @@ def register(subparsers) -> None:
                                                              "finest in-plane spacing)")
     add_samples_arguments(parser, default=DEFAULT_SAMPLES)
     add_run_arguments(parser)
+    add_server_arguments(parser)
     parser.set_defaults(handler=run_superres_command)
 
 
 def run_superres_command(args: argparse.Namespace) -> int:
     from VCMSynthesisLib.worker import run_worker_command
 
+    if args.server is not None:
+        from VCMSynthesisLib.remote import run_remote_command
+
+        return run_remote_command(args)
     json_mode = args.progress == "json"
     return run_worker_command(json_mode, lambda cancellation: _run_superres(args, cancellation, json_mode))
 
 
-def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
-    from VCMSynthesisLib.files import refuse_overwriting_inputs
+def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image, *,
+                 progress: Callable[[int, int], None] | None = None, cancellation=None,
+                 warn: Callable[[str], None] | None = None):
+    """One parsed `superres` command line with a loaded model (the CLI and the server's jobs);
+    `thick` is `args.input` as read. Returns a `worker.SynthesisResult`; outputs appear complete
+    or not at all."""
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
-    from VCMSynthesisLib.volumes import check_output_writable, read_volume, write_volumes_atomic
-    from VCMSynthesisLib.worker import (
-        JsonProgress,
-        TextProgress,
-        check_samples_arguments,
-        emit_json,
-        emit_result,
-        load_model,
-        process_age_s,
-    )
+    from VCMSynthesisLib.volumes import write_volumes_atomic
+    from VCMSynthesisLib.worker import SignalCancellation, SynthesisResult
 
-    started = process_age_s()
-    check_samples_arguments(args.samples, args.seed, args.uncertainty, args.output)
-    refuse_overwriting_inputs({"--output": args.output, "--uncertainty": args.uncertainty},
-                              {"--input": args.input})
-    check_output_writable(args.output)
-    thick = read_volume(args.input)
+    cancellation = cancellation or SignalCancellation()
     geometry = slice_geometry(thick)
     grid = isotropic_grid(thick, args.spacing)
-
-    start = time.perf_counter()
-    model = load_model(args.model, args.device)
-    load_s = time.perf_counter() - start
     trained = check_superres_model(model.config)
     warning = None if trained is None else check_thickness(geometry, trained)
-    if warning is not None:
-        if json_mode:
-            emit_json({"warning": warning})
-        else:
-            print(f"warning: {warning}", file=sys.stderr)
+    if warning is not None and warn is not None:
+        warn(warning)
     check_memory(model.config, model.folder, model.device)
 
     stats = SamplingStats()
@@ -430,9 +418,7 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
         cancellation.raise_if_requested()
         mean, std = super_resolve(
             model, thick, grid, samples=args.samples, steps=args.steps, seed=args.seed,
-            strength=args.strength,
-            progress=JsonProgress() if json_mode else TextProgress(),
-            should_cancel=cancellation.should_cancel, stats=stats,
+            strength=args.strength, progress=progress, should_cancel=cancellation.should_cancel, stats=stats,
         )
         superres_s = time.perf_counter() - start
         # Both written and checked before either replaces a file; the uncertainty is renamed
@@ -440,10 +426,47 @@ def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> in
         volumes = ([(std, args.uncertainty, None)] if args.uncertainty is not None else []) + [
             (mean, args.output, None)]
         output = write_volumes_atomic(volumes, cancellation.commit)[-1]
-    timings = {"startup_s": started, "load_s": load_s, "superres_s": superres_s, "model_s": stats.model_s,
-               "total_s": process_age_s()}
+    return SynthesisResult(output=output, timings={"superres_s": superres_s, "model_s": stats.model_s},
+                           uncertainty=args.uncertainty)
+
+
+def check_superres_paths(args: argparse.Namespace) -> None:
+    """Before any work: the outputs can be written, are different files and not the input."""
+    from VCMSynthesisLib.files import refuse_overwriting_inputs
+    from VCMSynthesisLib.volumes import check_output_writable
+    from VCMSynthesisLib.worker import check_samples_arguments
+
+    check_samples_arguments(args.samples, args.seed, args.uncertainty, args.output)
+    refuse_overwriting_inputs({"--output": args.output, "--uncertainty": args.uncertainty},
+                              {"--input": args.input})
+    check_output_writable(args.output)
+
+
+def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
+    from VCMSynthesisLib.volumes import read_volume
+    from VCMSynthesisLib.worker import (
+        JsonProgress,
+        TextProgress,
+        emit_result,
+        emit_warning,
+        load_model,
+        process_age_s,
+    )
+
+    started = process_age_s()
+    check_superres_paths(args)
+    thick = read_volume(args.input)
+    grid = isotropic_grid(thick, args.spacing)  # before the model loads: a wrong input fails at once
+
+    start = time.perf_counter()
+    model = load_model(args.model, args.device)
+    load_s = time.perf_counter() - start
+    result = run_superres(model, args, thick, progress=JsonProgress() if json_mode else TextProgress(),
+                          cancellation=cancellation, warn=lambda message: emit_warning(json_mode, message))
+    timings = {"startup_s": started, "load_s": load_s, **result.timings, "total_s": process_age_s()}
+    superres_s = result.timings["superres_s"]
     size = " x ".join(map(str, grid.GetSize()))
-    emit_result(json_mode, output, timings, uncertainty=args.uncertainty,
+    emit_result(json_mode, result.output, timings, uncertainty=result.uncertainty,
                 describe=lambda t: f"{size} voxels at {grid.GetSpacing()[0]:g} mm; {superres_s:.1f} s "
                                    f"super-resolution, {t.get('total_s', 0):.1f} s in all")
     return 0

@@ -438,6 +438,15 @@ def check_samples_arguments(samples: int, seed: int, uncertainty: Path | None, o
         raise UsageError("--uncertainty and --output name the same file; give two different files")
     check_output_writable(uncertainty)
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--server URL --token-file F`: run the command on a `vcm-synthesis serve` (`remote.py`)."""
+    parser.add_argument("--server", metavar="URL",
+                        help="run on a `vcm-synthesis serve` server (e.g. http://gpu-host:8765) "
+                             "instead of here")
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="file holding the server's access token (with --server)")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "synthesize", help="synthesize a volume from a segmentation and/or modalities",
@@ -457,6 +466,7 @@ def register(subparsers) -> None:
                                                      "every --preview-every steps (JSON line {\"preview\"})")
     parser.add_argument("--preview-every", type=positive_int, default=DEFAULT_PREVIEW_EVERY,
                         help=f"steps between previews (default {DEFAULT_PREVIEW_EVERY})")
+    add_server_arguments(parser)
     parser.set_defaults(handler=run_synthesize_command)
 
     models = subparsers.add_parser("models", help="list the models this installation can use",
@@ -472,14 +482,18 @@ def emit_json(payload: dict[str, Any]) -> None:
 
 
 class JsonProgress:
-    """`{"step", "total", "elapsed_s", "eta_s"}` lines, timed from the first call's setup."""
+    """`{"step", "total", "elapsed_s", "eta_s"}` lines, timed from the first call's setup.
 
-    def __init__(self) -> None:
+    `emit` receives each line's dict (default: stdout; the server queues them for its client).
+    """
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None] = emit_json) -> None:
         self.start = time.perf_counter()
+        self.emit = emit
 
     def __call__(self, step: int, total: int) -> None:
         elapsed = time.perf_counter() - self.start
-        emit_json({"step": step, "total": total, "elapsed_s": round(elapsed, 3),
+        self.emit({"step": step, "total": total, "elapsed_s": round(elapsed, 3),
                    "eta_s": round(elapsed / step * (total - step), 3)})
 
 
@@ -569,21 +583,30 @@ def run_worker_command(json_mode: bool, body: Callable[[SignalCancellation], int
 
 
 def run_synthesize_command(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        from VCMSynthesisLib.remote import run_remote_command
+
+        return run_remote_command(args)
     json_mode = args.progress == "json"
     return run_worker_command(json_mode, lambda cancellation: _run_synthesize(args, cancellation, json_mode))
 
 
-def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, json_mode: bool) -> int:
-    started = process_age_s()
+def synthesis_request(args: argparse.Namespace) -> SynthesisRequest:
+    """The request of a parsed `synthesize` command line (the CLI and the server's jobs)."""
     modalities = dict(args.modality)
     if len(modalities) != len(args.modality):
         raise UserError("a modality was given twice; give each --modality NAME=FILE once")
     if args.segmentation is None and not modalities:
         raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
-    request = SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
-                               steps=args.steps, seed=args.seed, guided=not args.unguided,
-                               strength=args.strength, samples=args.samples, uncertainty=args.uncertainty,
-                               preview=args.preview, preview_every=args.preview_every)
+    return SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
+                            steps=args.steps, seed=args.seed, guided=not args.unguided,
+                            strength=args.strength, samples=args.samples, uncertainty=args.uncertainty,
+                            preview=args.preview, preview_every=args.preview_every)
+
+
+def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, json_mode: bool) -> int:
+    started = process_age_s()
+    request = synthesis_request(args)
     request.check_paths()
     start = time.perf_counter()
     model = load_model(args.model, args.device)

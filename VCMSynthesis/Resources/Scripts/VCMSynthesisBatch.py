@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--python", help="Python executable for the worker (default: this one / PythonSlicer)"
     )
+    parser.add_argument("--server", metavar="URL", help="run the jobs on a `vcm-synthesis serve` server")
+    parser.add_argument("--token-file", type=Path, metavar="FILE", help="--server: file holding its token")
     parser.add_argument("--skip-existing", action="store_true", help="--cases: keep outputs that exist")
     parser.add_argument(
         "--keep-job-folders", action="store_true", help="keep job folders of successful cases"
@@ -323,6 +325,20 @@ def _print_progress(label: str):
 
 
 def _run_job(job: jobs.Job, arguments: argparse.Namespace, label: str) -> None:
+    if arguments.server is not None:  # the same job on a `vcm-synthesis serve` GPU
+        from VCMSynthesisLib.remote import Server, run_remote_job
+
+        report = _print_progress(label)
+
+        def on_line(line: dict) -> None:
+            if "warning" in line:
+                print(f"warning: {label}: {line['warning']}", file=sys.stderr)
+            elif "step" in line:
+                report(jobs.Progress(step=line["step"], total=line["total"], elapsed_s=line["elapsed_s"],
+                                     eta_s=line.get("eta_s")))
+
+        run_remote_job(job, Server.from_files(arguments.server, arguments.token_file), on_line=on_line)
+        return
     outcome = jobs.run_job(job, python=arguments.python, on_progress=_print_progress(label))
     for text in outcome.warnings:
         print(f"warning: {label}: {text}", file=sys.stderr)
@@ -342,7 +358,7 @@ def run(argv: list[str] | None = None) -> int:
 
 
 PATH_ARGUMENTS = ("segmentation", "cases", "superres", "edit", "original_segmentation", "region", "output",
-                  "output_dir", "reference")
+                  "output_dir", "reference", "token_file")
 
 
 def _absolute_paths(arguments: argparse.Namespace) -> None:
