@@ -414,22 +414,16 @@ def register(subparsers) -> None:
 
 
 def run_edit_command(args: argparse.Namespace) -> int:
-    from VCMSynthesisLib.worker import run_worker_command
+    from VCMSynthesisLib.worker import run_sampling_command
 
-    if args.server is not None:
-        from VCMSynthesisLib.remote import run_remote_command
-
-        return run_remote_command(args)
-
-    json_mode = args.progress == "json"
-    return run_worker_command(json_mode, lambda cancellation: _run_edit(args, cancellation, json_mode))
+    return run_sampling_command(args, _run_edit)
 
 
 def edit_request(args: argparse.Namespace) -> EditRequest:
     """The request of a parsed `edit` command line (the CLI and the server's jobs)."""
-    modalities = dict(args.modality)
-    if len(modalities) != len(args.modality):
-        raise UserError("a modality was given twice; give each --modality NAME=FILE once")
+    from VCMSynthesisLib.worker import modality_files
+
+    modalities = modality_files(args)
     return EditRequest(image=args.image, segmentation=args.segmentation, output=args.output,
                        original_segmentation=args.original_segmentation, region=args.region,
                        modalities=modalities, margin_mm=args.margin_mm, resample=args.resample,

@@ -382,14 +382,9 @@ def register(subparsers) -> None:
 
 
 def run_superres_command(args: argparse.Namespace) -> int:
-    from VCMSynthesisLib.worker import run_worker_command
+    from VCMSynthesisLib.worker import run_sampling_command
 
-    if args.server is not None:
-        from VCMSynthesisLib.remote import run_remote_command
-
-        return run_remote_command(args)
-    json_mode = args.progress == "json"
-    return run_worker_command(json_mode, lambda cancellation: _run_superres(args, cancellation, json_mode))
+    return run_sampling_command(args, _run_superres)
 
 
 def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image, *,

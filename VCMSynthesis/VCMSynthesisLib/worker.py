@@ -582,20 +582,33 @@ def run_worker_command(json_mode: bool, body: Callable[[SignalCancellation], int
         raise reported from None
 
 
-def run_synthesize_command(args: argparse.Namespace) -> int:
+def run_sampling_command(args: argparse.Namespace,
+                         run: Callable[[argparse.Namespace, SignalCancellation, bool], int]) -> int:
+    """The entry of every sampling command: on `--server` the remote client, else `run(args,
+    cancellation, json_mode)` as a worker command."""
     if args.server is not None:
         from VCMSynthesisLib.remote import run_remote_command
 
         return run_remote_command(args)
     json_mode = args.progress == "json"
-    return run_worker_command(json_mode, lambda cancellation: _run_synthesize(args, cancellation, json_mode))
+    return run_worker_command(json_mode, lambda cancellation: run(args, cancellation, json_mode))
+
+
+def run_synthesize_command(args: argparse.Namespace) -> int:
+    return run_sampling_command(args, _run_synthesize)
+
+
+def modality_files(args: argparse.Namespace) -> dict[str, Path]:
+    """`--modality NAME=FILE` arguments as {name: file}; a name given twice is an error."""
+    modalities = dict(args.modality)
+    if len(modalities) != len(args.modality):
+        raise UserError("a modality was given twice; give each --modality NAME=FILE once")
+    return modalities
 
 
 def synthesis_request(args: argparse.Namespace) -> SynthesisRequest:
     """The request of a parsed `synthesize` command line (the CLI and the server's jobs)."""
-    modalities = dict(args.modality)
-    if len(modalities) != len(args.modality):
-        raise UserError("a modality was given twice; give each --modality NAME=FILE once")
+    modalities = modality_files(args)
     if args.segmentation is None and not modalities:
         raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
     return SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
