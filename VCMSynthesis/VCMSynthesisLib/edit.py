@@ -336,7 +336,7 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import write_volumes_atomic
-    from VCMSynthesisLib.worker import SignalCancellation
+    from VCMSynthesisLib.worker import SignalCancellation, provenance
 
     cancellation = cancellation or SignalCancellation()
     check_edit_request(request)
@@ -358,7 +358,8 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
         volumes = [(result.image, request.output, request.image)]
         if request.uncertainty is not None:
             volumes.insert(0, (result.std, request.uncertainty, request.image))
-        output = write_volumes_atomic(volumes, cancellation.commit)[-1]
+        made_with = provenance(model, request.seed, request.steps, None, request.strength)
+        output = write_volumes_atomic(volumes, cancellation.commit, made_with)[-1]
     timings["write_s"] = time.perf_counter() - start
     return EditOutcome(output=output, uncertainty=request.uncertainty,
                        edited_voxels=int((result.weight > 0).sum()), timings=timings)

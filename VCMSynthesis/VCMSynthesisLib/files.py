@@ -53,6 +53,11 @@ def partial_path(target: str | os.PathLike, suffix: str | None = None) -> Path:
     return target.with_name(f".{name}.partial-{os.getpid()}{suffix}")
 
 
+def provenance_sidecar(volume: str | os.PathLike) -> Path:
+    """`<volume>.json`: the provenance of a volume whose format has no key/value header (NIfTI, MHA)."""
+    return Path(f"{os.fspath(volume)}.json")
+
+
 def remove_stale_partials(folder: str | os.PathLike) -> None:
     """Removes the partial files and folders that dead processes left in `folder`.
 

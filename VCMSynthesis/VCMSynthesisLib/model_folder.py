@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from VCMSynthesisLib.checksums import Checksums
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.files import atomic_path
 from VCMSynthesisLib.model_config import CONFIG_NAME, MODEL_CARD_NAME, Label, ModelConfig, NetworkSpec
@@ -48,6 +49,13 @@ class LoadedModel:
     diffusion: DiffusionModelUNet
     adapter: nn.Module | None
     device: torch.device
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        """sha256 of the adapter's weights file, else the base diffusion model's: which model
+        made a result (`worker.provenance`); read once per loaded model."""
+        spec = self.config.adapter or self.config.diffusion
+        return Checksums.of_file(self.folder / spec.weights).sha256
 
     @property
     def condition_channel_names(self) -> list[str]:

@@ -9,6 +9,7 @@ Nothing here adds a node to the scene except `load_result` on success.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import vtk
 
 from VCMSynthesisLib import jobs
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.files import provenance_sidecar
 
 
 def _require_untransformed(node, role: str) -> None:
@@ -366,11 +368,44 @@ def load_result(result_path: str | Path, scene, *, output_node=None, name: str =
 
     The file is read completely before the scene is touched, so a bad file changes nothing.
     """
-    return _put_in_scene(read_volume_file(result_path), scene, output_node, name, next_to)
+    return _put_in_scene(*_read_result(result_path), scene, output_node, name, next_to)
 
 
-def _put_in_scene(loaded, scene, output_node, name: str, next_to):
-    """A volume read by `read_volume_file` as a new node, or into `output_node`."""
+#: Prefix of the provenance fields (`worker.provenance`) copied onto result nodes as attributes.
+PROVENANCE_PREFIX = "vcm_"
+_MAX_HEADER_BYTES = 1 << 20
+
+
+def read_provenance(path: str | Path) -> dict[str, str]:
+    """The provenance fields of a result file: NRRD `vcm_*:=value` header fields, else its JSON
+    sidecar (`files.provenance_sidecar`); empty if it has none. Standard library only, as the
+    rest of Slicer's side."""
+    path = Path(path)
+    if path.name.lower().endswith(".nrrd"):
+        fields = {}
+        with path.open("rb") as stream:
+            for line in stream.read(_MAX_HEADER_BYTES).split(b"\n")[1:]:
+                if not line.strip():
+                    break  # the blank line ends the header
+                key, separator, value = line.decode("utf-8", "replace").partition(":=")
+                if separator and key.startswith(PROVENANCE_PREFIX):
+                    fields[key] = value.rstrip("\r")
+        return fields
+    sidecar = provenance_sidecar(path)
+    if not sidecar.is_file():
+        return {}
+    fields = json.loads(sidecar.read_text(encoding="utf-8"))
+    return {key: str(value) for key, value in fields.items() if key.startswith(PROVENANCE_PREFIX)}
+
+
+def _read_result(path: str | Path):
+    """A result file as a node (not yet in the scene) and its provenance fields."""
+    return read_volume_file(path), read_provenance(path)
+
+
+def _put_in_scene(loaded, made_with: Mapping[str, str], scene, output_node, name: str, next_to):
+    """A volume read by `read_volume_file` as a new node, or into `output_node`, with its
+    provenance fields as node attributes."""
     ijk_to_ras = vtk.vtkMatrix4x4()
     loaded.GetIJKToRASMatrix(ijk_to_ras)
     if output_node is None:
@@ -385,6 +420,8 @@ def _put_in_scene(loaded, scene, output_node, name: str, next_to):
         output_node.EndModify(was_modifying)
         if output_node.GetDisplayNode() is None:
             output_node.CreateDefaultDisplayNodes()
+    for key, value in made_with.items():
+        output_node.SetAttribute(key, value)
     display = output_node.GetDisplayNode()
     if display is not None:
         display.AutoWindowLevelOn()
@@ -404,10 +441,10 @@ def apply_outcome(outcome: jobs.Outcome, scene, *, output_node=None, name: str, 
         return None
     outcome.raise_for_status()
     # Both files are read before the scene changes: a bad one leaves it as it was.
-    spread = read_volume_file(outcome.uncertainty) if outcome.uncertainty is not None else None
-    node = _put_in_scene(read_volume_file(outcome.result), scene, output_node, name, next_to)
+    spread = _read_result(outcome.uncertainty) if outcome.uncertainty is not None else None
+    node = _put_in_scene(*_read_result(outcome.result), scene, output_node, name, next_to)
     if spread is not None:
-        _put_in_scene(spread, scene, None, f"{name} uncertainty", next_to or node)
+        _put_in_scene(*spread, scene, None, f"{name} uncertainty", next_to or node)
     return node
 
 

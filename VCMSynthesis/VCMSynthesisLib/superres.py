@@ -396,7 +396,7 @@ def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image
     from VCMSynthesisLib.memory import check_memory
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import write_volumes_atomic
-    from VCMSynthesisLib.worker import SignalCancellation, SynthesisResult
+    from VCMSynthesisLib.worker import SignalCancellation, SynthesisResult, provenance
 
     cancellation = cancellation or SignalCancellation()
     geometry = slice_geometry(thick)
@@ -420,7 +420,8 @@ def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image
         # first, so the main output appears only once everything is in place.
         volumes = ([(std, args.uncertainty, None)] if args.uncertainty is not None else []) + [
             (mean, args.output, None)]
-        output = write_volumes_atomic(volumes, cancellation.commit)[-1]
+        made_with = provenance(model, args.seed, args.steps, None, args.strength)
+        output = write_volumes_atomic(volumes, cancellation.commit, made_with)[-1]
     return SynthesisResult(output=output, timings={"superres_s": superres_s, "model_s": stats.model_s},
                            uncertainty=args.uncertainty)
 

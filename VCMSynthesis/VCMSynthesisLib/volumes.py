@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,7 +27,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.files import AtomicWrites, partial_path, remove_stale_partials, write_error
+from VCMSynthesisLib.files import (
+    AtomicWrites,
+    partial_path,
+    provenance_sidecar,
+    remove_stale_partials,
+    write_error,
+)
 from VCMSynthesisLib.model_config import LABEL_MAX
 
 # Larger than any scan this tool is meant for (1024 x 1024 x 512); a header claiming more is
@@ -278,6 +285,7 @@ def write_volume_atomic(
     path: str | os.PathLike,
     reference: str | os.PathLike | None = None,
     raise_if_cancelled: Callable[[], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `image` to `path` completely or not at all (see `write_volumes_atomic`).
 
@@ -289,19 +297,25 @@ def write_volume_atomic(
             is copied verbatim, so reading the output gives back the reference's size, spacing,
             origin and direction bit for bit.
         raise_if_cancelled: checked once the file is written and verified, before the rename.
+        metadata: key/value fields (provenance, `worker.provenance`) for the NRRD header, or for
+            other formats the sidecar `files.provenance_sidecar(path)`.
     """
-    return write_volumes_atomic([(image, path, reference)], raise_if_cancelled)[0]
+    return write_volumes_atomic([(image, path, reference)], raise_if_cancelled, metadata)[0]
 
 
 def write_volumes_atomic(
     volumes: Sequence[tuple[sitk.Image, str | os.PathLike, str | os.PathLike | None]],
     raise_if_cancelled: Callable[[], None] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write several volumes (image, path, reference), renamed into place only once all are written.
 
     Each goes to a temporary file beside its output (`files.AtomicWrites`), is synced and read
     back (complete, same geometry, same voxels) before any output is replaced, so a full disk,
     a crash or a cancel leaves every previous file as it was. Non-finite voxels are refused.
+    `metadata` goes into each NRRD's header as `key:=value` fields; every other format gets it
+    as a JSON sidecar (`files.provenance_sidecar`), staged in the same `AtomicWrites` just
+    before its volume, so neither is renamed into place unless both were written.
     """
     paths = []
     with AtomicWrites(raise_if_cancelled) as writes:
@@ -310,23 +324,42 @@ def write_volumes_atomic(
             suffix = output_suffix(path)
             _check_finite_result(image, path)
             verify = partial(_verify_volume, image=image, suffix=suffix, target=path)
+            if metadata and _format_family(suffix) != "nrrd":
+                sidecar = provenance_sidecar(path)
+                with _opened(writes.stage(sidecar, suffix=".json"), sidecar) as stream:
+                    json.dump(dict(metadata), stream, indent=2)
             temporary = writes.stage(path, suffix=suffix, verify=verify)
-            _write_volume(image, temporary, suffix, reference)
+            _write_volume(image, temporary, suffix, reference, metadata or {})
             paths.append(path)
     return paths
 
 
-def _write_volume(image: sitk.Image, temporary: Path, suffix: str, reference) -> None:
+@contextlib.contextmanager
+def _opened(temporary: Path, target: Path) -> Iterator:
+    try:
+        with temporary.open("w", encoding="utf-8") as stream:
+            yield stream
+    except OSError as error:
+        raise write_error(target, error) from None
+
+
+def _write_volume(image: sitk.Image, temporary: Path, suffix: str, reference,
+                  metadata: Mapping[str, str]) -> None:
     family = _format_family(suffix)
+    fields = metadata if family == "nrrd" else {}
     copy_header = reference is not None and family == _format_family(_input_suffix(reference))
     if copy_header:
         _check_same_geometry(image, reference)
     with _native_messages_captured() as messages:
         if copy_header and family == "nrrd":
-            copy_header = _write_nrrd_with_reference_header(image, temporary, reference)
+            copy_header = _write_nrrd_with_reference_header(image, temporary, reference, fields)
         elif copy_header:
             _write_nifti_with_reference_header(image, temporary, reference)
         if not copy_header:
+            if fields:
+                image = sitk.Image(image)  # a copy: the caller's image keeps its metadata
+                for key, value in fields.items():
+                    image.SetMetaData(key, value)
             try:
                 sitk.WriteImage(image, str(temporary), useCompression=True)
             except RuntimeError as error:
@@ -524,8 +557,10 @@ def _xyz_array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).transpose(2, 1, 0)
 
 
-def _write_nrrd_with_reference_header(image: sitk.Image, temporary: Path, reference) -> bool:
-    """Write with the reference's space fields; False (nothing written) if it has none."""
+def _write_nrrd_with_reference_header(image: sitk.Image, temporary: Path, reference,
+                                      fields: Mapping[str, str]) -> bool:
+    """Write with the reference's space fields and `fields` as key/value pairs; False (nothing
+    written) if the reference has no space fields."""
     import nrrd
 
     source = nrrd.read_header(str(reference))
@@ -536,6 +571,7 @@ def _write_nrrd_with_reference_header(image: sitk.Image, temporary: Path, refere
     header["space directions"] = directions[~np.isnan(directions).any(axis=1)]
     header["kinds"] = ["domain"] * 3
     header["encoding"] = "gzip"
+    header.update(fields)
     nrrd.write(str(temporary), _xyz_array(image), header, index_order="F")
     return True
 

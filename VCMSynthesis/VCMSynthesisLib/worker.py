@@ -249,6 +249,25 @@ def load_model(name_or_folder: str, device: str) -> LoadedModel:
     return load_model_folder(resolve_model(name_or_folder), resolve_device(device))
 
 
+def provenance(model: LoadedModel, seed: int, steps: int | None, scheduler: str | None,
+               strength: float | None) -> dict[str, str]:
+    """The key/value fields every synthesized, edited or super-resolved volume carries (NRRD
+    header or JSON sidecar, `volumes.write_volumes_atomic`): how it was made. None takes the
+    model's default, as the sampler does."""
+    from VCMSynthesisLib import __version__
+
+    config = model.config
+    return {
+        "vcm_model": config.name,
+        "vcm_model_sha256": model.weights_sha256,
+        "vcm_seed": str(seed),
+        "vcm_steps": str(config.sampling_steps if steps is None else steps),
+        "vcm_scheduler": scheduler or config.sampling_scheduler,
+        "vcm_strength": repr(float(config.sampling_strength if strength is None else strength)),
+        "vcm_version": __version__,
+    }
+
+
 def synthesize(
     model: LoadedModel,
     request: SynthesisRequest,
@@ -326,7 +345,9 @@ def synthesize(
         if request.uncertainty is not None:
             volumes.insert(0, (conditions.to_reference(std, default_value=0.0), request.uncertainty,
                                request.reference_path))
-        output = write_volumes_atomic(volumes, cancellation.commit)[-1]
+        made_with = provenance(model, request.seed, request.steps, None,
+                               request.strength if request.guided else 0.0)
+        output = write_volumes_atomic(volumes, cancellation.commit, made_with)[-1]
     timings["write_s"] = time.perf_counter() - start
     return SynthesisResult(output=output, timings=timings, uncertainty=request.uncertainty)
 

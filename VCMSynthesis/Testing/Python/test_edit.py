@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from test_worker import assert_sigterm_stops_it, run_cli
-from tiny_models import TINY_STEPS, make_tiny_model_folder
+from tiny_models import TINY_STEPS, expected_provenance, make_tiny_model_folder, provenance_in_nrrd
 from VCMSynthesisLib import edit
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.model_folder import load_model_folder
@@ -56,6 +56,13 @@ def edit_arguments(case, output, *extra):
 
 def voxels(path) -> np.ndarray:
     return sitk.GetArrayFromImage(read_volume(path))
+
+
+def test_an_edited_scan_says_how_it_was_made(case, tmp_path):
+    output = tmp_path / "edited.nrrd"
+    code, _, err = run_cli(edit_arguments(case, output, "--seed", 9))
+    assert code == 0, err
+    assert provenance_in_nrrd(output) == expected_provenance(case["model"], seed=9, steps=TINY_STEPS)
 
 
 def test_falloff_is_one_on_the_region_and_zero_beyond_the_margin():

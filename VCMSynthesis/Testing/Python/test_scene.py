@@ -208,6 +208,27 @@ def test_load_result_updates_an_existing_node_in_place(tmp_path, case):
     assert array_of(output).shape == SHAPE_KJI
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
+def test_results_carry_their_provenance_as_node_attributes(tmp_path, case, suffix):
+    from VCMSynthesisLib import jobs
+    from VCMSynthesisLib.volumes import read_volume, write_volumes_atomic
+
+    mrml, reference, segmentation = case
+    image = read_volume(scene.export_volume(reference, tmp_path / "exported.nrrd"))
+    made_with = {"vcm_model": "tiny", "vcm_model_sha256": "ab" * 32, "vcm_seed": "5", "vcm_steps": "3",
+                 "vcm_scheduler": "ddim", "vcm_strength": "1.0", "vcm_version": "0.1.0"}
+    result, spread = tmp_path / f"result{suffix}", tmp_path / f"spread{suffix}"
+    write_volumes_atomic([(image, spread, None), (image, result, None)], metadata=made_with)
+
+    node = scene.apply_outcome(jobs.Outcome("succeeded", result=result, uncertainty=spread), mrml,
+                               name="synthesized", next_to=segmentation)
+    uncertainty = mrml.GetFirstNodeByName("synthesized uncertainty")
+    for loaded in (node, uncertainty):
+        assert {key: loaded.GetAttribute(key) for key in made_with} == made_with
+    plain = scene.load_result(scene.export_volume(reference, tmp_path / "plain.nrrd"), mrml)
+    assert plain.GetAttribute("vcm_seed") is None
+
+
 def test_unreadable_result_leaves_the_scene_unchanged(tmp_path, case):
     mrml, _, segmentation = case
     output = add_volume(mrml, GEOMETRIES["sheared"], name="previous result")

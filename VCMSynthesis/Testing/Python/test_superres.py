@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from tiny_models import TINY_STEPS, make_tiny_model_folder, tiny_config, tiny_networks
+from tiny_models import (
+    TINY_STEPS,
+    expected_provenance,
+    make_tiny_model_folder,
+    provenance_in_nrrd,
+    tiny_config,
+    tiny_networks,
+)
 from VCMSynthesisLib import cli, superres
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
@@ -241,6 +248,16 @@ def test_cli_writes_the_mean_and_the_uncertainty(tmp_path, capsys, tiny_superres
         assert written.GetOrigin() == pytest.approx(grid.GetOrigin(), abs=1e-4)
         assert written.GetDirection() == pytest.approx(grid.GetDirection(), abs=1e-6)
     assert sitk.GetArrayFromImage(sitk.ReadImage(str(spread))).min() >= 0
+
+
+def test_cli_output_says_how_it_was_made(tmp_path, capsys, tiny_superres_model):
+    scan = write_scan(tmp_path / "thick.nrrd", thick_scan(OBLIQUE))
+    output = tmp_path / "thin.nrrd"
+    code, _, err = run_cli(capsys, "--input", scan, "--output", output, "--model", tiny_superres_model,
+                           "--seed", 4, "--steps", 2, "--strength", 0.5, "--spacing", 2.0)
+    assert code == 0, err
+    expected = expected_provenance(tiny_superres_model, seed=4, steps=2, strength=0.5)
+    assert provenance_in_nrrd(output) == expected
 
 
 def test_cli_warns_about_a_thickness_outside_the_trained_range(tmp_path, capsys, tiny_superres_model):

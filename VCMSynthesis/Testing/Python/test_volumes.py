@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -9,7 +10,8 @@ import nrrd
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from VCMSynthesisLib.errors import UserError
+from tiny_models import provenance_in_nrrd
+from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.volumes import (
     check_output_writable,
     read_segmentation,
@@ -21,6 +23,42 @@ from volume_cases import FORMATS, GEOMETRIES, geometry_of, make_image, write_cas
 
 def _random_volume(geometry: str, shape=(6, 7, 8), seed=0) -> sitk.Image:
     return make_image(np.random.default_rng(seed).random(shape).astype(np.float32), geometry)
+
+
+MADE_WITH = {"vcm_model": "tiny", "vcm_seed": "7", "vcm_steps": "3"}
+
+
+@pytest.mark.parametrize("reference_format", [None, "nrrd-lps", "nifti"])
+def test_metadata_goes_into_the_nrrd_header_with_or_without_a_reference_header(tmp_path, reference_format):
+    reference = None if reference_format is None else write_case(_random_volume("oblique"), tmp_path,
+                                                                  "reference", reference_format)
+    output = write_volume_atomic(_random_volume("oblique"), tmp_path / "out.nrrd", reference,
+                                 metadata=MADE_WITH)
+    assert provenance_in_nrrd(output) == MADE_WITH
+    assert not (tmp_path / "out.nrrd.json").exists()
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha"])
+def test_metadata_of_other_formats_is_a_sidecar_written_with_the_volume(tmp_path, suffix):
+    output = tmp_path / f"out{suffix}"
+    write_volume_atomic(_random_volume("oblique"), output, metadata=MADE_WITH)
+    assert json.loads((tmp_path / f"out{suffix}.json").read_text()) == MADE_WITH
+
+    def cancel():
+        raise Cancelled(130)
+
+    # A cancel before the rename leaves the earlier pair as it was: the volume and its sidecar.
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(Cancelled):
+        write_volume_atomic(_random_volume("oblique", seed=1), output, raise_if_cancelled=cancel,
+                            metadata={**MADE_WITH, "vcm_seed": "8"})
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with pytest.raises(Cancelled):
+        write_volume_atomic(_random_volume("oblique"), fresh / f"out{suffix}", raise_if_cancelled=cancel,
+                            metadata=MADE_WITH)
+    assert list(fresh.iterdir()) == []
 
 
 @pytest.mark.parametrize("file_format", FORMATS)

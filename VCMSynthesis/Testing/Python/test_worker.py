@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from safetensors.torch import load_file, save_file
-from tiny_models import make_tiny_model_folder
+from tiny_models import expected_provenance, make_tiny_model_folder, provenance_in_nrrd
 from VCMSynthesisLib.cli import main
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.memory import check_memory, estimate_peak_bytes
@@ -89,6 +89,17 @@ def test_text_mode_shows_a_bar_and_same_seed_gives_same_image(case, tmp_path):
     a, b, c = (sitk.GetArrayFromImage(read_volume(p)) for p in (first, second, other))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_results_say_how_they_were_made_in_the_nrrd_header_or_a_sidecar(case, tmp_path):
+    nrrd_output, nifti_output = tmp_path / "made.nrrd", tmp_path / "made.nii.gz"
+    for output in (nrrd_output, nifti_output):
+        code, _, err = run_cli(synthesize_arguments(case, output, "--seed", 11, "--steps", 2))
+        assert code == 0, err
+    expected = expected_provenance(case["model"], seed=11, steps=2)
+    assert provenance_in_nrrd(nrrd_output) == expected
+    assert json.loads((tmp_path / "made.nii.gz.json").read_text()) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made.nii.gz", "made.nii.gz.json", "made.nrrd"]
 
 
 def test_unguided_differs_from_guided(case, tmp_path):

@@ -136,3 +136,27 @@ def make_tiny_model_folder(path: str | Path, *, seed: int = 0, **options: Any) -
     path = Path(path)
     config = tiny_config(name=path.name or "tiny", **options)
     return save_model_folder(path, config, *tiny_networks(config, seed))
+
+
+def expected_provenance(model_folder: str | Path, *, seed: int, steps: int, strength: float = 1.0) -> dict:
+    """The provenance fields a result of this model folder must carry, worked out from the folder
+    itself (its config.json and the bytes of its adapter weights, else its diffusion weights)."""
+    import hashlib
+    import json
+
+    from VCMSynthesisLib import __version__
+
+    folder = Path(model_folder)
+    config = json.loads((folder / "config.json").read_text())
+    weights = folder / (config.get("adapter") or config["diffusion"])["weights"]
+    return {"vcm_model": config["name"], "vcm_model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            "vcm_seed": str(seed), "vcm_steps": str(steps), "vcm_scheduler": config["sampling"]["scheduler"],
+            "vcm_strength": repr(float(strength)), "vcm_version": __version__}
+
+
+def provenance_in_nrrd(path: str | Path) -> dict:
+    """The `vcm_*` key/value fields of an NRRD header, as pynrrd reads them."""
+    import nrrd
+
+    return {key: value for key, value in nrrd.read_header(str(path)).items() if key.startswith("vcm_")}
+
