@@ -298,7 +298,8 @@ def test_the_batch_script_runs_its_cases_on_the_server(served, inputs, tmp_path)
     remote = read_volume(output)
     assert geometry_of(remote) == geometry_of(read_volume(local))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(read_volume(local)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.nii.gz", "out"]  # no job folder left
+    # no job folder left (the local run's NIfTI has its provenance sidecar)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.nii.gz", "local.nii.gz.json", "out"]
 
 
 def test_cancel_is_one_request_and_stops_the_job_within_2_s(served, inputs, tmp_path):
