@@ -21,6 +21,7 @@ TRAINING = Path(__file__).resolve().parents[3] / "training"
 sys.path.insert(0, str(TRAINING))
 
 import common  # noqa: E402
+import demo  # noqa: E402
 import evaluate  # noqa: E402
 import export_model  # noqa: E402
 import train_adapter  # noqa: E402
@@ -276,6 +277,38 @@ def test_set_sampling_refuses_zero_steps_and_leaves_the_model_unchanged(tmp_path
         export_model.main(["set-sampling", "--model", str(folder), "--steps", "0"])
     assert "argument --steps: must be at least 1, got 0" in capsys.readouterr().err
     assert (folder / "config.json").read_bytes() == before
+
+
+def test_demo_preview_letters_follow_the_grid_direction():
+    identity = (1, 0, 0, 0, 1, 0, 0, 0, 1)  # i -> L, j -> P, k -> S (LPS)
+    assert [demo.axis_ends(identity, axis) for axis in range(3)] == [("R", "L"), ("A", "P"), ("I", "S")]
+    # A RAS-stored NIfTI read by ITK (i -> R, j -> A) with k tilted 30 degrees towards posterior.
+    tilted = (-1, 0, 0, 0, -1, 0.5, 0, 0, 0.866)
+    assert [demo.axis_ends(tilted, axis) for axis in range(3)] == [("L", "R"), ("P", "A"), ("I", "S")]
+
+
+def test_demo_preview_has_a_tissue_legend_below_the_slices(tmp_path):
+    import matplotlib.image
+
+    labels = np.zeros((12, 14, 16), np.int16)
+    labels[2:10, 3:11, 4:12] = 3
+    labels[4:8, 5:9, 6:10] = 2
+    labels[5:7, 6:8, 7:9] = 1
+    path = tmp_path / "preview.png"
+    demo.preview({"condition": labels, "image": labels.astype(np.float32) * 300.0},
+                 (1, 0, 0, 0, 1, 0, 0, 0, 1), path)
+    pixels = matplotlib.image.imread(str(path))[..., :3]
+    assert pixels.shape[:2] == (660, 900)
+    legend = pixels[-50:]  # the strip under the slices: one swatch per tissue label
+    colours = plt_colours(len(evaluate.TISSUES) + 1)
+    for colour in colours:
+        assert (np.abs(legend - colour).max(axis=-1) < 0.02).sum() > 20
+
+
+def plt_colours(count: int) -> np.ndarray:
+    import matplotlib.pyplot as plt
+
+    return np.asarray([plt.get_cmap("viridis", count)(value)[:3] for value in range(count)])
 
 
 def test_dice_of_identical_maps_is_one():
