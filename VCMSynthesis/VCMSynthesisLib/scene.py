@@ -394,7 +394,13 @@ def read_provenance(path: str | Path) -> dict[str, str]:
     sidecar = provenance_sidecar(path)
     if not sidecar.is_file():
         return {}
-    fields = json.loads(sidecar.read_text(encoding="utf-8"))
+    try:
+        fields = json.loads(sidecar.read_text(encoding="utf-8"))
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read '{sidecar}', the provenance of '{path}': {error}; "
+                        "remove it or write the result again") from None
     return {key: str(value) for key, value in fields.items() if key.startswith(PROVENANCE_PREFIX)}
 
 

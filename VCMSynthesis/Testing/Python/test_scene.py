@@ -227,6 +227,12 @@ def test_results_carry_their_provenance_as_node_attributes(tmp_path, case, suffi
         assert {key: loaded.GetAttribute(key) for key in made_with} == made_with
     plain = scene.load_result(scene.export_volume(reference, tmp_path / "plain.nrrd"), mrml)
     assert plain.GetAttribute("vcm_seed") is None
+    if suffix != ".nrrd":
+        (tmp_path / f"result{suffix}.json").write_text("{truncated")
+        before = node_ids(mrml)
+        with pytest.raises(UserError, match="cannot read .*result.nii.gz.json'"):
+            scene.load_result(result, mrml)
+        assert node_ids(mrml) == before
 
 
 def test_unreadable_result_leaves_the_scene_unchanged(tmp_path, case):
