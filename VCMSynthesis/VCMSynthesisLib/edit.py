@@ -309,17 +309,14 @@ class EditOutcome:
 def check_edit_request(request: EditRequest) -> None:
     """What can be refused before anything is read: an output naming an input, a bad uncertainty
     request, an output that cannot be written."""
-    from VCMSynthesisLib.files import refuse_overwriting_inputs
-    from VCMSynthesisLib.volumes import check_output_writable
-    from VCMSynthesisLib.worker import check_samples_arguments
+    from VCMSynthesisLib.worker import check_run_outputs
 
-    check_samples_arguments(request.samples, request.seed, request.uncertainty, request.output)
-    refuse_overwriting_inputs(
-        {"--output": request.output, "--uncertainty": request.uncertainty},
+    check_run_outputs(
+        request.output,
         {"--image": request.image, "--segmentation": request.segmentation,
          "--original-segmentation": request.original_segmentation, "--region": request.region,
-         **{f"--modality {name}": path for name, path in request.modalities.items()}})
-    check_output_writable(request.output)
+         **{f"--modality {name}": path for name, path in request.modalities.items()}},
+        samples=request.samples, seed=request.seed, uncertainty=request.uncertainty)
 
 
 def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[int, int], None] | None = None,

@@ -101,6 +101,8 @@ def check_strength(strength: float) -> float:
         raise UserError(f"strength must be between 0 and {MAX_STRENGTH:g}, got {strength}; 1 is the "
                         "strength the adapter was trained at")
     return float(strength)
+
+
 def _previous_timestep(scheduler: DDIMScheduler | DDPMScheduler, timestep: int) -> int:
     """The timestep `scheduler.step(..., timestep, ...)` steps to; negative at the clean end."""
     if isinstance(scheduler, DDIMScheduler):

@@ -428,14 +428,10 @@ def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image
 
 def check_superres_paths(args: argparse.Namespace) -> None:
     """Before any work: the outputs can be written, are different files and not the input."""
-    from VCMSynthesisLib.files import refuse_overwriting_inputs
-    from VCMSynthesisLib.volumes import check_output_writable
-    from VCMSynthesisLib.worker import check_samples_arguments
+    from VCMSynthesisLib.worker import check_run_outputs
 
-    check_samples_arguments(args.samples, args.seed, args.uncertainty, args.output)
-    refuse_overwriting_inputs({"--output": args.output, "--uncertainty": args.uncertainty},
-                              {"--input": args.input})
-    check_output_writable(args.output)
+    check_run_outputs(args.output, {"--input": args.input}, samples=args.samples, seed=args.seed,
+                      uncertainty=args.uncertainty)
 
 
 def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> int:

@@ -83,21 +83,10 @@ class SynthesisRequest:
 
     def check_paths(self) -> None:
         """Before any work: the outputs can be written, are different files and none of the inputs."""
-        from VCMSynthesisLib.files import refuse_overwriting_inputs
-        from VCMSynthesisLib.volumes import check_output_writable
-
-        check_samples_arguments(self.samples, self.seed, self.uncertainty, self.output)
-        if self.preview is not None:
-            others = {Path(path).resolve() for path in (self.output, self.uncertainty) if path is not None}
-            if Path(self.preview).resolve() in others:
-                raise UsageError("--preview names another output; give it a file of its own")
-        refuse_overwriting_inputs({"--output": self.output, "--uncertainty": self.uncertainty,
-                                   "--preview": self.preview}, {
-            "--segmentation": self.segmentation,
-            **{f"--modality {name}": path for name, path in self.modalities.items()}})
-        check_output_writable(self.output)
-        if self.preview is not None:
-            check_output_writable(self.preview)
+        inputs = {"--segmentation": self.segmentation,
+                  **{f"--modality {name}": path for name, path in self.modalities.items()}}
+        check_run_outputs(self.output, inputs, samples=self.samples, seed=self.seed,
+                          uncertainty=self.uncertainty, preview=self.preview)
 
 
 @dataclass
@@ -441,6 +430,26 @@ def add_samples_arguments(parser: argparse.ArgumentParser, default: int) -> None
                         help=f"samples to average (posterior mean; default {default})")
     parser.add_argument("--uncertainty", type=Path, help="also write the per-voxel standard deviation "
                                                          "across samples (needs --samples 2 or more)")
+
+
+def check_run_outputs(output: Path, inputs: dict[str, Path | None], *, samples: int = 1, seed: int = 0,
+                      uncertainty: Path | None = None, preview: Path | None = None) -> None:
+    """What every sampling command refuses before any work: seeds and an uncertainty request that
+    make no sense, outputs that are one file or any of the `inputs` ({flag: path}), an output that
+    cannot be written."""
+    from VCMSynthesisLib.files import refuse_overwriting_inputs
+    from VCMSynthesisLib.volumes import check_output_writable
+
+    check_samples_arguments(samples, seed, uncertainty, output)
+    if preview is not None:
+        others = {Path(path).resolve() for path in (output, uncertainty) if path is not None}
+        if Path(preview).resolve() in others:
+            raise UsageError("--preview names another output; give it a file of its own")
+    outputs = {"--output": output, "--uncertainty": uncertainty, "--preview": preview}
+    refuse_overwriting_inputs(outputs, inputs)
+    check_output_writable(output)
+    if preview is not None:
+        check_output_writable(preview)
 
 
 def check_samples_arguments(samples: int, seed: int, uncertainty: Path | None, output: Path) -> None:
