@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.model_config import Grid, Label, Modality, ModelConfig
+from VCMSynthesisLib.model_config import Grid, Label, Modality, ModelConfig, label_of_segment
 from VCMSynthesisLib.volumes import Segmentation
 
 # Unit vector, in SimpleITK's LPS space, that an axis pointing toward each letter runs along.
@@ -202,7 +202,6 @@ def label_values_to_table(segmentation: Segmentation, labels: tuple[Label, ...],
     if not (values != 0).any():
         raise UserError(f"segmentation '{segmentation.path}' is empty (every voxel is 0); "
                         "label at least one structure")
-    by_name = {label.name.casefold(): label.value for label in labels}
     table_values = {label.value for label in labels}
     allowed = ", ".join(f"{label.value} ({label.name})" for label in labels)
     lookup = np.zeros(len(values), dtype=np.int32)
@@ -211,8 +210,9 @@ def label_values_to_table(segmentation: Segmentation, labels: tuple[Label, ...],
             continue
         segment = segmentation.segments.get(value)
         if segment is not None:
-            mapped = by_name.get(segment.name.strip().casefold(), segment.label_value)
-            if mapped not in table_values:
+            # The worker's command line has no --label: a value that is a label maps (by_value).
+            mapped = label_of_segment(labels, segment.name, segment.label_value, by_value=True)
+            if mapped is None:
                 raise UserError(
                     f"segment '{segment.name}' (label value {segment.label_value}) of "
                     f"'{segmentation.path}' matches no label of model '{model_name}'; name or "

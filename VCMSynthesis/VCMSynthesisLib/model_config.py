@@ -163,6 +163,26 @@ class Label:
     name: str
 
 
+def label_of_segment(labels: tuple[Label, ...], name: str, label_value: int | None,
+                     by_value: bool = False) -> int | None:
+    """The model label value a segment stands for, or None where that is the user's decision.
+
+    The label named like the segment (any case); else the segment's own label value, where it
+    is a label other than 0 and the name is Slicer's own for an imported labelmap ("Label_2"
+    with value 2), or for any name with `by_value`. A segment called "lesion" is no model label
+    just because its value is one. The one matching rule of the panel, the batch script and the
+    worker (`scene.default_label_mapping`, `conditions.label_values_to_table`).
+    """
+    wanted = name.strip().casefold()
+    for label in labels:
+        if label.name.strip().casefold() == wanted:
+            return label.value
+    if label_value and label_value in {label.value for label in labels} and (
+            by_value or name == f"Label_{label_value}"):
+        return label_value
+    return None
+
+
 @dataclass(frozen=True)
 class Modality:
     """A modality condition channel and how it is normalized (interpreted by conditions.py)."""

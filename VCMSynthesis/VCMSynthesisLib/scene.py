@@ -19,6 +19,7 @@ import vtk
 from VCMSynthesisLib import jobs
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.files import provenance_sidecar
+from VCMSynthesisLib.model_config import Label, label_of_segment
 
 
 def _require_untransformed(node, role: str) -> None:
@@ -35,23 +36,17 @@ def default_label_mapping(
     label_values: Mapping[str, int] | None = None,
     by_value: bool = False,
 ) -> dict[str, int]:
-    """Segment ID -> model label value: by name (any case); by the segment's label value only
-    where its name is Slicer's own for an imported label ("Label_2" with value 2), or for every
-    segment with `by_value`.
+    """Segment ID -> model label value of the segments `model_config.label_of_segment` matches
+    (by name; by label value for Slicer's "Label_N" names, or for every segment with `by_value`).
 
-    Other segments are left out: a segment called "lesion" is no model label just because its
-    value is one. The panel shows them as *(not used)* for the user to map; the batch script
-    refuses them unless `--label` or `--map-by-value` says what they are.
+    Other segments are left out: the panel shows them as *(not used)* for the user to map; the
+    batch script refuses them unless `--label` or `--map-by-value` says what they are.
     """
-    table = [(str(entry["name"]).strip().lower(), int(entry["value"])) for entry in label_table]
-    value_of_name = dict(table)
-    values = {value for _, value in table if value != 0}
+    labels = tuple(Label(int(entry["value"]), str(entry["name"])) for entry in label_table)
     mapping = {}
     for segment_id, name in segment_names.items():
-        value = (label_values or {}).get(segment_id)
-        if name.strip().lower() in value_of_name:
-            mapping[segment_id] = value_of_name[name.strip().lower()]
-        elif value in values and (by_value or name == f"Label_{value}"):
+        value = label_of_segment(labels, name, (label_values or {}).get(segment_id), by_value)
+        if value is not None:
             mapping[segment_id] = value
     return mapping
 
