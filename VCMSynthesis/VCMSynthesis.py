@@ -38,7 +38,7 @@ MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DATA_DIR = MODULE_DIR / "Resources" / "SampleData"
 ICON_PATH = MODULE_DIR / "Resources" / "Icons" / "VCMSynthesis.png"
 DEVICES = ("auto", "cpu", "cuda")
-NOT_USED = "(not used)"
+NOT_USED = "(not used)"  # the label of scene.NOT_USED in the segment table
 POLL_INTERVAL_MS = 200
 
 
@@ -159,6 +159,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.superResolutionButton.connect("clicked(bool)", self.onSuperResolutionButton)
@@ -201,6 +202,11 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    def onSceneEndImport(self, caller, event) -> None:
+        """A loaded scene brings its own parameter node: show its segment labels and modality volumes."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
 
@@ -217,6 +223,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if modelIndex >= 0:
                 self.ui.modelComboBox.currentIndex = modelIndex
             self.updateSegmentMapping()
+            self.updateModalityTable()
             self.updateButtons()
 
     # Models and condition tables
@@ -273,10 +280,14 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observedSegmentation = node
         self.updateSegmentMapping()
 
+    def moduleNode(self):
+        """The parameter node itself (vtkMRMLScriptedModuleNode), for the choices `scene` keeps on it."""
+        return self._parameterNode.parameterNode if self._parameterNode else None
+
     def updateSegmentMapping(self, *args) -> None:
-        """One row per segment; its combobox picks the model label (name matches preselected)."""
+        """One row per segment; its combobox picks the model label: the choice saved with the scene,
+        else the name match, else (not used) (`scene.panel_label_mapping`)."""
         table = self.ui.segmentMappingTable
-        previous = self.segmentMapping(keepUnused=True)
         table.setRowCount(0)
         segmentationNode = self.ui.segmentationSelector.currentNode()
         name = self.ui.modelComboBox.currentData
@@ -288,11 +299,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except UserError as error:
             self.showStatus(str(error), error=True)
             return
-        # Keep the user's choices for segments that stay; name matches for the others.
-        valid = {-1} | {label["value"] for label in labels}
-        kept = {segmentId: value for segmentId, value in previous.items() if value in valid}
-        suggested = scene.default_label_mapping(names, labels, scene.segment_label_values(segmentationNode))
-        preselected = {**suggested, **kept}
+        saved = scene.saved_label_mapping(self.moduleNode(), segmentationNode) if self.moduleNode() else {}
+        shown = scene.panel_label_mapping(names, labels, scene.segment_label_values(segmentationNode), saved)
         table.setRowCount(len(names))
         for row, (segmentId, name) in enumerate(names.items()):
             item = qt.QTableWidgetItem(name)
@@ -300,24 +308,31 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setFlags(qt.Qt.ItemIsEnabled)
             table.setItem(row, 0, item)
             comboBox = qt.QComboBox()
-            comboBox.addItem(NOT_USED, -1)
+            comboBox.addItem(NOT_USED, scene.NOT_USED)
             for label in labels:
                 comboBox.addItem(f"{label['value']}: {label['name']}", label["value"])
-            if segmentId in preselected:
-                comboBox.currentIndex = comboBox.findData(preselected[segmentId])
-            comboBox.connect("currentIndexChanged(int)", self.updateButtons)
+            comboBox.currentIndex = comboBox.findData(shown[segmentId])
+            comboBox.connect("currentIndexChanged(int)", self.onSegmentLabelChanged)
             table.setCellWidget(row, 1, comboBox)
         self.updateButtons()
 
+    def onSegmentLabelChanged(self, index=None) -> None:
+        """Keep the table's choices ((not used) too) on the parameter node: saved with the scene."""
+        segmentationNode = self.ui.segmentationSelector.currentNode()
+        if self.moduleNode() and segmentationNode is not None:
+            mapping = self.segmentMapping(keepUnused=True)
+            scene.save_label_mapping(self.moduleNode(), segmentationNode, mapping)
+        self.updateButtons()
+
     def segmentMapping(self, keepUnused: bool = False) -> dict:
-        """Segment ID -> model label value from the table (-1 for "(not used)" if `keepUnused`)."""
+        """Segment ID -> model label value from the table (`scene.NOT_USED` rows too if `keepUnused`)."""
         table = self.ui.segmentMappingTable
         mapping = {}
         for row in range(table.rowCount):
             value = table.cellWidget(row, 1).currentData
-            if value is not None and (keepUnused or int(value) >= 0):
+            if value is not None:
                 mapping[table.item(row, 0).data(qt.Qt.UserRole)] = int(value)
-        return mapping
+        return mapping if keepUnused else scene.used_labels(mapping)
 
     def updateModalityTable(self) -> None:
         table = self.ui.modalityTable
@@ -328,6 +343,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showStatus(str(error), error=True)
             config = None
         modalities = [modality.name for modality in config.modalities] if config else []
+        saved = scene.saved_modality_volumes(self.moduleNode(), modalities) if self.moduleNode() else {}
         table.setRowCount(len(modalities))
         for row, name in enumerate(modalities):
             item = qt.QTableWidgetItem(name)
@@ -340,10 +356,17 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.addEnabled = False
             selector.removeEnabled = False
             selector.setMRMLScene(slicer.mrmlScene)
-            selector.setCurrentNode(None)
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+            selector.setCurrentNode(saved.get(name))
+            selector.connect("currentNodeChanged(vtkMRMLNode*)",
+                             lambda node, name=name: self.onModalityVolumeChanged(name, node))
             table.setCellWidget(row, 1, selector)
         table.setVisible(bool(modalities))
+
+    def onModalityVolumeChanged(self, name: str, node) -> None:
+        """Keep the volume chosen for a modality channel on the parameter node (saved with the scene)."""
+        if self.moduleNode():
+            scene.save_modality_volume(self.moduleNode(), name, node)
+        self.updateButtons()
 
     def modalityNodes(self) -> dict:
         table = self.ui.modalityTable

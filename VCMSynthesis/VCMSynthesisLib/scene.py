@@ -10,6 +10,7 @@ Nothing here adds a node to the scene except `load_result` on success.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -49,6 +50,76 @@ def default_label_mapping(
         if value is not None:
             mapping[segment_id] = value
     return mapping
+
+
+#: The panel's *(not used)*: a segment the user left out of the label condition.
+NOT_USED = -1
+# On the module's parameter node (a vtkMRMLScriptedModuleNode, saved with the scene): the panel's
+# segment -> label choices as JSON, the segmentation they belong to, and one volume reference per
+# modality channel. Node references, not IDs: a reloaded scene gives its nodes new IDs.
+LABEL_CHOICES_PARAMETER = "segmentLabels"
+LABEL_CHOICES_SEGMENTATION_ROLE = "segmentLabelsSegmentation"
+MODALITY_ROLE_PREFIX = "modalityVolume."
+
+
+def panel_label_mapping(
+    segment_names: Mapping[str, str],
+    label_table: Iterable[Mapping],
+    label_values: Mapping[str, int] | None,
+    chosen: Mapping[str, int],
+) -> dict[str, int]:
+    """Segment ID -> what the panel shows for it: the user's earlier choice (`chosen`, e.g.
+    `saved_label_mapping`; `NOT_USED` included) where the model still has that label, else the
+    `default_label_mapping` match, else `NOT_USED` until the user sets it."""
+    label_table = list(label_table)
+    valid = {NOT_USED} | {int(entry["value"]) for entry in label_table}
+    suggested = default_label_mapping(segment_names, label_table, label_values)
+    return {segment_id: chosen[segment_id] if chosen.get(segment_id) in valid
+            else suggested.get(segment_id, NOT_USED) for segment_id in segment_names}
+
+
+def used_labels(mapping: Mapping[str, int]) -> dict[str, int]:
+    """The segments of a panel mapping that feed the label condition (all but *(not used)*)."""
+    return {segment_id: value for segment_id, value in mapping.items() if value != NOT_USED}
+
+
+def save_label_mapping(parameter_node, segmentation_node, mapping: Mapping[str, int]) -> None:
+    """Keep the panel's segment -> label choices (`NOT_USED` too) on the parameter node, for
+    `segmentation_node`: saved with the scene, they come back when it is loaded again."""
+    was_modifying = parameter_node.StartModify()
+    parameter_node.SetNodeReferenceID(LABEL_CHOICES_SEGMENTATION_ROLE, segmentation_node.GetID())
+    parameter_node.SetParameter(LABEL_CHOICES_PARAMETER,
+                                json.dumps({str(key): int(value) for key, value in mapping.items()}))
+    parameter_node.EndModify(was_modifying)
+
+
+def saved_label_mapping(parameter_node, segmentation_node) -> dict[str, int]:
+    """The choices `save_label_mapping` kept for `segmentation_node`; empty for another
+    segmentation (its segment IDs may repeat the other's) or an unreadable parameter."""
+    saved_for = parameter_node.GetNodeReference(LABEL_CHOICES_SEGMENTATION_ROLE)
+    if segmentation_node is None or saved_for is None or saved_for.GetID() != segmentation_node.GetID():
+        return {}
+    try:
+        mapping = json.loads(parameter_node.GetParameter(LABEL_CHOICES_PARAMETER) or "{}")
+        return {str(key): int(value) for key, value in mapping.items()}
+    except (ValueError, TypeError, AttributeError):  # a scene edited by hand: the defaults again
+        return {}
+
+
+def _modality_role(name: str) -> str:
+    # MRML writes references as "role:id;": a modality name may hold neither ':' nor ';' there.
+    return MODALITY_ROLE_PREFIX + urllib.parse.quote(name, safe="")
+
+
+def save_modality_volume(parameter_node, name: str, volume_node) -> None:
+    """Remember which volume feeds the modality channel `name` (None: none)."""
+    parameter_node.SetNodeReferenceID(_modality_role(name), volume_node.GetID() if volume_node else None)
+
+
+def saved_modality_volumes(parameter_node, names: Iterable[str]) -> dict[str, object]:
+    """Modality channel name -> the volume node remembered for it, for those of `names` that have one."""
+    nodes = {name: parameter_node.GetNodeReference(_modality_role(name)) for name in names}
+    return {name: node for name, node in nodes.items() if node is not None}
 
 
 def changed_sampling(config, **values) -> dict:

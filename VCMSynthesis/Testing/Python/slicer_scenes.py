@@ -112,3 +112,57 @@ def add_segmentation(
 
 def node_ids(scene) -> list[str]:
     return [scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())]
+
+
+def add_parameter_node(scene, module: str = "VCMSynthesis"):
+    """The module's parameter node as Slicer's `ScriptedLoadableModuleLogic.getParameterNode` makes it."""
+    node = slicer.vtkMRMLScriptedModuleNode()
+    node.SetSingletonTag(module)
+    node.SetAttribute("ModuleName", module)
+    scene.AddNode(node)
+    return node
+
+
+def parameter_node_of(scene, module: str = "VCMSynthesis"):
+    nodes = [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
+    found = [node for node in nodes if node.IsA("vtkMRMLScriptedModuleNode")
+             and node.GetAttribute("ModuleName") == module]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def save_and_reload(scene, folder, kind: str):
+    """Save `scene` with slicer-core's storage (a `.mrb` bundle, or a `.mrml` file beside the data
+    files) and load it into a new scene that already holds nodes, so every node gets a new ID."""
+    folder.mkdir(parents=True, exist_ok=True)
+    nodes = [scene.GetNthNode(index) for index in range(scene.GetNumberOfNodes())]
+    storable = [node for node in nodes if node.IsA("vtkMRMLStorableNode") and node.GetScene() is scene]
+    if kind == "mrb":
+        for node in storable:
+            if node.GetStorageNode() is None:
+                node.AddDefaultStorageNode()
+        assert scene.WriteToMRB(str(folder / "scene.mrb"))
+    else:
+        for index, node in enumerate(storable):
+            if node.GetStorageNode() is None:
+                node.AddDefaultStorageNode()
+            storage = node.GetStorageNode()
+            storage.SetFileName(str(folder / f"node{index}.{storage.GetDefaultWriteFileExtension()}"))
+            assert storage.WriteData(node), node.GetName()
+        scene.SetURL(str(folder / "scene.mrml"))
+        assert scene.Commit()
+    reloaded = slicer.vtkMRMLScene()
+    cache = slicer.vtkCacheManager()
+    cache.SetRemoteCacheDirectory(str(folder / "cache"))
+    io_manager = slicer.vtkDataIOManager()
+    io_manager.SetCacheManager(cache)
+    reloaded.SetDataIOManager(io_manager)
+    for node_class in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode", "vtkMRMLScriptedModuleNode"):
+        for _ in range(3):  # the saved IDs are taken: loading gives the nodes new ones
+            reloaded.AddNewNodeByClass(node_class)
+    if kind == "mrb":
+        assert reloaded.ReadFromMRB(str(folder / "scene.mrb"), False)
+    else:
+        reloaded.SetURL(str(folder / "scene.mrml"))
+        assert reloaded.Import()
+    return reloaded
