@@ -168,11 +168,7 @@ def run_remote_job(job: Job, server: Server, destinations: dict[str, Path] | Non
                 raise Cancelled(code)
             error_type = UsageError if code == UsageError.exit_code else UserError
             raise error_type(f"{final['error']} (on the server {server.url})")
-        files = [(final.get("uncertainty"), final.get("uncertainty_sha256")),
-                 (final["result"], final["sha256"])]
-        for name, sha256 in files:
-            if name is not None and name in destinations:
-                _download(server, job_id, name, sha256, Path(destinations[name]))
+        _download_results(server, job_id, final, destinations)
         return final
     except KeyboardInterrupt:
         raise Cancelled(EXIT_SIGINT) from None  # closing the stream cancels the job on the server
@@ -181,31 +177,47 @@ def run_remote_job(job: Job, server: Server, destinations: dict[str, Path] | Non
             _delete_quietly(server, job_id)
 
 
-def _download(server: Server, job_id: str, name: str, sha256: str, destination: Path) -> None:
-    """Stream one result file beside `destination`; it replaces `destination` (`files.atomic_path`)
-    only once the bytes on disk have the server's sha256."""
-    from VCMSynthesisLib.checksums import Checksums
-    from VCMSynthesisLib.files import atomic_path
+def _download_results(server: Server, job_id: str, final: dict, destinations: dict[str, Path]) -> None:
+    """The result (and uncertainty) files of a finished job, each with its provenance sidecar where
+    the server wrote one (NIfTI), as a local run writes them: renamed into place together, only
+    once every file has arrived with the server's sha256 (`files.AtomicWrites`)."""
+    from VCMSynthesisLib.files import AtomicWrites, provenance_sidecar
     from VCMSynthesisLib.volumes import output_suffix
 
-    def verify(temporary: Path) -> None:
-        if Checksums.of_file(temporary).sha256 != sha256:
-            raise UserError(f"the result '{name}' from {server.url} arrived damaged (sha256 differs); "
-                            "nothing was written; run it again")
+    sidecars = final.get("sidecars") or {}
+    volumes = [(final.get("uncertainty"), final.get("uncertainty_sha256")),
+               (final["result"], final["sha256"])]
+    with AtomicWrites() as writes:
+        for name, sha256 in volumes:
+            if name is None or name not in destinations:
+                continue
+            destination = Path(destinations[name])
+            sidecar = sidecars.get(name)
+            if sidecar is not None:  # staged first, like the local write: never a volume without it
+                _download(server, job_id, sidecar["name"], sidecar["sha256"],
+                          writes.stage(provenance_sidecar(destination), suffix=".json"))
+            temporary = writes.stage(destination, suffix=output_suffix(destination))
+            _download(server, job_id, name, sha256, temporary)
+
+
+def _download(server: Server, job_id: str, name: str, sha256: str, temporary: Path) -> None:
+    """Stream one result file into `temporary`; a file without the server's sha256 is refused."""
+    from VCMSynthesisLib.checksums import Checksums
 
     connection, response = server.request("GET", f"/jobs/{job_id}/files/{urllib.parse.quote(name)}")
-    with contextlib.closing(connection), atomic_path(destination, suffix=output_suffix(destination),
-                                                     verify=verify) as temporary:
-        with open(temporary, "wb") as target:
-            while True:
-                try:  # the network's errors; the disk's are `atomic_path`'s one line
-                    block = response.read(_BLOCK)
-                except (OSError, http.client.HTTPException) as error:
-                    raise UserError(f"the result '{name}' from {server.url} did not arrive "
-                                    f"({_reason(error)}); nothing was written; run it again") from None
-                if not block:
-                    break
-                target.write(block)
+    with contextlib.closing(connection), open(temporary, "wb") as target:
+        while True:
+            try:  # the network's errors; the disk's are `AtomicWrites`' one line
+                block = response.read(_BLOCK)
+            except (OSError, http.client.HTTPException) as error:
+                raise UserError(f"the result '{name}' from {server.url} did not arrive "
+                                f"({_reason(error)}); nothing was written; run it again") from None
+            if not block:
+                break
+            target.write(block)
+    if Checksums.of_file(temporary).sha256 != sha256:
+        raise UserError(f"the result '{name}' from {server.url} arrived damaged (sha256 differs); "
+                        "nothing was written; run it again")
 
 
 def _delete_quietly(server: Server, job_id: str) -> None:

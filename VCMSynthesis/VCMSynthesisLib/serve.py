@@ -327,6 +327,7 @@ class JobQueue:
 
     def _run(self, job: ServerJob) -> None:
         from VCMSynthesisLib.checksums import Checksums
+        from VCMSynthesisLib.files import provenance_sidecar
         from VCMSynthesisLib.worker import JsonProgress
 
         args = job.args
@@ -364,6 +365,11 @@ class JobQueue:
                 line["uncertainty"] = result.uncertainty.name
                 line["uncertainty_sha256"] = Checksums.of_file(result.uncertainty).sha256
                 job.results[result.uncertainty.name] = result.uncertainty
+            # A NIfTI result's provenance is its sidecar (`files.provenance_sidecar`): it travels too.
+            sidecars = {volume: provenance_sidecar(path) for volume, path in list(job.results.items())}
+            line["sidecars"] = {volume: {"name": sidecar.name, "sha256": Checksums.of_file(sidecar).sha256}
+                                for volume, sidecar in sidecars.items() if sidecar.is_file()}
+            job.results.update({sidecar.name: sidecar for sidecar in sidecars.values() if sidecar.is_file()})
             for key in ("edited_voxels",):
                 if hasattr(result, key):
                     line[key] = getattr(result, key)

@@ -30,6 +30,7 @@ from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.jobs import synthesis_job
 from VCMSynthesisLib.model_folder import load_model_folder
 from VCMSynthesisLib.remote import RemoteRun, Server, check_server, job_bundle, run_remote_job
+from VCMSynthesisLib.scene import read_provenance
 from VCMSynthesisLib.serve import start_warnings
 from VCMSynthesisLib.volumes import read_volume
 from VCMSynthesisLib.worker import SynthesisRequest, synthesize
@@ -298,8 +299,11 @@ def test_the_batch_script_runs_its_cases_on_the_server(served, inputs, tmp_path)
     remote = read_volume(output)
     assert geometry_of(remote) == geometry_of(read_volume(local))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(read_volume(local)))
-    # no job folder left (the local run's NIfTI has its provenance sidecar)
+    # no job folder left; the remote NIfTI has the provenance sidecar of the local one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local.nii.gz", "local.nii.gz.json", "out"]
+    assert sorted(p.name for p in output.parent.iterdir()) == ["batch.nii.gz", "batch.nii.gz.json"]
+    assert read_provenance(output) == read_provenance(local)
+    assert read_provenance(output)["vcm_seed"] == "5" and read_provenance(output)["vcm_model"] == "tiny"
 
 
 def test_cancel_is_one_request_and_stops_the_job_within_2_s(served, inputs, tmp_path):
@@ -367,6 +371,11 @@ def test_a_remote_super_resolution_with_its_spread_equals_the_local_one(served, 
         remote = read_volume(tmp_path / f"remote{name}{suffix}")
         assert geometry_of(remote) == geometry_of(local)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(local))
+        # The provenance comes along: NRRD header fields, a NIfTI's sidecar.
+        made_with = read_provenance(tmp_path / f"remote{name}{suffix}")
+        assert made_with == read_provenance(tmp_path / f"local{name}{suffix}")
+        assert made_with["vcm_seed"] == "4" and made_with["vcm_model"] == "tiny-superres"
+    assert (tmp_path / "remote.nii.gz.json").is_file() and not (tmp_path / "remote-std.nrrd.json").exists()
 
 
 def test_the_panels_remote_run_polls_like_a_worker_run_and_cancels(served, inputs, tmp_path):
