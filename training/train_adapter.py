@@ -31,7 +31,6 @@ from typing import Any
 import common
 import numpy as np
 import torch
-from monai.networks.schedulers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from VCMSynthesisLib import conditions, volumes
 from VCMSynthesisLib.checksums import Checksums
@@ -40,6 +39,7 @@ from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_config import ModelConfig
 from VCMSynthesisLib.model_folder import LoadedModel, load_model_folder, load_state_strict
 from VCMSynthesisLib.networks import VCM, modulate
+from VCMSynthesisLib.sampler import build_scheduler
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 
@@ -140,9 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     with common.main_rank_first(context):
         condition, latents = prepare_training_set(base, model_config, config, run_dir, context.device)
     schedule = base.config.noise_schedule
-    scheduler = DDPMScheduler(num_train_timesteps=schedule.num_train_timesteps, schedule=schedule.schedule,
-                              beta_start=schedule.beta_start, beta_end=schedule.beta_end,
-                              clip_sample=schedule.clip_sample)
+    # The base's training noise (`add_noise`): the sampler's DDPM scheduler over every timestep.
+    scheduler, _ = build_scheduler(schedule, "ddpm", schedule.num_train_timesteps)
     count = len(condition)
     encoded = {}
     if latent_weight:  # a hook, not a second call: under DistributedDataParallel only `forward` syncs

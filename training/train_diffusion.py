@@ -17,10 +17,11 @@ import common
 import SimpleITK as sitk
 import torch
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from train_autoencoder import load_images
 from VCMSynthesisLib.cli import run_reporting_errors
+from VCMSynthesisLib.model_config import NoiseSchedule
+from VCMSynthesisLib.sampler import build_scheduler
 
 
 def cached_latents(config: dict, run_dir: Path, device: torch.device) -> torch.Tensor:
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     scale_factor = float(1.0 / latents.std())
     latents = latents * scale_factor
     schedule = config["scheduler"]
-    scheduler = DDPMScheduler(**schedule)
+    # The noise the sampler will remove: its DDPM scheduler over every training timestep.
+    noise_schedule = NoiseSchedule(**schedule)
+    scheduler, _ = build_scheduler(noise_schedule, "ddpm", noise_schedule.num_train_timesteps)
     params = config["diffusion"]
     model = DiffusionModelUNet(**params)
 

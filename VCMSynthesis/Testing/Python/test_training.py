@@ -403,3 +403,19 @@ def test_evaluate_measures_a_base_model_without_conditions(dataset, base_runs, t
     rows = json.loads(out.read_text())["rows"]
     assert [row["method"] for row in rows] == ["true T1", "autoencoder (ceiling)", "unguided"]
     assert rows[0]["dice mean"] > 0.9 and all(np.isfinite(row["psnr"]) for row in rows[1:])
+
+
+def test_the_trainers_noise_the_latents_as_monais_ddpm_schedule_does():
+    """The trainers take their scheduler from `sampler.build_scheduler` (the one place a schedule
+    becomes a MONAI scheduler): its `add_noise` over every training timestep is MONAI's, bit for bit."""
+    from monai.networks.schedulers import DDPMScheduler
+    from VCMSynthesisLib.model_config import NoiseSchedule
+
+    settings = {"num_train_timesteps": 1000, "schedule": "scaled_linear_beta", "beta_start": 0.0015,
+                "beta_end": 0.0205, "clip_sample": False}
+    scheduler, _ = sampler.build_scheduler(NoiseSchedule(**settings), "ddpm", 1000)
+    generator = torch.Generator().manual_seed(0)
+    clean, noise = (torch.randn(4, 3, 8, 8, 8, generator=generator) for _ in range(2))
+    timesteps = torch.tensor([0, 1, 500, 999])
+    expected = DDPMScheduler(**settings).add_noise(clean, noise, timesteps)
+    assert torch.equal(scheduler.add_noise(clean, noise, timesteps), expected)
