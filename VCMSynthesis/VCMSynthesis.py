@@ -32,12 +32,12 @@ if unsupported_python_message():  # one line in Slicer's log instead of a syntax
 from VCMSynthesisLib import jobs, registry, remote, scene  # noqa: E402
 from VCMSynthesisLib.errors import UserError  # noqa: E402
 from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig  # noqa: E402
+from VCMSynthesisLib.runtime import DEVICES  # noqa: E402
 from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY  # noqa: E402
 
 MODULE_DIR = Path(__file__).resolve().parent
 SAMPLE_DATA_DIR = MODULE_DIR / "Resources" / "SampleData"
 ICON_PATH = MODULE_DIR / "Resources" / "Icons" / "VCMSynthesis.png"
-DEVICES = ("auto", "cpu", "cuda")
 NOT_USED = "(not used)"  # the label of scene.NOT_USED in the segment table
 POLL_INTERVAL_MS = 200
 

@@ -29,7 +29,7 @@ from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_config import SAMPLING_SCHEDULERS, ModelConfig
 from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
 from VCMSynthesisLib.networks import VCM
-from VCMSynthesisLib.worker import positive_int
+from VCMSynthesisLib.runtime import positive_int
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from VCMSynthesisLib import superres
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.model_config import SAMPLING_SCHEDULERS
 from VCMSynthesisLib.model_folder import load_model_folder, save_model_folder
-from VCMSynthesisLib.worker import positive_int
+from VCMSynthesisLib.runtime import positive_int
 
 DESCRIPTION = "isotropic 2 mm T1 brain MRI from a thick-slice T1 (axial super-resolution; demo base + VCM)"
 

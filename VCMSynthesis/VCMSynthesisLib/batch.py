@@ -42,7 +42,7 @@ class Case:
 
 def read_manifest(path: str | os.PathLike) -> list[Case]:
     """Parse and check a manifest; paths come back absolute (relative ones from its folder)."""
-    from VCMSynthesisLib.worker import seed_value
+    from VCMSynthesisLib.runtime import seed_value
 
     path = Path(path)
     try:
@@ -155,7 +155,8 @@ def _barrier(ranks: Ranks) -> None:
 def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None = None,
               strength: float | None = None, device: str = "auto", json_progress: bool = False) -> int:
     """Run this rank's pending cases; returns the exit code (1 if any case failed)."""
-    from VCMSynthesisLib.worker import SignalCancellation, emit_json, load_model, resolve_device
+    from VCMSynthesisLib.runtime import SignalCancellation, emit_json, resolve_device
+    from VCMSynthesisLib.worker import load_model
 
     cases = read_manifest(manifest)
     device = resolve_device(device)
@@ -234,7 +235,7 @@ def _run_case(model, case: Case, steps: int | None, strength: float | None, canc
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import DEVICES, add_strength_argument, positive_int
+    from VCMSynthesisLib.runtime import DEVICES, add_strength_argument, positive_int
 
     parser = subparsers.add_parser(
         "batch", help="synthesize every case of a CSV manifest (resumable; splits across torchrun ranks)",

@@ -309,7 +309,7 @@ class EditOutcome:
 def check_edit_request(request: EditRequest) -> None:
     """What can be refused before anything is read: an output naming an input, a bad uncertainty
     request, an output that cannot be written."""
-    from VCMSynthesisLib.worker import check_run_outputs
+    from VCMSynthesisLib.runtime import check_run_outputs
 
     check_run_outputs(
         request.output,
@@ -327,13 +327,14 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
         model: from `worker.load_model`.
         request: inputs, output and settings.
         progress: `progress(step, total)` after each denoising step.
-        cancellation: a `worker.SignalCancellation`, polled between steps; None runs to the end.
+        cancellation: a `runtime.SignalCancellation`, polled between steps; None runs to the end.
         warn: called with one-line warnings.
     """
     from VCMSynthesisLib.memory import check_memory
+    from VCMSynthesisLib.runtime import SignalCancellation
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import write_volumes_atomic
-    from VCMSynthesisLib.worker import SignalCancellation, provenance
+    from VCMSynthesisLib.worker import provenance
 
     cancellation = cancellation or SignalCancellation()
     check_edit_request(request)
@@ -376,7 +377,7 @@ def _margin(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import (
+    from VCMSynthesisLib.runtime import (
         add_run_arguments,
         add_samples_arguments,
         add_server_arguments,
@@ -412,14 +413,14 @@ def register(subparsers) -> None:
 
 
 def run_edit_command(args: argparse.Namespace) -> int:
-    from VCMSynthesisLib.worker import run_sampling_command
+    from VCMSynthesisLib.runtime import run_sampling_command
 
     return run_sampling_command(args, _run_edit)
 
 
 def edit_request(args: argparse.Namespace) -> EditRequest:
     """The request of a parsed `edit` command line (the CLI and the server's jobs)."""
-    from VCMSynthesisLib.worker import modality_files
+    from VCMSynthesisLib.runtime import modality_files
 
     modalities = modality_files(args)
     return EditRequest(image=args.image, segmentation=args.segmentation, output=args.output,
@@ -432,14 +433,8 @@ def edit_request(args: argparse.Namespace) -> EditRequest:
 def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
     from functools import partial
 
-    from VCMSynthesisLib.worker import (
-        JsonProgress,
-        TextProgress,
-        emit_result,
-        emit_warning,
-        load_model,
-        process_age_s,
-    )
+    from VCMSynthesisLib.runtime import JsonProgress, TextProgress, emit_result, emit_warning, process_age_s
+    from VCMSynthesisLib.worker import load_model
 
     started = process_age_s()
     request = edit_request(args)

@@ -265,12 +265,34 @@ def probe_worker_python(python: str | None = None, timeout_s: float = 120.0) -> 
 
 @dataclass(frozen=True)
 class Progress:
-    """One sampling step done: `step` of `total`, seconds elapsed and estimated remaining."""
+    """One sampling step done: `step` of `total`, seconds elapsed and estimated remaining.
+
+    The worker's JSON progress line (`{"step", "total", "elapsed_s", "eta_s"}`) is this, written
+    by `line()` (`runtime.JsonProgress`, the server) and read by `from_line` (worker runs, remote
+    runs, the batch script).
+    """
 
     step: int
     total: int
     elapsed_s: float
     eta_s: float | None
+
+    @classmethod
+    def after(cls, step: int, total: int, elapsed_s: float) -> Progress:
+        """Step `step` of `total` done after `elapsed_s`; the rest estimated at the same pace."""
+        return cls(step, total, round(elapsed_s, 3), round(elapsed_s / step * (total - step), 3))
+
+    @classmethod
+    def from_line(cls, line: dict) -> Progress | None:
+        """The progress a JSON line reports, or None for any other line."""
+        if "step" not in line or "total" not in line or "preview" in line:
+            return None
+        eta_s = line.get("eta_s")
+        return cls(int(line["step"]), int(line["total"]), float(line.get("elapsed_s") or 0.0),
+                   None if eta_s is None else float(eta_s))
+
+    def line(self) -> dict:
+        return {"step": self.step, "total": self.total, "elapsed_s": self.elapsed_s, "eta_s": self.eta_s}
 
     @property
     def fraction(self) -> float:
@@ -372,15 +394,8 @@ class WorkerRun:
                 self._result_line = message
             elif "preview" in message:
                 self.preview = (Path(message["preview"]), int(message.get("step") or 0))
-            elif "step" in message and "total" in message:
-                self._events.put(
-                    Progress(
-                        step=int(message["step"]),
-                        total=int(message["total"]),
-                        elapsed_s=float(message.get("elapsed_s") or 0.0),
-                        eta_s=None if message.get("eta_s") is None else float(message["eta_s"]),
-                    )
-                )
+            elif Progress.from_line(message) is not None:
+                self._events.put(Progress.from_line(message))
 
     def poll(self) -> list[Progress]:
         """Progress reported since the last call (never blocks)."""

@@ -324,8 +324,8 @@ def run_remote_command(args) -> int:
     """A `synthesize` / `edit` / `superres` command line run on `--server`: same outputs, lines and
     exit codes."""
     from VCMSynthesisLib.jobs import new_job_folder
+    from VCMSynthesisLib.runtime import TextProgress, check_samples_arguments, emit_json, emit_result
     from VCMSynthesisLib.volumes import check_output_writable
-    from VCMSynthesisLib.worker import TextProgress, check_samples_arguments, emit_json, emit_result
 
     server = Server.from_files(args.server, args.token_file)
     check_samples_arguments(args.samples, args.seed, args.uncertainty, args.output)
@@ -404,10 +404,8 @@ class RemoteRun:
                 log.flush()
             if "warning" in line:
                 self.warnings.append(str(line["warning"]))
-            elif "step" in line:
-                self._events.put(Progress(step=int(line["step"]), total=int(line["total"]),
-                                          elapsed_s=float(line.get("elapsed_s") or 0.0),
-                                          eta_s=None if line.get("eta_s") is None else float(line["eta_s"])))
+            elif Progress.from_line(line) is not None:
+                self._events.put(Progress.from_line(line))
 
         log_path = self.job.log_path
         log.write(f"$ run on {self.server.url}: {' '.join(self.job.arguments)}\n")

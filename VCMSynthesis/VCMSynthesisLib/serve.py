@@ -208,7 +208,7 @@ def parse_job_arguments(arguments: list[str], folder: Path, models: set[str],
 
 
 class ThreadCancellation:
-    """`worker.SignalCancellation`'s interface for a job run on the server's thread: `cancel()`
+    """`runtime.SignalCancellation`'s interface for a job run on the server's thread: `cancel()`
     (from a request) is seen by the sampler between steps; writes in `deferred()` complete."""
 
     def __init__(self) -> None:
@@ -328,7 +328,7 @@ class JobQueue:
     def _run(self, job: ServerJob) -> None:
         from VCMSynthesisLib.checksums import Checksums
         from VCMSynthesisLib.files import provenance_sidecar
-        from VCMSynthesisLib.worker import JsonProgress
+        from VCMSynthesisLib.runtime import JsonProgress
 
         args = job.args
         try:
@@ -418,7 +418,7 @@ def create_app(settings: ServerSettings):
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-    from VCMSynthesisLib.worker import resolve_device
+    from VCMSynthesisLib.runtime import resolve_device
 
     device = resolve_device(settings.device)
     jobs_folder = settings.work_folder / "jobs"
@@ -525,7 +525,7 @@ def create_app(settings: ServerSettings):
 
 def register(subparsers) -> None:
     from VCMSynthesisLib.registry import user_home
-    from VCMSynthesisLib.worker import DEVICES, positive_int
+    from VCMSynthesisLib.runtime import DEVICES, positive_int
 
     parser = subparsers.add_parser(
         "serve", help="run synthesis jobs for remote clients (Slicer on a laptop) on this machine's GPU",

@@ -363,7 +363,7 @@ def positive_mm(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.worker import add_run_arguments, add_samples_arguments, add_server_arguments
+    from VCMSynthesisLib.runtime import add_run_arguments, add_samples_arguments, add_server_arguments
 
     parser = subparsers.add_parser(
         "superres", help="super-resolve a thick-slice volume to an isotropic one",
@@ -382,7 +382,7 @@ def register(subparsers) -> None:
 
 
 def run_superres_command(args: argparse.Namespace) -> int:
-    from VCMSynthesisLib.worker import run_sampling_command
+    from VCMSynthesisLib.runtime import run_sampling_command
 
     return run_sampling_command(args, _run_superres)
 
@@ -394,9 +394,10 @@ def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image
     `thick` is `args.input` as read. Returns a `worker.SynthesisResult`; outputs appear complete
     or not at all."""
     from VCMSynthesisLib.memory import check_memory
+    from VCMSynthesisLib.runtime import SignalCancellation
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import write_volumes_atomic
-    from VCMSynthesisLib.worker import SignalCancellation, SynthesisResult, provenance
+    from VCMSynthesisLib.worker import SynthesisResult, provenance
 
     cancellation = cancellation or SignalCancellation()
     geometry = slice_geometry(thick)
@@ -428,22 +429,16 @@ def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image
 
 def check_superres_paths(args: argparse.Namespace) -> None:
     """Before any work: the outputs can be written, are different files and not the input."""
-    from VCMSynthesisLib.worker import check_run_outputs
+    from VCMSynthesisLib.runtime import check_run_outputs
 
     check_run_outputs(args.output, {"--input": args.input}, samples=args.samples, seed=args.seed,
                       uncertainty=args.uncertainty)
 
 
 def _run_superres(args: argparse.Namespace, cancellation, json_mode: bool) -> int:
+    from VCMSynthesisLib.runtime import JsonProgress, TextProgress, emit_result, emit_warning, process_age_s
     from VCMSynthesisLib.volumes import read_volume
-    from VCMSynthesisLib.worker import (
-        JsonProgress,
-        TextProgress,
-        emit_result,
-        emit_warning,
-        load_model,
-        process_age_s,
-    )
+    from VCMSynthesisLib.worker import load_model
 
     started = process_age_s()
     check_superres_paths(args)

@@ -32,9 +32,9 @@ try:
     from VCMSynthesisLib.cli import run_reporting_errors
     from VCMSynthesisLib.errors import EXIT_USAGE, UsageError, UserError
     from VCMSynthesisLib.files import refuse_overwriting_inputs
+    from VCMSynthesisLib.runtime import DEVICES, positive_int, seed_value
     from VCMSynthesisLib.superres import positive_mm
     from VCMSynthesisLib.volumes import LABEL_MAX
-    from VCMSynthesisLib.worker import positive_int, seed_value
 except KeyboardInterrupt:  # Ctrl-C while starting: one line, not a traceback
     print("cancelled while starting: nothing was written", file=sys.stderr)
     sys.exit(130)
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strength", type=float,
                         help="condition strength: 1 as trained, above 1 follows the segmentation more "
                              "closely (default: the model's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--spacing", type=positive_mm, help="superres: output spacing in mm")
     parser.add_argument("--samples", type=positive_int,
                         help="superres: samples to average (default: that of vcm-synthesis superres)")
@@ -333,9 +333,8 @@ def _run_job(job: jobs.Job, arguments: argparse.Namespace, label: str) -> None:
         def on_line(line: dict) -> None:
             if "warning" in line:
                 print(f"warning: {label}: {line['warning']}", file=sys.stderr)
-            elif "step" in line:
-                report(jobs.Progress(step=line["step"], total=line["total"], elapsed_s=line["elapsed_s"],
-                                     eta_s=line.get("eta_s")))
+            elif jobs.Progress.from_line(line) is not None:
+                report(jobs.Progress.from_line(line))
 
         run_remote_job(job, Server.from_files(arguments.server, arguments.token_file), on_line=on_line)
         return

@@ -21,8 +21,9 @@ from VCMSynthesisLib.cli import main
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.memory import check_memory, estimate_peak_bytes
 from VCMSynthesisLib.model_folder import load_model_folder
+from VCMSynthesisLib.runtime import SignalCancellation
 from VCMSynthesisLib.volumes import read_segmentation, read_volume
-from VCMSynthesisLib.worker import SignalCancellation, SynthesisRequest, synthesize
+from VCMSynthesisLib.worker import SynthesisRequest, synthesize
 from volume_cases import blob, geometry_of, make_image, write_case, write_slicer_segmentation
 
 SHAPE = (14, 16, 18)
@@ -358,7 +359,7 @@ def test_sigterm_stops_within_two_seconds_and_writes_nothing(case, tmp_path):
 
 WATCHDOG_SCRIPT = """
 import numpy as np
-from VCMSynthesisLib.worker import SignalCancellation
+from VCMSynthesisLib.runtime import SignalCancellation
 matrix = np.random.default_rng(0).random((6000, 6000))
 with SignalCancellation(lambda: print("farewell", flush=True)):
     print("ready", flush=True)
