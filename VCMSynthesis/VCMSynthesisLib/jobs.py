@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -186,18 +187,23 @@ def default_python() -> str:
     return slicer_python or sys.executable
 
 
-# Import name -> pip requirement of what the worker needs beyond the standard library. Ranges, not
-# pins, so that they accept the torch build of Slicer's PyTorch extension (see pyproject.toml).
-WORKER_REQUIREMENTS = {
-    "torch": "torch>=2.4",
-    "monai": "monai>=1.4",
-    "einops": "einops>=0.6",
-    "numpy": "numpy>=1.24",
-    "SimpleITK": "SimpleITK>=2.3",
-    "nrrd": "pynrrd>=1.0",
-    "nibabel": "nibabel>=5.0",
-    "safetensors": "safetensors>=0.4",
-}
+REQUIREMENTS_FILE = Path(__file__).resolve().with_name("requirements.txt")
+_IMPORT_NAMES = {"pynrrd": "nrrd"}  # distributions imported under another name
+
+
+def _worker_requirements() -> dict[str, str]:
+    """Import name -> pip requirement, from `requirements.txt` (pyproject.toml's dependencies too)."""
+    requirements = {}
+    for line in REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines():
+        requirement = line.strip()
+        if requirement and not requirement.startswith("#"):
+            distribution = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
+            requirements[_IMPORT_NAMES.get(distribution, distribution)] = requirement
+    return requirements
+
+
+#: What the worker needs beyond the standard library: import name -> pip requirement.
+WORKER_REQUIREMENTS = _worker_requirements()
 
 _PROBE = """
 import importlib.util, json, sys

@@ -175,6 +175,19 @@ def test_probe_reports_what_the_worker_python_has():
     assert environment.summary().startswith("ready: torch")
 
 
+def test_the_panels_requirements_are_the_packages_dependencies():
+    """One list: what setuptools builds into the package's metadata is what the panel checks and installs."""
+    from pathlib import Path
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    project = Path(jobs.__file__).resolve().parents[2] / "pyproject.toml"
+    distribution = apply_configuration(Distribution(), str(project))
+    assert distribution.install_requires == list(jobs.WORKER_REQUIREMENTS.values())
+    assert {"torch", "monai", "nrrd", "SimpleITK"} <= set(jobs.WORKER_REQUIREMENTS)  # import names
+
+
 def grow_segment(segmentation, reference, segment_index: int, mask) -> None:
     """Replace a segment's voxels, as painting in Segment Editor does."""
     import slicer

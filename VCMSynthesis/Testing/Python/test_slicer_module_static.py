@@ -58,7 +58,7 @@ def package_files() -> set[str]:
     """Lib scripts, module scripts and resources that the extension package must contain."""
     files = {"VCMSynthesis.py"}
     library = MODULE_DIR / "VCMSynthesisLib"
-    files |= {path.relative_to(MODULE_DIR).as_posix() for path in library.glob("*.py")}
+    files |= {path.relative_to(MODULE_DIR).as_posix() for path in library.iterdir() if path.is_file()}
     files |= {
         path.relative_to(MODULE_DIR).as_posix()
         for path in (MODULE_DIR / "Resources").rglob("*")
