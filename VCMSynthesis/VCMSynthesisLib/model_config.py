@@ -255,6 +255,18 @@ class ModelConfig:
         return [label.name for label in self.labels] + [modality.name for modality in self.modalities]
 
     @property
+    def conditions_summary(self) -> str:
+        """What the model takes, in words, for model lists and model cards."""
+        parts = []
+        if self.labels:
+            parts.append("segmentation: " + ", ".join(label.name for label in self.labels))
+        if self.modalities:
+            parts.append("volume: " + ", ".join(modality.name for modality in self.modalities))
+        if self.covariates is not None:
+            parts.append("covariates: " + ", ".join(self.covariates.names))
+        return "; ".join(parts) or "none (unguided)"
+
+    @property
     def latent_downsampling(self) -> int:
         """How many image voxels one latent voxel spans along each axis."""
         return 2 ** (len(self.autoencoder.params["channels"]) - 1)

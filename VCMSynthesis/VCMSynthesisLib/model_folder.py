@@ -190,11 +190,10 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
 
 
 def _default_model_card(config: ModelConfig) -> str:
-    conditions = ", ".join(config.condition_channel_names) or "none (base model only)"
     return (f"# {config.name}\n\n{config.description}\n\n- Task: {config.task}\n"
             f"- Grid: {list(config.grid.size)} voxels at {list(config.grid.spacing)} mm "
             f"({config.grid.orientation})\n"
-            f"- Condition channels: {conditions}\n")
+            f"- Conditions: {config.conditions_summary}\n")
 
 
 def _state_for_saving(module: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -97,16 +97,21 @@ def _registry_entries(registry: Path, user: bool = False) -> list[ModelEntry]:
             files = tuple(
                 RemoteFile(f["role"], f["name"], f["url"], f.get("sha256"), f.get("md5"), f.get("size"))
                 for f in item.get("files", ()))
-            shipped = "folder" in item
-            if shipped and user:
-                raise _damaged(registry, user, f"model {item['name']!r} names a shipped folder; a user "
-                                               f"registry adds downloadable entries (files + import) only")
+            if "folder" in item:
+                if user:
+                    raise _damaged(registry, user, f"an entry names the shipped folder {item['folder']!r}; "
+                                                   "a user registry adds downloadable entries (files + "
+                                                   "import) only")
+                entries.append(_folder_entry(SHIPPED_MODELS / item["folder"], "shipped"))
+                continue
             entries.append(ModelEntry(
                 name=item["name"], task=item["task"], description=item["description"],
-                conditions=item["conditions"], source="shipped" if shipped else "download",
-                folder=SHIPPED_MODELS / item["folder"] if shipped else user_home() / "models" / item["name"],
-                files=files, import_format=item.get("import"), import_params=item.get("import_params"),
+                conditions=item["conditions"], source="download",
+                folder=user_home() / "models" / item["name"], files=files,
+                import_format=item.get("import"), import_params=item.get("import_params"),
             ))
+    except UserError as error:  # a shipped model's config.json
+        raise _damaged(registry, user, str(error)) from None
     except (KeyError, TypeError, AttributeError) as error:
         raise _damaged(registry, user, f"{type(error).__name__}: {error}") from None
     return entries
@@ -141,15 +146,17 @@ def _minimal_schema_problem(data: object, schema: dict) -> str | None:
             not isinstance(data.get("models"), list):
         return '$: must be {"format_version": 1, "models": [...]}'
     model_schema, file_schema = schema["$defs"]["model"], schema["$defs"]["file"]
+    shipped, downloadable = model_schema["oneOf"]
     for index, model in enumerate(data["models"]):
         where = f"$.models[{index}]"
         if not isinstance(model, dict):
             return f"{where}: must be an object"
-        problem = _fields_problem(model, model_schema, where)
+        kind = shipped if "folder" in model else downloadable
+        if "folder" in model and len(model) > 1:
+            return f"{where}: a shipped entry names only its folder"
+        problem = _fields_problem(model, {**model_schema, "required": kind["required"]}, where)
         if problem:
             return problem
-        if ("folder" in model) == ("files" in model) or ("files" in model) != ("import" in model):
-            return f"{where}: needs either folder, or files and import"
         for number, file in enumerate(model.get("files") or ()):
             problem = _fields_problem(file, file_schema, f"{where}.files[{number}]")
             if problem:
@@ -228,14 +235,21 @@ def _user_entries(known: set[str]) -> list[ModelEntry]:
         if folder.name in known or folder.name.startswith(".") or not folder.is_dir():
             continue
         try:
-            config = ModelConfig.load(folder / CONFIG_NAME)
+            entries.append(_folder_entry(folder, "user"))
         except UserError as error:
             _warn_broken(folder, str(error))
-            continue
-        entries.append(ModelEntry(name=folder.name, task=config.task, description=config.description,
-                                  conditions=", ".join(config.condition_channel_names) or "none",
-                                  source="user", folder=folder))
     return entries
+
+
+def _folder_entry(folder: Path, source: str) -> ModelEntry:
+    """A model folder's entry, from its config.json: a shipped model's registry entry names only
+    the folder, so that task, description and conditions are said once, in the config."""
+    if source == "shipped" and not (folder / CONFIG_NAME).is_file():  # listed, `resolve_model` says why
+        return ModelEntry(name=folder.name, task="missing", description="missing from this installation",
+                          conditions="-", source=source, folder=folder)
+    config = ModelConfig.load(folder / CONFIG_NAME)
+    return ModelEntry(name=folder.name, task=config.task, description=config.description,
+                      conditions=config.conditions_summary, source=source, folder=folder)
 
 
 def list_models(registry: Path = REGISTRY_PATH) -> list[ModelEntry]:

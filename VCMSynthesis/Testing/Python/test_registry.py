@@ -16,6 +16,7 @@ from test_checkpoints import write_import_inputs
 from tiny_models import make_tiny_model_folder
 from VCMSynthesisLib import cli, registry
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_config import ModelConfig
 from VCMSynthesisLib.model_folder import load_model_folder
 from VCMSynthesisLib.registry import download_model, list_models, resolve_model
 
@@ -36,14 +37,31 @@ def test_models_json_follows_its_schema():
     data = json.loads(registry.REGISTRY_PATH.read_text())
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     jsonschema.Draft202012Validator(SCHEMA).validate(data)
-    names = [entry["name"] for entry in data["models"]]
+    names = [entry.get("name", entry.get("folder")) for entry in data["models"]]
     assert len(set(names)) == len(names)
     assert {"demo", "demo-t2-to-t1", "demo-superres", "brainldm-vcm-semantics"} <= set(names)
-    reference = next(entry for entry in data["models"] if entry["name"] == "brainldm-vcm-semantics")
+    reference = next(entry for entry in data["models"] if entry.get("name") == "brainldm-vcm-semantics")
     assert {file["role"] for file in reference["files"]} == {"adapter", "autoencoder", "diffusion"}
 
 
+def test_shipped_entries_name_only_their_folder_and_the_list_says_what_the_config_says():
+    """Task, description and conditions of a shipped model are said once, in its config.json."""
+    entries = json.loads(registry.REGISTRY_PATH.read_text())["models"]
+    shipped = [entry for entry in entries if "folder" in entry]
+    assert len(shipped) == 5 and all(set(entry) == {"folder"} for entry in shipped)
+    listed = {entry.name: entry for entry in list_models() if entry.source == "shipped"}
+    assert list(listed) == [entry["folder"] for entry in shipped]
+    for name, entry in listed.items():
+        config = ModelConfig.load(entry.folder / "config.json")
+        assert (config.name, config.task, config.description) == (name, entry.task, entry.description)
+    assert listed["demo"].conditions == "segmentation: background, CSF, grey matter, white matter"
+    assert listed["demo-t2-to-t1"].conditions == "volume: T2"
+    assert listed["demo-base"].conditions == "none (unguided)"
+    assert "under demo-t2-to-t1" in listed["demo-base"].description
+
+
 @pytest.mark.parametrize("edit", [
+    lambda entry: entry.update(task="synthesis"),  # a shipped entry repeating its config
     lambda entry: entry.update(files=[]),  # a shipped folder and files at once
     lambda entry: entry.pop("folder"),  # neither
     lambda entry: entry.update(task="painting"),
@@ -73,7 +91,8 @@ def test_user_models_are_listed_after_registered_ones(home):
                          "brainldm-vcm-semantics"]
     assert names[-1] == "mine" and "broken" not in names
     mine = entries[-1]
-    assert (mine.source, mine.task, mine.conditions, mine.available) == ("user", "translation", "T2", True)
+    assert (mine.source, mine.task, mine.conditions, mine.available) == (
+        "user", "translation", "volume: T2", True)
     reference = entries[5]
     assert reference.source == "download" and not reference.available
     assert reference.folder == home / "models" / "brainldm-vcm-semantics"
