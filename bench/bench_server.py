@@ -41,6 +41,7 @@ from VCMSynthesisLib.jobs import synthesis_job  # noqa: E402
 from VCMSynthesisLib.model_config import ModelConfig  # noqa: E402
 from VCMSynthesisLib.registry import resolve_model  # noqa: E402
 from VCMSynthesisLib.remote import Server, run_remote_job  # noqa: E402
+from VCMSynthesisLib.runtime import DEVICES  # noqa: E402
 from VCMSynthesisLib.volumes import read_volume  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=5, help="jobs per client")
     parser.add_argument("--model", default="tiny", help="'tiny' (random, 16^3) or a shipped model name")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="vcm-bench-server-"))

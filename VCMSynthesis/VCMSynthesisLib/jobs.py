@@ -400,8 +400,8 @@ class WorkerRun:
                 self._result_line = message
             elif "preview" in message:
                 self.preview = (Path(message["preview"]), int(message.get("step") or 0))
-            elif Progress.from_line(message) is not None:
-                self._events.put(Progress.from_line(message))
+            elif (progress := Progress.from_line(message)) is not None:
+                self._events.put(progress)
 
     def poll(self) -> list[Progress]:
         """Progress reported since the last call (never blocks)."""

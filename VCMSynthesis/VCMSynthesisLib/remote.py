@@ -323,7 +323,7 @@ def remote_job(args, folder: Path) -> Job:
 def run_remote_command(args) -> int:
     """A `synthesize` / `edit` / `superres` command line run on `--server`: same outputs, lines and
     exit codes."""
-    from VCMSynthesisLib.jobs import new_job_folder
+    from VCMSynthesisLib.jobs import Progress, new_job_folder
     from VCMSynthesisLib.runtime import TextProgress, check_samples_arguments, emit_json, emit_result
     from VCMSynthesisLib.volumes import check_output_writable
 
@@ -340,8 +340,8 @@ def run_remote_command(args) -> int:
             emit_json(line)
         elif "warning" in line:
             print(f"warning: {line['warning']}", flush=True, file=sys.stderr)
-        elif "step" in line:
-            bar(line["step"], line["total"])
+        elif (progress := Progress.from_line(line)) is not None:
+            bar(progress.step, progress.total)
 
     start = time.perf_counter()
     folder = new_job_folder()
@@ -404,8 +404,8 @@ class RemoteRun:
                 log.flush()
             if "warning" in line:
                 self.warnings.append(str(line["warning"]))
-            elif Progress.from_line(line) is not None:
-                self._events.put(Progress.from_line(line))
+            elif (progress := Progress.from_line(line)) is not None:
+                self._events.put(progress)
 
         log_path = self.job.log_path
         log.write(f"$ run on {self.server.url}: {' '.join(self.job.arguments)}\n")

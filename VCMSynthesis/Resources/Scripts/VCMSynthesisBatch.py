@@ -333,8 +333,8 @@ def _run_job(job: jobs.Job, arguments: argparse.Namespace, label: str) -> None:
         def on_line(line: dict) -> None:
             if "warning" in line:
                 print(f"warning: {label}: {line['warning']}", file=sys.stderr)
-            elif jobs.Progress.from_line(line) is not None:
-                report(jobs.Progress.from_line(line))
+            elif (progress := jobs.Progress.from_line(line)) is not None:
+                report(progress)
 
         run_remote_job(job, Server.from_files(arguments.server, arguments.token_file), on_line=on_line)
         return
