@@ -1,0 +1,122 @@
+"""Describe every label of a label map: volume, pieces, position, extent, symmetry, neighbours.
+
+The released `brainldm-vcm-semantics` VCM takes 8 labels that its authors never named; this
+prints the evidence from which the README's names for them were inferred (run it on the
+reference's example condition, `data/I-demo/new_semantics.nii.gz` of github.com/Ahn-Ssu/VCM),
+and describes any other label map the same way.
+
+    python training/describe_label_map.py new_semantics.nii.gz
+    python training/describe_label_map.py new_semantics.nii.gz --json
+
+Positions are in RAS millimetres (x toward the right, y anterior, z superior). The midline is
+the left-right centre of all labelled voxels; "x from midline" is a label's centroid relative to
+it, "left/right" the share of its voxels on either side; the largest pieces (connected
+components) show pairs of left and right structures. "Depth" is the mean distance of its
+voxels to its own boundary (a thin shell has a small depth). "Neighbours" is the share of the
+label's boundary faces (6-connected) that each other value, 0 being background, is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from VCMSynthesisLib.cli import run_reporting_errors
+from VCMSynthesisLib.volumes import read_segmentation
+
+
+def describe(labelmap: sitk.Image) -> list[dict]:
+    """One dict per non-zero value of `labelmap`, in value order (see the module docstring)."""
+    array = sitk.GetArrayFromImage(labelmap).transpose(2, 1, 0)  # [i, j, k]
+    voxel_ml = float(np.prod(labelmap.GetSpacing())) / 1000.0
+    lps_of_index = np.array(labelmap.GetDirection()).reshape(3, 3) * np.array(labelmap.GetSpacing())
+    to_ras = np.diag([-1.0, -1.0, 1.0])
+
+    def ras(indices: np.ndarray) -> np.ndarray:
+        return (indices @ lps_of_index.T + np.array(labelmap.GetOrigin())) @ to_ras.T
+
+    midline = float(ras(np.argwhere(array != 0))[:, 0].mean())
+    rows = []
+    for value in (int(v) for v in np.unique(array) if v != 0):
+        inside = array == value
+        points = ras(np.argwhere(inside))
+        pieces, count = ndimage.label(inside)
+        sizes = np.bincount(pieces.ravel())[1:]
+        largest = np.argsort(sizes, kind="stable")[::-1][:3] + 1
+        depth = ndimage.distance_transform_edt(inside, sampling=labelmap.GetSpacing())
+        rows.append({
+            "value": value,
+            "voxels": int(inside.sum()),
+            "volume_ml": round(float(inside.sum()) * voxel_ml, 2),
+            "pieces": int(count),
+            "largest_pieces": [
+                {"volume_ml": round(float(sizes[piece - 1]) * voxel_ml, 2),
+                 "centroid_ras_mm": [round(float(c), 1) for c in ras(np.argwhere(pieces == piece)).mean(axis=0)]}
+                for piece in largest],
+            "centroid_ras_mm": [round(float(c), 1) for c in points.mean(axis=0)],
+            "midline_x_mm": round(midline, 1),
+            "x_from_midline_mm": round(float(points[:, 0].mean()) - midline, 1),
+            "extent_ras_mm": [[round(float(low), 1), round(float(high), 1)]
+                              for low, high in zip(points.min(axis=0), points.max(axis=0))],
+            "left_right": [round(float((points[:, 0] < midline).mean()), 3),
+                           round(float((points[:, 0] > midline).mean()), 3)],
+            "depth_mm": round(float(depth[inside].mean()), 2),
+            "neighbours": _neighbours(array, value),
+        })
+    return rows
+
+
+def _neighbours(array: np.ndarray, value: int) -> dict[int, float]:
+    """Share of the boundary faces of `value`'s voxels that each other value lies across
+    (outside the array counts as background)."""
+    padded = np.pad(array, 1)
+    region = padded == value
+    counts: dict[int, int] = {}
+    for axis in range(3):
+        for shift in (1, -1):
+            across = np.roll(padded, shift, axis=axis)[region]
+            for other, count in zip(*np.unique(across[across != value], return_counts=True)):
+                counts[int(other)] = counts.get(int(other), 0) + int(count)
+    total = sum(counts.values()) or 1
+    return {value: round(count / total, 3) for value, count in sorted(counts.items())}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        pieces = "; ".join(f"{piece['volume_ml']:g} ml at {piece['centroid_ras_mm']}" for piece in row["largest_pieces"])
+        extent = ", ".join(f"{low:g}..{high:g}" for low, high in row["extent_ras_mm"])
+        neighbours = ", ".join(f"{value}: {share:.0%}" for value, share in row["neighbours"].items()
+                               if share >= 0.005)
+        lines += [
+            f"label {row['value']}: {row['volume_ml']:g} ml in {row['pieces']} piece(s); depth {row['depth_mm']:g} mm",
+            f"  largest pieces: {pieces}",
+            f"  centroid RAS {row['centroid_ras_mm']} mm, x from midline {row['x_from_midline_mm']:+.1f} mm, "
+            f"left/right {row['left_right'][0]:.0%}/{row['left_right'][1]:.0%}",
+            f"  extent x, y, z: {extent} mm",
+            f"  neighbours (share of boundary faces; 0 = background): {neighbours}",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("labelmap", type=Path, help="label map (NIfTI, NRRD) or Slicer .seg.nrrd")
+    parser.add_argument("--json", action="store_true", help="one JSON object per label")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        rows = describe(read_segmentation(args.labelmap).labelmap)
+        print("\n".join(json.dumps(row) for row in rows) if args.json else format_table(rows))
+        return 0
+
+    return run_reporting_errors(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
