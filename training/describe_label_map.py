@@ -56,13 +56,14 @@ def describe(labelmap: sitk.Image) -> list[dict]:
             "pieces": int(count),
             "largest_pieces": [
                 {"volume_ml": round(float(sizes[piece - 1]) * voxel_ml, 2),
-                 "centroid_ras_mm": [round(float(c), 1) for c in ras(np.argwhere(pieces == piece)).mean(axis=0)]}
+                 "centroid_ras_mm": [round(float(c), 1)
+                                     for c in ras(np.argwhere(pieces == piece)).mean(axis=0)]}
                 for piece in largest],
             "centroid_ras_mm": [round(float(c), 1) for c in points.mean(axis=0)],
             "midline_x_mm": round(midline, 1),
             "x_from_midline_mm": round(float(points[:, 0].mean()) - midline, 1),
             "extent_ras_mm": [[round(float(low), 1), round(float(high), 1)]
-                              for low, high in zip(points.min(axis=0), points.max(axis=0))],
+                              for low, high in zip(points.min(axis=0), points.max(axis=0), strict=True)],
             "left_right": [round(float((points[:, 0] < midline).mean()), 3),
                            round(float((points[:, 0] > midline).mean()), 3)],
             "depth_mm": round(float(depth[inside].mean()), 2),
@@ -80,7 +81,7 @@ def _neighbours(array: np.ndarray, value: int) -> dict[int, float]:
     for axis in range(3):
         for shift in (1, -1):
             across = np.roll(padded, shift, axis=axis)[region]
-            for other, count in zip(*np.unique(across[across != value], return_counts=True)):
+            for other, count in zip(*np.unique(across[across != value], return_counts=True), strict=True):
                 counts[int(other)] = counts.get(int(other), 0) + int(count)
     total = sum(counts.values()) or 1
     return {value: round(count / total, 3) for value, count in sorted(counts.items())}
@@ -89,12 +90,14 @@ def _neighbours(array: np.ndarray, value: int) -> dict[int, float]:
 def format_table(rows: list[dict]) -> str:
     lines = []
     for row in rows:
-        pieces = "; ".join(f"{piece['volume_ml']:g} ml at {piece['centroid_ras_mm']}" for piece in row["largest_pieces"])
+        pieces = "; ".join(f"{piece['volume_ml']:g} ml at {piece['centroid_ras_mm']}"
+                           for piece in row["largest_pieces"])
         extent = ", ".join(f"{low:g}..{high:g}" for low, high in row["extent_ras_mm"])
         neighbours = ", ".join(f"{value}: {share:.0%}" for value, share in row["neighbours"].items()
                                if share >= 0.005)
         lines += [
-            f"label {row['value']}: {row['volume_ml']:g} ml in {row['pieces']} piece(s); depth {row['depth_mm']:g} mm",
+            f"label {row['value']}: {row['volume_ml']:g} ml in {row['pieces']} piece(s); "
+            f"depth {row['depth_mm']:g} mm",
             f"  largest pieces: {pieces}",
             f"  centroid RAS {row['centroid_ras_mm']} mm, x from midline {row['x_from_midline_mm']:+.1f} mm, "
             f"left/right {row['left_right'][0]:.0%}/{row['left_right'][1]:.0%}",

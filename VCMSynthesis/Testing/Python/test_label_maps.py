@@ -1,0 +1,174 @@
+"""Label maps (`--label-map`): FreeSurfer / SynthSeg aseg numbers -> a model's labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_worker import run_cli
+from tiny_models import make_tiny_model_folder
+from VCMSynthesisLib.checkpoints import REFERENCE_LABEL_NAMES, reference_model_config
+from VCMSynthesisLib.conditions import label_values_to_table
+from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.label_maps import PRESETS_FOLDER, read_label_map
+from VCMSynthesisLib.volumes import Segment, Segmentation, read_segmentation
+
+# What each label SynthSeg writes (FreeSurferColorLUT numbers) must become, written out here
+# independently of Resources/LabelMaps/aseg.json: 1 white matter, 2 cortical grey matter,
+# 3 ventricles, 4 deep grey matter, 5 hippocampus, 6 amygdala, 7 CSF, 8 brainstem.
+SYNTHSEG_TO_PAPER = {
+    2: 1, 41: 1, 7: 1, 46: 1, 28: 1, 60: 1,
+    3: 2, 42: 2, 8: 2, 47: 2,
+    4: 3, 43: 3, 5: 3, 44: 3, 14: 3, 15: 3,
+    10: 4, 49: 4, 11: 4, 50: 4, 12: 4, 51: 4, 13: 4, 52: 4, 26: 4, 58: 4,
+    17: 5, 53: 5, 18: 6, 54: 6, 24: 7, 16: 8,
+}
+PAPER_LABELS = reference_model_config("brainldm-vcm-semantics").labels
+SHAPE = (16, 16, 16)
+
+
+def aseg_array(extra=()) -> np.ndarray:
+    """A 16^3 [k, j, i] volume holding every SynthSeg label (and `extra` values) in runs of voxels."""
+    values = [0, *SYNTHSEG_TO_PAPER, 1003, 2035, *extra]
+    return np.resize(np.repeat(np.array(values, np.int32), 7), SHAPE)
+
+
+def write_aseg(path: Path, array: np.ndarray) -> Path:
+    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    image.SetOrigin((-16.0, -16.0, -16.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def relabelled(array: np.ndarray, table: dict[int, int]) -> np.ndarray:
+    return np.vectorize(lambda value: table.get(int(value), 0), otypes=[np.int32])(array)
+
+
+def test_the_aseg_preset_maps_every_synthseg_label_voxel_by_voxel(tmp_path):
+    array = aseg_array()
+    segmentation = read_segmentation(write_aseg(tmp_path / "aseg.nii.gz", array))
+    mapped = label_values_to_table(segmentation, PAPER_LABELS, "paper", read_label_map("aseg"))
+    parcels = {1003: 2, 2035: 2}  # SynthSeg --parc cortical parcels are cortex
+    np.testing.assert_array_equal(mapped, relabelled(array, {**SYNTHSEG_TO_PAPER, **parcels}))
+    assert set(np.unique(mapped)) == {0, *range(1, 9)}
+
+
+def test_the_paper_model_names_its_labels_as_the_preset_targets():
+    assert [label.name for label in PAPER_LABELS] == list(REFERENCE_LABEL_NAMES)
+    rows = json.loads((PRESETS_FOLDER / "aseg.json").read_text())["map"]
+    assert {row["label"] for row in rows} == set(REFERENCE_LABEL_NAMES)
+
+
+def test_a_value_the_map_does_not_list_is_one_error_unless_it_is_background(tmp_path):
+    array = aseg_array(extra=(80, 30))
+    segmentation = read_segmentation(write_aseg(tmp_path / "aseg.nii.gz", array))
+    with pytest.raises(UserError, match=r"label value\(s\) 30, 80 of .* not in label map 'aseg'; .* "
+                                         r"--unmapped background") as error:
+        label_values_to_table(segmentation, PAPER_LABELS, "paper", read_label_map("aseg"))
+    assert "\n" not in str(error.value)
+    mapped = label_values_to_table(segmentation, PAPER_LABELS, "paper", read_label_map("aseg", "background"))
+    np.testing.assert_array_equal(mapped, relabelled(array, {**SYNTHSEG_TO_PAPER, 1003: 2, 2035: 2}))
+
+
+def test_seg_nrrd_segments_match_by_their_freesurfer_names_not_their_numbers():
+    """A Slicer segmentation of an aseg names its segments after FreeSurfer's colour table; the
+    numbers in its labelmap are whatever Slicer gave them."""
+    array = np.zeros(SHAPE, np.int32)
+    array[:4], array[4:8], array[8:12], array[12:] = 1, 2, 3, 4
+    labelmap = sitk.GetImageFromArray(array)
+    segments = {1: Segment("Left-Hippocampus", 1), 2: Segment("right-amygdala", 2),
+                3: Segment("Label_16", 16),
+                4: Segment("lesion", 4)}
+    segmentation = Segmentation(labelmap=labelmap, path=Path("case.seg.nrrd"), segments=segments)
+    with pytest.raises(UserError, match=r"segment\(s\) lesion of 'case.seg.nrrd' match no name in label map"):
+        label_values_to_table(segmentation, PAPER_LABELS, "paper", read_label_map("aseg"))
+    mapped = label_values_to_table(segmentation, PAPER_LABELS, "paper", read_label_map("aseg", "background"))
+    np.testing.assert_array_equal(mapped, relabelled(array, {1: 5, 2: 6, 3: 8, 4: 0}))
+
+
+def write_map(path: Path, content) -> Path:
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", r"label map '.*bad.json' is not JSON \(.* at line 1\); fix the file"),
+    ({"map": [{"value": 2, "label": 1}, {"value": 2, "label": 3}]},
+     r"value 2 is listed twice \(rows 1 and 2\)"),
+    ({"map": []}, r'it needs a non-empty "map" list'),
+    ({"map": [{"value": 2}]}, r'row 1 must be an object with "value", "label"'),
+    ({"map": [{"value": "2", "label": 1}]}, r'row 1: "value" must be a label number'),
+    ({"map": [{"value": 2, "label": 1.5}]}, r"row 1: \"label\" must be a model label's name or value"),
+    ({"map": [{"value": 2, "label": 1}], "unmaped": "background"}, r"unknown field\(s\) unmaped"),
+])
+def test_a_bad_map_file_is_one_line(tmp_path, content, message):
+    with pytest.raises(UserError, match=message) as error:
+        read_label_map(write_map(tmp_path / "bad.json", content))
+    assert "\n" not in str(error.value)
+
+
+def test_an_unknown_preset_or_target_label_is_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"there is no label map 'asag'; give a preset \(aseg\) or a .json"):
+        read_label_map("asag")
+    typo = {"map": [{"value": 17, "label": "hipocampus"}]}
+    hippocampus = read_label_map(write_map(tmp_path / "m.json", typo))
+    with pytest.raises(UserError, match=r"maps 17 to label 'hipocampus', which model 'paper' does not have "
+                                        r"\(its labels: 1 \(white matter\), .*8 \(brainstem\)\)"):
+        hippocampus.resolve(PAPER_LABELS, "paper")
+    with pytest.raises(UserError, match=r"maps 17 to label 9, which model 'paper' does not have"):
+        read_label_map(write_map(tmp_path / "n.json", {"map": [{"value": 17, "label": 9}]})).resolve(
+            PAPER_LABELS, "paper")
+
+
+@pytest.fixture(scope="module")
+def paper_like_model(tmp_path_factory):
+    """A tiny model whose label table is the paper model's (values 1..8, its names)."""
+    folder = make_tiny_model_folder(tmp_path_factory.mktemp("models") / "paper-like",
+                                    labels=tuple(range(1, 9)), modalities=None)
+    config = json.loads((folder / "config.json").read_text())
+    config["conditions"]["labels"]["table"] = [{"value": label.value, "name": label.name}
+                                               for label in PAPER_LABELS]
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def synthesize(model, segmentation, output, *extra):
+    return run_cli(["synthesize", "--model", model, "--segmentation", segmentation, "--output", output,
+                    "--device", "cpu", *extra])
+
+
+def test_cli_label_map_gives_the_image_of_the_relabelled_segmentation(tmp_path, paper_like_model):
+    array = aseg_array(extra=(80,))
+    aseg = write_aseg(tmp_path / "aseg.nii.gz", array)
+    by_hand = write_aseg(tmp_path / "by-hand.nii.gz",
+                         relabelled(array, {**SYNTHSEG_TO_PAPER, 1003: 2, 2035: 2}))
+
+    code, _, err = synthesize(paper_like_model, aseg, tmp_path / "mapped.nii.gz", "--label-map", "aseg")
+    assert code == 1 and err.strip().count("\n") == 0
+    assert "label value(s) 80 of" in err and not (tmp_path / "mapped.nii.gz").exists()
+
+    code, _, err = synthesize(paper_like_model, aseg, tmp_path / "mapped.nii.gz", "--label-map", "aseg",
+                              "--unmapped", "background")
+    assert code == 0, err
+    assert synthesize(paper_like_model, by_hand, tmp_path / "by-hand-out.nii.gz")[0] == 0
+    mapped, expected = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name)))
+                        for name in ("mapped.nii.gz", "by-hand-out.nii.gz"))
+    np.testing.assert_array_equal(mapped, expected)
+
+
+def test_cli_refuses_bad_maps_before_loading_the_model(tmp_path, paper_like_model):
+    aseg = write_aseg(tmp_path / "aseg.nii.gz", aseg_array())
+    output = tmp_path / "out.nrrd"
+    bad = write_map(tmp_path / "bad.json", "[1, 2")
+    code, _, err = synthesize(paper_like_model, aseg, output, "--label-map", bad)
+    assert (code, err.count("\n")) == (1, 1) and "is not JSON" in err
+    code, _, err = synthesize(paper_like_model, aseg, output, "--unmapped", "background")
+    assert code == 2 and "--unmapped goes with --label-map" in err
+    demo_like = make_tiny_model_folder(tmp_path / "demo-like", modalities=None)  # labels "label 1".."label 3"
+    code, _, err = synthesize(demo_like, aseg, output, "--label-map", "aseg")
+    assert (code, err.count("\n")) == (1, 1) and "which model 'demo-like' does not have" in err
+    assert not output.exists()
