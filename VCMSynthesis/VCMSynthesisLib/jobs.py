@@ -170,14 +170,17 @@ def edit_job(
     seed: int | None = None,
     strength: float | None = None,
     device: str = "auto",
+    label_map: str | Path | None = None,
+    unmapped: str | None = None,
 ) -> Job:
     """The `vcm-synthesis edit` job: re-synthesize where `segmentation` differs from
-    `original_segmentation`, or the non-zero voxels of `region`."""
+    `original_segmentation`, or the non-zero voxels of `region` (`label_map`, `unmapped`: as
+    for `synthesis_job`)."""
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["edit", "--model", str(model), "--image", str(image), "--segmentation", str(segmentation)]
     options = (("--original-segmentation", original_segmentation), ("--region", region), ("--output", output),
                ("--device", device), ("--margin-mm", margin_mm), ("--steps", steps), ("--seed", seed),
-               ("--strength", strength))
+               ("--strength", strength), ("--label-map", label_map), ("--unmapped", unmapped))
     for flag, value in options:
         if value is not None:
             arguments += [flag, str(value)]

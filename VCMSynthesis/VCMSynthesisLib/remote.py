@@ -298,7 +298,8 @@ def remote_job(args, folder: Path) -> Job:
         job = edit_job(folder, model=args.model, image=args.image, segmentation=args.segmentation,
                        original_segmentation=args.original_segmentation, region=args.region,
                        output=args.output, margin_mm=args.margin_mm, samples=samples, steps=args.steps,
-                       seed=args.seed, strength=args.strength)
+                       seed=args.seed, strength=args.strength, label_map=args.label_map,
+                       unmapped=args.unmapped)
         extra = ["--resample", str(args.resample)]
         for name, path in modalities.items():
             extra += ["--modality", f"{name}={path}"]

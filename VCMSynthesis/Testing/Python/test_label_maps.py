@@ -172,3 +172,43 @@ def test_cli_refuses_bad_maps_before_loading_the_model(tmp_path, paper_like_mode
     code, _, err = synthesize(demo_like, aseg, output, "--label-map", "aseg")
     assert (code, err.count("\n")) == (1, 1) and "which model 'demo-like' does not have" in err
     assert not output.exists()
+
+
+def test_edit_and_manifest_batch_take_the_label_map_too(tmp_path, paper_like_model):
+    """`edit --label-map`: the edit of the aseg pair is the edit of the same pair relabelled by
+    hand; `batch --label-map`: a manifest row gives the image `synthesize --label-map` gives."""
+    table = {**SYNTHSEG_TO_PAPER, 1003: 2, 2035: 2}
+    original = aseg_array()
+    edited = original.copy()
+    edited[4:9, 4:9, 4:9] = 17  # a hippocampus grown into its neighbours
+    scan = sitk.GetImageFromArray((np.random.default_rng(3).random(SHAPE) * 400).astype(np.float32))
+    scan.SetSpacing((2.0, 2.0, 2.0))
+    scan.SetOrigin((-16.0, -16.0, -16.0))
+    sitk.WriteImage(scan, str(tmp_path / "scan.nii.gz"))
+    files = {name: write_aseg(tmp_path / f"{name}.nii.gz", array) for name, array in
+             (("original", original), ("edited", edited), ("original-by-hand", relabelled(original, table)),
+              ("edited-by-hand", relabelled(edited, table)))}
+
+    def edit(output, edited_file, original_file, *extra):
+        return run_cli(["edit", "--model", paper_like_model, "--image", tmp_path / "scan.nii.gz",
+                        "--segmentation", edited_file, "--original-segmentation", original_file,
+                        "--output", output, "--margin-mm", "2", "--device", "cpu", *extra])
+
+    assert edit(tmp_path / "mapped.nii.gz", files["edited"], files["original"], "--label-map", "aseg")[0] == 0
+    assert edit(tmp_path / "by-hand.nii.gz", files["edited-by-hand"], files["original-by-hand"])[0] == 0
+    mapped, by_hand, kept = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name)))
+                             for name in ("mapped.nii.gz", "by-hand.nii.gz", "scan.nii.gz"))
+    np.testing.assert_array_equal(mapped, by_hand)
+    assert not np.array_equal(mapped, kept)
+
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text("segmentation,output\noriginal.nii.gz,batch.nii.gz\n")
+    code, _, err = run_cli(["batch", "--manifest", manifest, "--model", paper_like_model, "--device", "cpu",
+                            "--label-map", "aseg"])
+    assert code == 0, err
+    single = synthesize(paper_like_model, files["original"], tmp_path / "single.nii.gz",
+                        "--label-map", "aseg")
+    assert single[0] == 0, single[2]
+    batch, single = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name)))
+                     for name in ("batch.nii.gz", "single.nii.gz"))
+    np.testing.assert_array_equal(batch, single)
