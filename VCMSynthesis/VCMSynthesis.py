@@ -29,7 +29,7 @@ from VCMSynthesisLib import unsupported_python_message
 if unsupported_python_message():  # one line in Slicer's log instead of a syntax error further down
     raise RuntimeError(unsupported_python_message())
 
-from VCMSynthesisLib import jobs, registry, remote, scene  # noqa: E402
+from VCMSynthesisLib import jobs, label_maps, registry, remote, scene  # noqa: E402
 from VCMSynthesisLib.errors import UserError  # noqa: E402
 from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig  # noqa: E402
 from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY  # noqa: E402
@@ -292,6 +292,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         valid = {-1} | {label["value"] for label in labels}
         kept = {segmentId: value for segmentId, value in previous.items() if value in valid}
         suggested = scene.default_label_mapping(names, labels, scene.segment_label_values(segmentationNode))
+        suggested = {**label_maps.preset_suggestions(names, labels), **suggested}  # FreeSurfer segment names
         preselected = {**suggested, **kept}
         table.setRowCount(len(names))
         for row, (segmentId, name) in enumerate(names.items()):

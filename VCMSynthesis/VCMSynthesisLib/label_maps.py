@@ -98,6 +98,27 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESETS_FOLDER.glob("*.json"))
 
 
+def preset_suggestions(segment_names: Mapping[Key, str], table: list[Mapping]) -> dict[Key, int]:
+    """Segment ID -> model label value for segments a preset names ("Left-Hippocampus"), from
+    the presets written for this label table (`{"value", "name"}` rows): the panel's suggestion
+    for a FreeSurfer segmentation loaded in Slicer."""
+    from VCMSynthesisLib.model_config import Label
+
+    labels = tuple(Label(int(row["value"]), str(row["name"])) for row in table)
+    suggested: dict[Key, int] = {}
+    for name in preset_names():
+        preset = read_label_map(name)
+        try:
+            to_table = preset.resolve(labels, "")
+        except UserError:  # a preset for another model
+            continue
+        for segment_id, segment_name in segment_names.items():
+            value = preset.values_of_names.get(segment_name.strip().casefold())
+            if value is not None and to_table[value] != 0:
+                suggested.setdefault(segment_id, to_table[value])
+    return suggested
+
+
 def label_map_argument(text: str) -> str | Path:
     """`--label-map`: a preset name, or a `.json` file (a Path, so that remote jobs stage it)."""
     if text.lower().endswith(".json") or "/" in text or "\\" in text:

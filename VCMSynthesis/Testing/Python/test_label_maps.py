@@ -13,7 +13,7 @@ from tiny_models import make_tiny_model_folder
 from VCMSynthesisLib.checkpoints import REFERENCE_LABEL_NAMES, reference_model_config
 from VCMSynthesisLib.conditions import label_values_to_table
 from VCMSynthesisLib.errors import UserError
-from VCMSynthesisLib.label_maps import PRESETS_FOLDER, read_label_map
+from VCMSynthesisLib.label_maps import PRESETS_FOLDER, preset_suggestions, read_label_map
 from VCMSynthesisLib.volumes import Segment, Segmentation, read_segmentation
 
 # What each label SynthSeg writes (FreeSurferColorLUT numbers) must become, written out here
@@ -212,3 +212,13 @@ def test_edit_and_manifest_batch_take_the_label_map_too(tmp_path, paper_like_mod
     batch, single = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name)))
                      for name in ("batch.nii.gz", "single.nii.gz"))
     np.testing.assert_array_equal(batch, single)
+
+
+def test_the_panel_suggests_labels_for_freesurfer_segment_names_only_for_a_model_the_preset_fits():
+    names = {"S1": "Left-Hippocampus", "S2": "Right-Cerebral-Cortex", "S3": "Brain-Stem", "S4": "lesion",
+             "S5": "left-thalamus-proper"}
+    paper_table = [{"value": label.value, "name": label.name} for label in PAPER_LABELS]
+    assert preset_suggestions(names, paper_table) == {"S1": 5, "S2": 2, "S3": 8, "S5": 4}
+    demo_table = [{"value": 1, "name": "CSF"}, {"value": 2, "name": "grey matter"},
+                  {"value": 3, "name": "white matter"}]
+    assert preset_suggestions(names, demo_table) == {}
