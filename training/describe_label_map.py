@@ -7,6 +7,7 @@ and describes any other label map the same way.
 
     python training/describe_label_map.py new_semantics.nii.gz
     python training/describe_label_map.py new_semantics.nii.gz --json
+    python training/describe_label_map.py new_semantics.nii.gz --box=20:30,-35:-15,-108:-96
 
 Positions are in RAS millimetres (x toward the right, y anterior, z superior). The midline is
 the left-right centre of all labelled voxels; "x from midline" is a label's centroid relative to
@@ -14,6 +15,8 @@ it, "left/right" the share of its voxels on either side; the largest pieces (con
 components) show pairs of left and right structures. "Depth" is the mean distance of its
 voxels to its own boundary (a thin shell has a small depth). "Neighbours" is the share of the
 label's boundary faces (6-connected) that each other value, 0 being background, is on.
+`--box=XMIN:XMAX,YMIN:YMAX,ZMIN:ZMAX` (RAS mm, repeatable; with "=" so that a leading minus is
+not read as a flag) counts the values inside a box: what a region between structures is labelled as.
 """
 
 from __future__ import annotations
@@ -72,6 +75,28 @@ def describe(labelmap: sitk.Image) -> list[dict]:
     return rows
 
 
+def values_in_box(labelmap: sitk.Image, box: list[tuple[float, float]]) -> dict[int, int]:
+    """Voxel count of each value whose voxel centre lies in the RAS box [(x0, x1), (y0, y1), (z0, z1)]."""
+    array = sitk.GetArrayFromImage(labelmap).transpose(2, 1, 0)
+    indices = np.indices(array.shape).reshape(3, -1).T
+    lps_of_index = np.array(labelmap.GetDirection()).reshape(3, 3) * np.array(labelmap.GetSpacing())
+    ras = (indices @ lps_of_index.T + np.array(labelmap.GetOrigin())) * np.array([-1.0, -1.0, 1.0])
+    inside = np.all([(ras[:, axis] >= low) & (ras[:, axis] <= high) for axis, (low, high) in enumerate(box)],
+                    axis=0)
+    values, counts = np.unique(array.reshape(-1)[inside], return_counts=True)
+    return {int(value): int(count) for value, count in zip(values, counts, strict=True)}
+
+
+def box_argument(text: str) -> list[tuple[float, float]]:
+    try:
+        box = [tuple(float(end) for end in span.split(":")) for span in text.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 3 or any(len(span) != 2 or span[0] > span[1] for span in box):
+        raise argparse.ArgumentTypeError(f"takes XMIN:XMAX,YMIN:YMAX,ZMIN:ZMAX in mm, got '{text}'")
+    return box
+
+
 def _neighbours(array: np.ndarray, value: int) -> dict[int, float]:
     """Share of the boundary faces of `value`'s voxels that each other value lies across
     (outside the array counts as background)."""
@@ -111,11 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("labelmap", type=Path, help="label map (NIfTI, NRRD) or Slicer .seg.nrrd")
     parser.add_argument("--json", action="store_true", help="one JSON object per label")
+    parser.add_argument("--box", type=box_argument, action="append", default=[],
+                        metavar="XMIN:XMAX,YMIN:YMAX,ZMIN:ZMAX", help="also count the values in this RAS box")
     args = parser.parse_args(argv)
 
     def run() -> int:
-        rows = describe(read_segmentation(args.labelmap).labelmap)
+        labelmap = read_segmentation(args.labelmap).labelmap
+        rows = describe(labelmap)
         print("\n".join(json.dumps(row) for row in rows) if args.json else format_table(rows))
+        for box in args.box:
+            counts = values_in_box(labelmap, box)
+            print(json.dumps({"box": box, "values": counts}) if args.json else
+                  f"box {box}: " + ", ".join(f"{value}: {count}" for value, count in counts.items()))
         return 0
 
     return run_reporting_errors(run)

@@ -222,3 +222,45 @@ def test_the_panel_suggests_labels_for_freesurfer_segment_names_only_for_a_model
     demo_table = [{"value": 1, "name": "CSF"}, {"value": 2, "name": "grey matter"},
                   {"value": 3, "name": "white matter"}]
     assert preset_suggestions(names, demo_table) == {}
+
+
+def test_describe_label_map_reports_volumes_pieces_sides_and_neighbours(tmp_path):
+    """training/describe_label_map.py on a map whose answers are known: a 1-voxel shell (7)
+    around a ball (2) holding a left and a right blob (4) of 27 voxels each."""
+    import subprocess
+    import sys
+
+    training = Path(__file__).resolve().parents[3] / "training"
+    sys.path.insert(0, str(training))
+    import describe_label_map
+
+    k, j, i = np.indices((20, 20, 20)) - 9.5
+    radius = np.sqrt(i**2 + j**2 + k**2)
+    array = np.where(radius < 9, 7, 0).astype(np.int16)
+    array[radius < 8] = 2
+    array[8:11, 8:11, 4:7] = 4
+    array[8:11, 8:11, 13:16] = 4
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 2.0, 1.0))
+    sitk.WriteImage(image, str(tmp_path / "map.nii.gz"))
+    rows = {row["value"]: row for row in describe_label_map.describe(image)}
+
+    assert sorted(rows) == [2, 4, 7]
+    assert rows[4]["voxels"] == 54 and rows[4]["volume_ml"] == 0.11 and rows[4]["pieces"] == 2
+    # SimpleITK's identity direction is LPS: i runs toward patient left, so RAS x = -i.
+    xs = sorted(piece["centroid_ras_mm"][0] for piece in rows[4]["largest_pieces"])
+    assert xs == [-14.0, -5.0] and rows[4]["left_right"] == [0.5, 0.5]
+    assert rows[4]["x_from_midline_mm"] == 0.0 and rows[4]["midline_x_mm"] == -9.5
+    assert rows[4]["neighbours"] == {2: 1.0}
+    assert set(rows[7]["neighbours"]) == {0, 2} and rows[7]["neighbours"][0] > 0.4
+    assert rows[7]["depth_mm"] < rows[2]["depth_mm"]  # a thin shell, a thick ball
+    # RAS of voxel (i, j, k) here: (-i, -2 j, k); the first blob's 27 voxels and the ball's next to it.
+    blob_box = [(-6.5, -3.5), (-20.0, -16.0), (8.0, 10.0)]
+    assert describe_label_map.values_in_box(image, blob_box) == {4: 27}
+    assert describe_label_map.values_in_box(image, [(-7.0, -3.5), *blob_box[1:]]) == {2: 9, 4: 27}
+
+    completed = subprocess.run([sys.executable, training / "describe_label_map.py", tmp_path / "map.nii.gz",
+                                "--box=-6.5:-3.5,-20:-16,8:10"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "label 4: 0.11 ml in 2 piece(s)" in completed.stdout
+    assert completed.stdout.rstrip().endswith("box [(-6.5, -3.5), (-20.0, -16.0), (8.0, 10.0)]: 4: 27")
