@@ -399,6 +399,8 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
     if arguments.cases is not None and arguments.cases.is_dir() and arguments.output_dir is None:
         raise UsageError("--output-dir FOLDER is needed with --cases FOLDER")
     if arguments.superres is not None:
+        if arguments.label_map is not None:
+            raise UsageError("--label-map goes with segmentations, not --superres")
         if not arguments.superres.is_file():
             raise UserError(f"the volume '{arguments.superres}' does not exist; check the path")
         refuse_overwriting_inputs({"--output": arguments.output}, {"--superres": arguments.superres})
