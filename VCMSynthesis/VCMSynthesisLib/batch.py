@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.label_maps import LabelMap, add_label_map_arguments, label_map_of
 
 MODALITY_PREFIX = "modality:"
 EDIT_COLUMNS = ("edit", "original_segmentation", "region")
@@ -153,8 +154,10 @@ def _barrier(ranks: Ranks) -> None:
 
 
 def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None = None,
-              strength: float | None = None, device: str = "auto", json_progress: bool = False) -> int:
-    """Run this rank's pending cases; returns the exit code (1 if any case failed)."""
+              strength: float | None = None, device: str = "auto", json_progress: bool = False,
+              label_map: LabelMap | None = None) -> int:
+    """Run this rank's pending cases; returns the exit code (1 if any case failed). `label_map`
+    turns every case's segmentation numbers into the model's labels."""
     from VCMSynthesisLib.runtime import SignalCancellation, emit_json, resolve_device
     from VCMSynthesisLib.worker import load_model
 
@@ -196,7 +199,7 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
                 cancellation.next_job()
                 start = time.perf_counter()
                 try:
-                    _run_case(model, case, steps, strength, cancellation)
+                    _run_case(model, case, steps, strength, cancellation, label_map)
                 except UserError as error:
                     failures += 1
                     report(case, "failed", error=str(error))
@@ -215,7 +218,8 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
     return 0
 
 
-def _run_case(model, case: Case, steps: int | None, strength: float | None, cancellation) -> None:
+def _run_case(model, case: Case, steps: int | None, strength: float | None, cancellation,
+              label_map: LabelMap | None = None) -> None:
     """One case: an edit when the row names a scan to edit, else a synthesis."""
     if case.edit is not None:
         from VCMSynthesisLib.edit import EditRequest, run_edit
@@ -223,14 +227,14 @@ def _run_case(model, case: Case, steps: int | None, strength: float | None, canc
         run_edit(model, EditRequest(image=case.edit, segmentation=case.segmentation, output=case.output,
                                     original_segmentation=case.original_segmentation, region=case.region,
                                     modalities=case.modalities, steps=steps, seed=case.seed,
-                                    strength=strength),
+                                    strength=strength, label_map=label_map),
                  cancellation=cancellation)
     else:
         from VCMSynthesisLib.worker import SynthesisRequest, synthesize
 
         synthesize(model, SynthesisRequest(segmentation=case.segmentation, modalities=case.modalities,
                                            output=case.output, steps=steps, seed=case.seed,
-                                           strength=strength),
+                                           strength=strength, label_map=label_map),
                    cancellation=cancellation)
 
 
@@ -246,6 +250,7 @@ def register(subparsers) -> None:
                         help="CSV with columns output, segmentation, seed, modality:<NAME> "
                              "(edits: edit, original_segmentation, region)")
     parser.add_argument("--model", required=True, help="model name or folder")
+    add_label_map_arguments(parser)
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     add_strength_argument(parser)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
@@ -256,4 +261,4 @@ def register(subparsers) -> None:
 
 def _run_batch_command(args: argparse.Namespace) -> int:
     return run_batch(args.manifest, args.model, steps=args.steps, strength=args.strength, device=args.device,
-                     json_progress=args.progress == "json")
+                     json_progress=args.progress == "json", label_map=label_map_of(args))

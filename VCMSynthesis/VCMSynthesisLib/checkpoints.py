@@ -79,8 +79,12 @@ BRAINLDM_GRID: dict = {"spacing": [1.0, 1.0, 1.0], "size": [160, 224, 160], "ori
 BRAINLDM_INTENSITY_RANGE = (0.0, 1.0)
 
 # The released VCM's condition: a label map with values 0..8 one-hot encoded, the background
-# channel dropped (reference `VCM_sampling.ipynb`); the labels' anatomical names are not published.
-REFERENCE_LABEL_VALUES = tuple(range(1, 9))
+# channel dropped (reference `VCM_sampling.ipynb`). The release names no label: these names are
+# inferred from its example condition (volumes, positions, neighbours; README "The paper's 8
+# labels", `training/describe_label_map.py`), not published.
+REFERENCE_LABEL_NAMES = ("white matter", "cortical grey matter", "ventricles", "deep grey matter",
+                         "hippocampus", "amygdala", "CSF", "brainstem")
+REFERENCE_LABEL_VALUES = tuple(range(1, len(REFERENCE_LABEL_NAMES) + 1))
 REFERENCE_SAMPLING_STEPS = 200  # DDIM steps of the reference notebook
 
 # Reference `models/vcm.py` names -> `networks.VCM` names, applied in order (time U-Net excluded).
@@ -241,6 +245,8 @@ def _model_card(name: str, sources: dict[str, dict[str, str]]) -> str:
     files = "\n".join(
         f"- {kind}: `{info['file']}` (sha256 `{info['sha256']}`)" for kind, info in sources.items()
     )
+    labels = ", ".join(f"{value} {label}"
+                       for value, label in zip(REFERENCE_LABEL_VALUES, REFERENCE_LABEL_NAMES))
     return f"""# {name}
 
 The Volumetric Conditioning Module (VCM) released with Ahn et al., "Volumetric Conditioning Module
@@ -249,9 +255,12 @@ github.com/Ahn-Ssu/VCM), steering BrainLDM (Pinaya et al. 2022; MONAI model zoo 
 `brain_image_synthesis_latent_diffusion_model`), converted by `vcm-synthesis import-reference`.
 
 - Output: T1-weighted brain MRI, 160x224x160 voxels at 1 mm, intensities in [0, 1].
-- Condition: a label map with values 1..8 (one channel each; 0 is background). The paper's
-  "complex semantics" labels are not named in the release, so they are called "label 1" ..
-  "label 8" here.
+- Condition: a label map with values 1..8 (one channel each; 0 is background):
+  {labels}.
+  The release does not name its "complex semantics" labels: these names were INFERRED from the
+  released example condition (`data/I-demo/new_semantics.nii.gz`: volumes, positions, left/right
+  pairs, neighbours), not published by the authors. FreeSurfer / SynthSeg segmentations map onto
+  them with `--label-map aseg` (VCMSynthesis README, "The paper's 8 labels").
 - BrainLDM covariates (sex, age, ventricular volume, brain volume, each scaled to [0, 1]); the
   default {list(BRAINLDM_COVARIATE_DEFAULT)} is the reference demo subject.
 - Sampling: DDIM, {REFERENCE_SAMPLING_STEPS} steps as in the reference notebook.
@@ -286,7 +295,8 @@ def reference_model_config(
         "format_version": 1,
         "name": name,
         "task": "synthesis",
-        "description": "BrainLDM T1 brain MRI steered by the paper's 8-label VCM (Ahn et al., WACV 2025)",
+        "description": "BrainLDM T1 brain MRI steered by the paper's 8-label VCM (Ahn et al., WACV 2025; "
+                       "label names inferred from its example, not published)",
         "grid": BRAINLDM_GRID,
         "intensity": {"range": list(BRAINLDM_INTENSITY_RANGE)},
         "autoencoder": {"weights": "autoencoder.safetensors",
@@ -302,8 +312,8 @@ def reference_model_config(
         "scheduler": BRAINLDM_NOISE_SCHEDULE,
         "sampling": {"scheduler": "ddim", "steps": REFERENCE_SAMPLING_STEPS},
         "conditions": {
-            "labels": {"table": [{"value": value, "name": f"label {value}"}
-                                 for value in REFERENCE_LABEL_VALUES]},
+            "labels": {"table": [{"value": value, "name": label}
+                                 for value, label in zip(REFERENCE_LABEL_VALUES, REFERENCE_LABEL_NAMES)]},
             "modalities": [],
         },
         "metadata": metadata or {},

@@ -3,7 +3,8 @@
 This is the one place that turns user volumes into what the networks see:
 
 - a segmentation becomes one one-hot channel per row of the model's label table (a Slicer
-  `.seg.nrrd` segment matches a row by name, otherwise by label value);
+  `.seg.nrrd` segment matches a row by name, otherwise by label value; with a label map, its
+  values become the labels the map gives them);
 - each modality becomes one channel, scaled so that its low and high percentiles map to 0
   and 1 (as the reference VCM training did with MONAI's ScaleIntensityRangePercentiles); the
   scaling is kept so that outputs can be mapped back to input units;
@@ -25,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.label_maps import LabelMap
 from VCMSynthesisLib.model_config import Grid, Label, Modality, ModelConfig, label_of_segment
 from VCMSynthesisLib.volumes import Segmentation
 
@@ -191,17 +193,22 @@ def check_overlap(image: sitk.Image, reference: sitk.Image, what: str, reference
 
 
 def label_values_to_table(segmentation: Segmentation, labels: tuple[Label, ...],
-                          model_name: str) -> np.ndarray:
+                          model_name: str, label_map: LabelMap | None = None) -> np.ndarray:
     """The segmentation's voxels as label-table values (SimpleITK order), checked against the table.
 
-    0 is always allowed and means unlabelled. Raises a UserError for an empty segmentation
-    or a value (segment) that the table does not have.
+    0 is always allowed and means unlabelled. With a `label_map`, every value (a `.seg.nrrd`
+    segment: the value it stands for, `LabelMap.segment_values`) becomes the label the map gives it.
+    Raises a UserError for an empty segmentation or a value (segment) that the table, or the
+    map, does not have.
     """
     array = sitk.GetArrayViewFromImage(segmentation.labelmap)
     values, inverse = np.unique(array, return_inverse=True)
     if not (values != 0).any():
         raise UserError(f"segmentation '{segmentation.path}' is empty (every voxel is 0); "
                         "label at least one structure")
+    if label_map is not None:
+        lookup = _mapped_values(segmentation, values, label_map, labels, model_name)
+        return lookup[inverse].reshape(array.shape)
     table_values = {label.value for label in labels}
     allowed = ", ".join(f"{label.value} ({label.name})" for label in labels)
     lookup = np.zeros(len(values), dtype=np.int32)
@@ -229,9 +236,31 @@ def label_values_to_table(segmentation: Segmentation, labels: tuple[Label, ...],
     return lookup[inverse].reshape(array.shape)
 
 
+def _mapped_values(segmentation: Segmentation, values: np.ndarray, label_map: LabelMap,
+                   labels: tuple[Label, ...], model_name: str) -> np.ndarray:
+    """The table value of each of `values` (the segmentation's distinct values) under `label_map`."""
+    to_table = label_map.resolve(labels, model_name)
+    segments = {value: (segment.name, segment.label_value) for value, segment in segmentation.segments.items()
+                if value in values}
+    of_segment = label_map.segment_values(segments, str(segmentation.path))
+    sources = [of_segment.get(value, value) for value in values.tolist()]
+    unlisted = sorted({source for source in sources if source != 0 and source not in to_table})
+    if unlisted and label_map.unmapped != "background":
+        raise UserError(
+            f"label value(s) {', '.join(map(str, unlisted))} of '{segmentation.path}' are not in label map "
+            f"'{label_map.source}'; add them to a map file (--label-map FILE.json) or pass --unmapped "
+            "background to leave them out"
+        )
+    lookup = np.array([to_table.get(source, 0) if source != 0 else 0 for source in sources], dtype=np.int32)
+    if not lookup.any():
+        raise UserError(f"label map '{label_map.source}' leaves no voxel of '{segmentation.path}' labelled; "
+                        "check that the map is for this segmentation")
+    return lookup
+
+
 def assemble_conditions(config: ModelConfig, segmentation: Segmentation | None,
-                        modalities: dict[str, sitk.Image], modality_paths: dict[str, str] | None = None
-                        ) -> Conditions:
+                        modalities: dict[str, sitk.Image], modality_paths: dict[str, str] | None = None,
+                        label_map: LabelMap | None = None) -> Conditions:
     """Condition channels of `config` from a segmentation and named modality volumes.
 
     Args:
@@ -239,6 +268,7 @@ def assemble_conditions(config: ModelConfig, segmentation: Segmentation | None,
         segmentation: the labelmap, required when the model has a label table.
         modalities: modality name (as in the model's config, case-insensitive) -> volume.
         modality_paths: modality name -> file, to name files in error messages.
+        label_map: turns the segmentation's own values into the model's labels (`label_maps`).
 
     Raises:
         UserError: a missing, unknown or non-overlapping condition, a label outside the table,
@@ -276,7 +306,7 @@ def assemble_conditions(config: ModelConfig, segmentation: Segmentation | None,
         normalized[modality.name] = _with_geometry(normalized_array, image)
 
     if segmentation is not None:
-        table_array = label_values_to_table(segmentation, config.labels, config.name)
+        table_array = label_values_to_table(segmentation, config.labels, config.name, label_map)
         content = table_array != 0
         labelmap = _with_geometry(table_array, reference)
     else:

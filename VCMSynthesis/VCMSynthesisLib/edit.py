@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from VCMSynthesisLib.errors import UsageError, UserError
+from VCMSynthesisLib.label_maps import LabelMap, add_label_map_arguments, label_map_of
 
 if TYPE_CHECKING:  # torch and the networks load only when a run starts (fast --help)
     from VCMSynthesisLib.conditions import IntensityScaling
@@ -61,6 +62,7 @@ class EditInputs:
     original: Segmentation | None = None
     region: sitk.Image | None = None
     modalities: dict[str, sitk.Image] = field(default_factory=dict)
+    label_map: LabelMap | None = None
 
 
 @dataclass
@@ -87,8 +89,10 @@ def check_on_scan_grid(image: sitk.Image, scan: sitk.Image, what: str) -> None:
 
 
 def read_edit_inputs(scan: Path, segmentation: Path, *, original: Path | None = None,
-                     region: Path | None = None, modalities: dict[str, Path] | None = None) -> EditInputs:
-    """Read the scan, the edited segmentation and the original segmentation or region mask."""
+                     region: Path | None = None, modalities: dict[str, Path] | None = None,
+                     label_map: LabelMap | None = None) -> EditInputs:
+    """Read the scan, the edited segmentation and the original segmentation or region mask
+    (both segmentations in the numbers `label_map` turns into the model's labels, if given)."""
     from VCMSynthesisLib.volumes import read_segmentation, read_volume
 
     if (original is None) == (region is None):
@@ -98,7 +102,8 @@ def read_edit_inputs(scan: Path, segmentation: Path, *, original: Path | None = 
     edited = read_segmentation(segmentation)
     check_on_scan_grid(edited.labelmap, scan_image, f"segmentation '{segmentation}'")
     inputs = EditInputs(scan=scan_image, segmentation=edited,
-                        modalities={name: read_volume(path) for name, path in (modalities or {}).items()})
+                        modalities={name: read_volume(path) for name, path in (modalities or {}).items()},
+                        label_map=label_map)
     if original is not None:
         inputs.original = read_segmentation(original)
         check_on_scan_grid(inputs.original.labelmap, scan_image, f"original segmentation '{original}'")
@@ -122,8 +127,8 @@ def edit_region(config: ModelConfig, inputs: EditInputs) -> np.ndarray:
             raise UserError("the region mask is empty (every voxel is 0); mark the voxels to "
                             "re-synthesize with non-zero values")
         return region
-    edited = label_values_to_table(inputs.segmentation, config.labels, config.name)
-    original = label_values_to_table(inputs.original, config.labels, config.name)
+    edited = label_values_to_table(inputs.segmentation, config.labels, config.name, inputs.label_map)
+    original = label_values_to_table(inputs.original, config.labels, config.name, inputs.label_map)
     region = edited != original
     if not region.any():
         raise UserError("the edited segmentation equals the original one, so there is nothing to "
@@ -219,7 +224,8 @@ def edit_scan(
     if not (math.isfinite(margin_mm) and margin_mm >= 0):
         raise UsageError(f"--margin-mm must be a number of millimetres, 0 or more, got {margin_mm:g}")
     region = edit_region(config, inputs)
-    built = conditions.assemble_conditions(config, inputs.segmentation, inputs.modalities)
+    built = conditions.assemble_conditions(config, inputs.segmentation, inputs.modalities,
+                                           label_map=inputs.label_map)
     scan = inputs.scan
     spacing = scan.GetSpacing()
     ones = conditions.image_from_array(np.ones(built.grid.GetSize(), np.float32), built.grid)
@@ -296,6 +302,7 @@ class EditRequest:
     steps: int | None = None
     seed: int = 0
     strength: float | None = None
+    label_map: LabelMap | None = None
 
 
 @dataclass
@@ -341,7 +348,8 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
     check_memory(model.config, model.folder, model.device)
     start = time.perf_counter()
     inputs = read_edit_inputs(request.image, request.segmentation, original=request.original_segmentation,
-                              region=request.region, modalities=request.modalities)
+                              region=request.region, modalities=request.modalities,
+                              label_map=request.label_map)
     timings = {"read_s": time.perf_counter() - start}
     stats = SamplingStats()
     start = time.perf_counter()
@@ -394,6 +402,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image", type=Path, required=True, help="the scan to edit (.nrrd, .nii.gz, .mha)")
     parser.add_argument("--segmentation", type=Path, required=True,
                         help="the edited segmentation, on the scan's grid (labelmap or .seg.nrrd)")
+    add_label_map_arguments(parser)
     region = parser.add_mutually_exclusive_group(required=True)
     region.add_argument("--original-segmentation", type=Path,
                         help="the segmentation before the edit: the region is where the two differ")
@@ -427,7 +436,7 @@ def edit_request(args: argparse.Namespace) -> EditRequest:
                        original_segmentation=args.original_segmentation, region=args.region,
                        modalities=modalities, margin_mm=args.margin_mm, resample=args.resample,
                        samples=args.samples, uncertainty=args.uncertainty, steps=args.steps,
-                       seed=args.seed, strength=args.strength)
+                       seed=args.seed, strength=args.strength, label_map=label_map_of(args))
 
 
 def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:

@@ -90,17 +90,24 @@ def synthesis_job(
     device: str = "auto",
     preview_every: int | None = None,
     samples: int | None = None,
+    label_map: str | Path | None = None,
+    unmapped: str | None = None,
 ) -> Job:
     """The `vcm-synthesis synthesize` job for conditions already written into `folder`.
 
     `preview_every` N: a live preview every N steps, written to `folder/preview.nrrd`
     (announced in `WorkerRun.preview`). `samples` K >= 2: the mean of K draws, and their spread
-    in `folder/uncertainty.nrrd` (`Outcome.uncertainty`).
+    in `folder/uncertainty.nrrd` (`Outcome.uncertainty`). `label_map` / `unmapped`: the
+    worker's `--label-map` (a preset name or a JSON file) and `--unmapped`.
     """
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["synthesize", "--model", str(model)]
     if segmentation is not None:
         arguments += ["--segmentation", str(segmentation)]
+    if label_map is not None:
+        arguments += ["--label-map", str(label_map)]
+    if unmapped is not None:
+        arguments += ["--unmapped", unmapped]
     for name, path in (modalities or {}).items():
         arguments += ["--modality", f"{name}={path}"]
     arguments += ["--output", str(output), "--device", device]
@@ -164,14 +171,17 @@ def edit_job(
     seed: int | None = None,
     strength: float | None = None,
     device: str = "auto",
+    label_map: str | Path | None = None,
+    unmapped: str | None = None,
 ) -> Job:
     """The `vcm-synthesis edit` job: re-synthesize where `segmentation` differs from
-    `original_segmentation`, or the non-zero voxels of `region`."""
+    `original_segmentation`, or the non-zero voxels of `region` (`label_map`, `unmapped`: as
+    for `synthesis_job`)."""
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["edit", "--model", str(model), "--image", str(image), "--segmentation", str(segmentation)]
     options = (("--original-segmentation", original_segmentation), ("--region", region), ("--output", output),
                ("--device", device), ("--margin-mm", margin_mm), ("--steps", steps), ("--seed", seed),
-               ("--strength", strength))
+               ("--strength", strength), ("--label-map", label_map), ("--unmapped", unmapped))
     for flag, value in options:
         if value is not None:
             arguments += [flag, str(value)]

@@ -260,9 +260,13 @@ def localize_job(job: Job) -> tuple[Job, dict[str, Path]]:
     outputs outside it are renamed into it. The arguments are read by the CLI's own parser.
     """
     from VCMSynthesisLib.cli import build_parser
+    from VCMSynthesisLib.label_maps import preset_names
     from VCMSynthesisLib.volumes import output_suffix
 
     args = build_parser(job.arguments[0]).parse_args(job.arguments)
+    if isinstance(getattr(args, "label_map", None), Path):
+        raise UsageError(f"--label-map '{args.label_map}': a label map file does not travel to a server; "
+                         f"use a preset ({', '.join(preset_names())}) or run without --server")
     folder, tokens, destinations = job.folder, {}, {}
     paths = {key: value for key, value in vars(args).items() if isinstance(value, Path)}
     inputs = {path.resolve() for key, path in paths.items() if key not in OUTPUT_ARGUMENTS}
@@ -300,13 +304,14 @@ def remote_job(args, folder: Path) -> Job:
     elif args.command == "synthesize":
         job = synthesis_job(folder, model=args.model, segmentation=args.segmentation, modalities=modalities,
                             output=args.output, steps=args.steps, seed=args.seed, strength=args.strength,
-                            samples=samples)
+                            samples=samples, label_map=args.label_map, unmapped=args.unmapped)
         extra = ["--unguided"] if args.unguided else []
     else:
         job = edit_job(folder, model=args.model, image=args.image, segmentation=args.segmentation,
                        original_segmentation=args.original_segmentation, region=args.region,
                        output=args.output, margin_mm=args.margin_mm, samples=samples, steps=args.steps,
-                       seed=args.seed, strength=args.strength)
+                       seed=args.seed, strength=args.strength, label_map=args.label_map,
+                       unmapped=args.unmapped)
         extra = ["--resample", str(args.resample)]
         for name, path in modalities.items():
             extra += ["--modality", f"{name}={path}"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import slicer
 import vtk
 
-from VCMSynthesisLib import jobs
+from VCMSynthesisLib import jobs, label_maps
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.files import provenance_sidecar
 from VCMSynthesisLib.model_config import Label, label_of_segment
@@ -70,10 +70,12 @@ def panel_label_mapping(
 ) -> dict[str, int]:
     """Segment ID -> what the panel shows for it: the user's earlier choice (`chosen`, e.g.
     `saved_label_mapping`; `NOT_USED` included) where the model still has that label, else the
-    `default_label_mapping` match, else `NOT_USED` until the user sets it."""
+    `default_label_mapping` match, else a FreeSurfer segment name a label-map preset knows
+    (`label_maps.preset_suggestions`), else `NOT_USED` until the user sets it."""
     label_table = list(label_table)
     valid = {NOT_USED} | {int(entry["value"]) for entry in label_table}
-    suggested = default_label_mapping(segment_names, label_table, label_values)
+    suggested = {**label_maps.preset_suggestions(segment_names, label_table),
+                 **default_label_mapping(segment_names, label_table, label_values)}
     return {segment_id: chosen[segment_id] if chosen.get(segment_id) in valid
             else suggested.get(segment_id, NOT_USED) for segment_id in segment_names}
 

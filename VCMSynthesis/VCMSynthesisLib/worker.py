@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.label_maps import LabelMap, add_label_map_arguments, label_map_of
 from VCMSynthesisLib.runtime import (
     JsonProgress,
     SignalCancellation,
@@ -63,6 +64,7 @@ class SynthesisRequest:
         uncertainty: where to write their per-voxel standard deviation (needs `samples` >= 2).
         preview: where to write the live preview (the predicted clean image every
             `preview_every` steps, on the output's grid); None: no preview.
+        label_map: turns the segmentation's own label numbers into the model's labels.
     """
 
     segmentation: Path | None
@@ -76,6 +78,7 @@ class SynthesisRequest:
     uncertainty: Path | None = None
     preview: Path | None = None
     preview_every: int = DEFAULT_PREVIEW_EVERY
+    label_map: LabelMap | None = None
 
     @property
     def reference_path(self) -> Path:
@@ -164,7 +167,8 @@ def synthesize(
     segmentation = read_segmentation(request.segmentation) if request.segmentation is not None else None
     volumes = {name: read_volume(path) for name, path in request.modalities.items()}
     conditions = assemble_conditions(config, segmentation, volumes,
-                                     {name: str(path) for name, path in request.modalities.items()})
+                                     {name: str(path) for name, path in request.modalities.items()},
+                                     request.label_map)
     condition = torch.from_numpy(conditions.channels).unsqueeze(0)
     timings["conditions_s"] = time.perf_counter() - start
     if conditions.cropped and warn is not None:
@@ -246,6 +250,7 @@ def register(subparsers) -> None:
                     "segmentation (or of the first modality).")
     parser.add_argument("--model", required=True, help="model name (see `vcm-synthesis models`) or folder")
     parser.add_argument("--segmentation", type=Path, help="labelmap (.nrrd, .nii.gz) or Slicer .seg.nrrd")
+    add_label_map_arguments(parser)
     parser.add_argument("--modality", type=modality_argument, action="append", default=[],
                         metavar="NAME=FILE",
                         help="a modality condition, e.g. T2=t2.nrrd (repeatable)")
@@ -279,7 +284,8 @@ def synthesis_request(args: argparse.Namespace) -> SynthesisRequest:
     return SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
                             steps=args.steps, seed=args.seed, guided=not args.unguided,
                             strength=args.strength, samples=args.samples, uncertainty=args.uncertainty,
-                            preview=args.preview, preview_every=args.preview_every)
+                            preview=args.preview, preview_every=args.preview_every,
+                            label_map=label_map_of(args))
 
 
 def _run_synthesize(args: argparse.Namespace, cancellation: SignalCancellation, json_mode: bool) -> int:

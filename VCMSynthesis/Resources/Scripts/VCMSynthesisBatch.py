@@ -32,6 +32,7 @@ try:
     from VCMSynthesisLib.cli import run_reporting_errors
     from VCMSynthesisLib.errors import EXIT_USAGE, UsageError, UserError
     from VCMSynthesisLib.files import refuse_overwriting_inputs
+    from VCMSynthesisLib.label_maps import add_label_map_arguments, label_map_of
     from VCMSynthesisLib.runtime import DEVICES, positive_int, seed_value
     from VCMSynthesisLib.superres import positive_mm
     from VCMSynthesisLib.volumes import LABEL_MAX
@@ -113,6 +114,8 @@ def segmentation_job(
         "strength": arguments.strength,
         "device": arguments.device,
         "output": case.output,
+        "label_map": arguments.label_map,
+        "unmapped": arguments.unmapped,
     }
     modalities = {**case.modalities, **{name: Path(path) for name, path in arguments.modality.items()}}
     for name, path in modalities.items():
@@ -194,10 +197,15 @@ def _exported_labelmap(path: Path, reference: Path | None, output: Path, argumen
         reference_node = scene.read_volume_file(reference)
         mrml_scene.AddNode(reference_node)
     names = scene.segment_names(segmentation_node)
-    # With every segment given by --label, the model's table (and torch) is not needed here.
-    table = [] if set(names.values()) <= set(labels) else scene.model_label_table(arguments.model)
     values = scene.segment_label_values(segmentation_node)
-    label_of_segment = _label_mapping(names, labels, table, path, values, by_value=arguments.map_by_value)
+    if arguments.read_label_map is not None:  # segments keep the numbers the map knows; the worker maps them
+        label_of_segment = arguments.read_label_map.segment_values(
+            {segment_id: (name, values[segment_id]) for segment_id, name in names.items()}, str(path))
+        label_of_segment = {segment_id: value for segment_id, value in label_of_segment.items() if value != 0}
+    else:
+        # With every segment given by --label, the model's table (and torch) is not needed here.
+        table = [] if set(names.values()) <= set(labels) else scene.model_label_table(arguments.model)
+        label_of_segment = _label_mapping(names, labels, table, path, values, by_value=arguments.map_by_value)
     return scene.export_segmentation(segmentation_node, label_of_segment, output, reference_node)
 
 
@@ -295,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--map-by-value", action="store_true",
                         help="map .seg.nrrd segments whose names match no model label by their label value")
+    add_label_map_arguments(parser)
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     parser.add_argument("--strength", type=float,
@@ -369,6 +378,8 @@ def _absolute_paths(arguments: argparse.Namespace) -> None:
     arguments.modality = {name: Path(path).absolute() for name, path in arguments.modality.items()}
     if arguments.model is not None and Path(arguments.model).is_dir():  # a model folder, not a name
         arguments.model = str(Path(arguments.model).absolute())
+    if isinstance(arguments.label_map, Path):  # a file, not a preset name
+        arguments.label_map = arguments.label_map.absolute()
     if arguments.python is not None and Path(arguments.python).parent != Path():  # not a bare name on PATH
         arguments.python = str(Path(arguments.python).absolute())
 
@@ -377,6 +388,9 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
     arguments.modality = parse_pairs(arguments.modality, "--modality")
     labels = parse_pairs(arguments.label, "--label")
     _absolute_paths(arguments)
+    if arguments.label_map is not None and (labels or arguments.map_by_value):
+        raise UsageError("--label-map says what every segment is; leave out --label and --map-by-value")
+    arguments.read_label_map = label_map_of(arguments)  # a bad map fails here, before any case
     if not (arguments.segmentation or arguments.cases or arguments.superres or arguments.modality):
         raise UsageError("give --segmentation, --modality NAME=FILE (translation), --cases or --superres")
     if arguments.cases is None and arguments.output is None:
@@ -384,6 +398,8 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
     if arguments.cases is not None and arguments.cases.is_dir() and arguments.output_dir is None:
         raise UsageError("--output-dir FOLDER is needed with --cases FOLDER")
     if arguments.superres is not None:
+        if arguments.label_map is not None:
+            raise UsageError("--label-map goes with segmentations, not --superres")
         if not arguments.superres.is_file():
             raise UserError(f"the volume '{arguments.superres}' does not exist; check the path")
         refuse_overwriting_inputs({"--output": arguments.output}, {"--superres": arguments.superres})

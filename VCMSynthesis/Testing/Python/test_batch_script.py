@@ -204,6 +204,42 @@ def test_a_segment_matching_no_label_is_refused_unless_mapped_by_value(tmp_path,
     assert "mapped by their label value: Label_2=2, lesion=3" in by_value.stderr
 
 
+def test_a_label_map_reads_freesurfer_segment_names_as_the_explicit_labels_do(tmp_path, tiny_model):
+    """Segments named after FreeSurfer's colour table (as Slicer names an imported aseg) go
+    through a label map file: the image is the one of the same mapping given with --label."""
+    import json
+
+    names = {1: "Left-Hippocampus", 2: "Right-Amygdala", 3: "Brain-Stem"}
+    write_seg_nrrd(tmp_path / "aseg.seg.nrrd", names)
+    label_map = tmp_path / "to-tiny.json"
+    label_map.write_text(json.dumps({"map": [
+        {"value": 17, "names": ["Left-Hippocampus"], "label": "label 1"},
+        {"value": 54, "names": ["Right-Amygdala"], "label": 2},
+        {"value": 16, "names": ["Brain-Stem"], "label": "label 3"}]}))
+    common = ("--segmentation", tmp_path / "aseg.seg.nrrd", "--model", tiny_model, "--steps", "1",
+              "--device", "cpu")
+
+    mapped = run_batch(*common, "--output", tmp_path / "mapped.nrrd", "--label-map", label_map,
+                       temporary=tmp_path)
+    explicit = run_batch(*common, "--output", tmp_path / "explicit.nrrd", "--label", "Left-Hippocampus=1",
+                         "--label", "Right-Amygdala=2", "--label", "Brain-Stem=3", temporary=tmp_path)
+
+    assert mapped.returncode == 0, mapped.stderr
+    assert explicit.returncode == 0, explicit.stderr
+    np.testing.assert_array_equal(array_of(scene.read_volume_file(tmp_path / "mapped.nrrd")),
+                                  array_of(scene.read_volume_file(tmp_path / "explicit.nrrd")))
+
+    write_seg_nrrd(tmp_path / "lesion.seg.nrrd", {**names, 3: "lesion"})
+    refused = run_batch("--segmentation", tmp_path / "lesion.seg.nrrd", "--output", tmp_path / "no.nrrd",
+                        "--model", tiny_model, "--label-map", label_map, temporary=tmp_path)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "segment(s) lesion of" in refused.stderr and "--unmapped background" in refused.stderr
+    both = run_batch(*common, "--output", tmp_path / "no.nrrd", "--label-map", "aseg", "--label", "a=1",
+                     temporary=tmp_path)
+    assert both.returncode == 2 and "leave out --label and --map-by-value" in both.stderr
+    assert not (tmp_path / "no.nrrd").exists()
+
+
 def test_edit_of_a_scan_from_two_seg_nrrd_files(tmp_path, tiny_model):
     from VCMSynthesisLib.edit import distance_mm
     from VCMSynthesisLib.volumes import read_volume

@@ -227,12 +227,14 @@ def test_import_reference_cli_writes_a_loadable_model_folder(tmp_path, capsys):
     assert config.covariates.names == BRAINLDM_COVARIATE_NAMES
     assert config.covariates.default == BRAINLDM_COVARIATE_DEFAULT
     assert config.scale_factor == BRAINLDM_SCALE_FACTOR
-    assert [label.value for label in config.labels] == list(range(1, 9))
+    labels = [(label.value, label.name) for label in config.labels]
+    assert len(labels) == 8 and labels[::7] == [(1, "white matter"), (8, "brainstem")]
     sources = config.metadata["imported_from"]
     assert set(sources) == {"adapter", "autoencoder", "diffusion"}
     adapter_bytes = (tmp_path / "vcm_wegith_complexSemantics.pt").read_bytes()
     assert sources["adapter"]["sha256"] == hashlib.sha256(adapter_bytes).hexdigest()
-    assert "label 8" in (output / "README.md").read_text()
+    card = (output / "README.md").read_text()
+    assert "8 brainstem" in card and "INFERRED from the" in card and "--label-map aseg" in card
 
     expected = load_reference_vcm(tmp_path / "vcm_wegith_complexSemantics.pt", vcm_params)
     x, y, t = inputs(vcm_params)

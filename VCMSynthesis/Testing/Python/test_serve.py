@@ -439,3 +439,17 @@ def test_serve_warns_about_other_addresses_and_a_token_others_can_read(tmp_path)
     token_file.chmod(0o644)
     first, second = start_warnings("0.0.0.0", token_file)
     assert "without TLS" in first and "reverse proxy" in first and "chmod 600" in second
+
+
+def test_a_label_map_preset_travels_to_the_server_and_a_map_file_is_refused(served, inputs, tmp_path):
+    remote = ["synthesize", "--model", "tiny", "--segmentation", inputs["segmentation"], "--modality",
+              f"T2={inputs['t2']}", "--output", tmp_path / "out.nrrd", "--server", served["server"].url,
+              "--token-file", served["token_file"]]
+    label_map = tmp_path / "map.json"
+    label_map.write_text('{"map": [{"value": 1, "label": 1}, {"value": 2, "label": 2}]}')
+    code, _, err = run_cli([*remote, "--label-map", label_map])
+    assert (code, err.count("\n")) == (2, 1) and "a label map file does not travel to a server" in err
+    # The server reads the preset: its targets are names the tiny model lacks.
+    code, _, err = run_cli([*remote, "--label-map", "aseg"])
+    assert code == 1 and "label map 'aseg' maps" in err and "which model 'tiny' does not have" in err
+    assert not (tmp_path / "out.nrrd").exists()
