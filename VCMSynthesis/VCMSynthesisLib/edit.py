@@ -337,7 +337,7 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
         cancellation: a `runtime.SignalCancellation`, polled between steps; None runs to the end.
         warn: called with one-line warnings.
     """
-    from VCMSynthesisLib.memory import check_memory
+    from VCMSynthesisLib.memory import plan_decode
     from VCMSynthesisLib.runtime import SignalCancellation
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import write_volumes_atomic
@@ -345,7 +345,7 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
 
     cancellation = cancellation or SignalCancellation()
     check_edit_request(request)
-    check_memory(model.config, model.folder, model.device)
+    model.decode_plan = plan_decode(model.config, model.folder, model.device)
     start = time.perf_counter()
     inputs = read_edit_inputs(request.image, request.segmentation, original=request.original_segmentation,
                               region=request.region, modalities=request.modalities,

@@ -1,14 +1,15 @@
-"""Memory guard: refuse a job that will not fit before it starts, with a way out.
+"""Memory planning: choose how a job decodes so that it fits, and refuse one that cannot fit.
 
-The peak of a synthesis run is the autoencoder's decoder at the full model grid: its last
-levels hold a few feature maps of `max(channels[0], channels[1])` channels at every voxel
-(the upsampling output, a residual block's input, normalisation and convolution outputs),
-next to the weights and the condition channels. `ACTIVATION_MAPS` (how many such maps are
-alive at once) was calibrated on the CPU with `bench/bench_memory.py`, which measures the peak
-RSS of a 1-step run above the process's footprint after imports: the measurements imply 4.4
-(80x96x80 grid) to 5.3 (64^3) maps, and 8 on a 48^3 grid where fixed costs dominate (covered
-by `MARGIN_BYTES`). On CUDA the activations are counted in half precision (the sampler runs
-under fp16 autocast); that figure is not calibrated on a GPU yet.
+The peak of a synthesis run is the autoencoder's decoder at the full model grid. Decoded whole,
+its last levels hold a few feature maps of `max(channels[0], channels[1])` channels at every
+voxel (the upsampling output, a residual block's input, normalisation and convolution outputs),
+next to the weights and the condition channels. `ACTIVATION_MAPS` (how many such maps are alive
+at once) was calibrated on the CPU with `bench/bench_memory.py`: the measurements imply 4.4
+(80x96x80 grid) to 5.3 (64^3) maps, and 8 on a 48^3 grid where fixed costs dominate (covered by
+`MARGIN_BYTES`). Decoded in slabs (`decoding.py`), about `SLAB_STORED_MAPS` such maps are stored
+and a few slabs' worth are in flight (`SLAB_TRANSIENT_MAPS`), measured at the paper's size with
+`bench/bench_decode.py`. On CUDA the activations are counted in half precision (the sampler runs
+under fp16 autocast); those figures are not calibrated on a GPU yet.
 """
 
 from __future__ import annotations
@@ -19,15 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from VCMSynthesisLib.decoding import WHOLE, DecodePlan
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_config import ModelConfig
 
 ACTIVATION_MAPS = 6.0
+SLAB_STORED_MAPS = 1.25
+SLAB_TRANSIENT_MAPS = 3.0
 MARGIN_BYTES = 256 * 2**20
+SLAB_ROWS = (16, 8, 4)  # tried in turn: as fast as 32 rows (bench_sampler), less memory; thickest first
 
 
-def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device) -> int:
-    """Estimated peak memory of one synthesis run at the model grid on `device`.
+def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
+                        plan: DecodePlan = WHOLE) -> int:
+    """Estimated peak memory of one synthesis run at the model grid on `device`, decoding as
+    `plan` says.
 
     Args:
         config: the model's config (grid, networks, conditions).
@@ -41,12 +48,50 @@ def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: 
     voxels = int(np.prod(config.grid.size))
     channels = config.autoencoder.params["channels"]
     widest = max(channels[:2])
-    if config.adapter is not None:
-        widest = max(widest, config.adapter.params.get("encoder_channels", [0])[0])
     activation_bytes = 2 if torch.device(device).type == "cuda" else 4
-    activations = ACTIVATION_MAPS * widest * voxels * activation_bytes
+    full_map = widest * voxels * activation_bytes
+    if plan.slab_bytes is None or full_map <= plan.slab_bytes:
+        decoder = ACTIVATION_MAPS * full_map
+    else:
+        in_flight = min(1.0, (plan.slab_rows + 2) / config.grid.size[0])
+        decoder = (SLAB_STORED_MAPS + SLAB_TRANSIENT_MAPS * in_flight) * full_map
+    if config.adapter is not None:  # VCM's condition encoder runs at the full grid too
+        encoder = config.adapter.params.get("encoder_channels", [0])[0] * voxels * activation_bytes
+        decoder = max(decoder, ACTIVATION_MAPS * encoder)
     conditions = (len(config.condition_channel_names) + 1) * voxels * 4
-    return int(weights + activations + conditions + MARGIN_BYTES)
+    return int(weights + decoder + conditions + MARGIN_BYTES)
+
+
+def plan_decode(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
+                available: int | None = None) -> DecodePlan:
+    """The decode plan whose estimated peak fits in `available` bytes; a UserError with a way out
+    when not even the thinnest slabs fit.
+
+    On the CPU, slabs (thickest first): they decode as fast as the whole volume at once
+    (`bench/bench_sampler.py --variants whole,slabs`) in less memory. On CUDA, the whole volume
+    when it fits (slabs there are not measured yet), else slabs.
+
+    Args:
+        available: bytes the run may use; None measures them on `device`.
+    """
+    available = available_bytes(device) if available is None else available
+    plans = [DecodePlan(slab_rows=rows) for rows in SLAB_ROWS]
+    if torch.device(device).type == "cuda":
+        plans.insert(0, WHOLE)
+    needed = {plan: estimate_peak_bytes(config, folder, device, plan) for plan in plans}
+    for plan in plans:
+        if needed[plan] <= available:
+            return plan
+    device = torch.device(device)
+    size = "x".join(str(s) for s in config.grid.size)
+    advice = ("run on the CPU (--device cpu) or free GPU memory" if device.type == "cuda"
+              else "close other programs, use a machine with more RAM or a GPU")
+    least = min(needed.values())
+    raise UserError(
+        f"model '{config.name}' needs about {least / 2**30:.1f} GiB on {device.type} at its {size} grid, "
+        f"but only {available / 2**30:.1f} GiB is available; {advice}, or use a model with a smaller grid "
+        "(a smaller region)"
+    )
 
 
 def available_bytes(device: str | torch.device) -> int:
@@ -62,28 +107,6 @@ def available_bytes(device: str | torch.device) -> int:
     limit = _cgroup_headroom()
     candidates = [value for value in (available, limit) if value is not None]
     return min(candidates) if candidates else 2**63
-
-
-def check_memory(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
-                 available: int | None = None) -> None:
-    """Raise a UserError when the run's estimated peak exceeds `available` bytes.
-
-    Args:
-        available: bytes the run may use; None measures them on `device`.
-    """
-    needed = estimate_peak_bytes(config, folder, device)
-    available = available_bytes(device) if available is None else available
-    if needed <= available:
-        return
-    device = torch.device(device)
-    size = "x".join(str(s) for s in config.grid.size)
-    advice = ("run on the CPU (--device cpu) or free GPU memory" if device.type == "cuda"
-              else "close other programs, use a machine with more RAM or a GPU")
-    raise UserError(
-        f"model '{config.name}' needs about {needed / 2**30:.1f} GiB on {device.type} at its {size} grid, "
-        f"but only {available / 2**30:.1f} GiB is available; {advice}, or use a model with a smaller grid "
-        "(a smaller region)"
-    )
 
 
 def _meminfo_available() -> int | None:

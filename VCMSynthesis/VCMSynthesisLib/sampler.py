@@ -258,7 +258,7 @@ def sample(
         if should_cancel is not None and should_cancel():
             raise Cancelled()
         with timer("decoder_s"):
-            image = model.autoencoder.decode(latent / config.scale_factor).float()
+            image = model.decode(latent).float()
     if not torch.isfinite(image).all():  # clamp keeps NaN: it must never reach a file
         raise UserError(f"model {config.name!r} produced NaN or infinite values: its weights or its noise "
                         f"schedule ('scheduler' in {model.folder}/config.json) are broken, or half precision "
@@ -271,7 +271,7 @@ def decode_latent(model: LoadedModel, latent: torch.Tensor) -> np.ndarray:
     """A latent (times `scale_factor`, e.g. a preview's predicted clean latent) as an image
     `[i, j, k]` on the model grid, clipped to the model's intensity range, as `sample` decodes."""
     with torch.inference_mode():
-        image = model.autoencoder.decode(latent / model.config.scale_factor).float()
+        image = model.decode(latent).float()
     low, high = model.config.intensity_range
     return image.clamp(low, high)[0, 0].cpu().numpy()
 

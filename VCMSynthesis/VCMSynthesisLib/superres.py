@@ -393,7 +393,7 @@ def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image
     """One parsed `superres` command line with a loaded model (the CLI and the server's jobs);
     `thick` is `args.input` as read. Returns a `worker.SynthesisResult`; outputs appear complete
     or not at all."""
-    from VCMSynthesisLib.memory import check_memory
+    from VCMSynthesisLib.memory import plan_decode
     from VCMSynthesisLib.runtime import SignalCancellation
     from VCMSynthesisLib.sampler import SamplingStats
     from VCMSynthesisLib.volumes import write_volumes_atomic
@@ -406,7 +406,7 @@ def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image
     warning = None if trained is None else check_thickness(geometry, trained)
     if warning is not None and warn is not None:
         warn(warning)
-    check_memory(model.config, model.folder, model.device)
+    model.decode_plan = plan_decode(model.config, model.folder, model.device)
 
     stats = SamplingStats()
     start = time.perf_counter()

@@ -1,8 +1,8 @@
 """`vcm-synthesis synthesize` and `models`: the synthesis use case the Slicer panel's worker runs.
 
-One run: check the output path, load the model, assemble the conditions (`conditions.py`),
-check the memory the job needs (`memory.py`), sample (`sampler.py`), map the result back onto
-the reference geometry and write it atomically with its provenance (`volumes.py`). The process
+One run: check the output path, load the model, plan the decode to fit the memory available
+(`memory.py`), assemble the conditions (`conditions.py`), sample (`sampler.py`), map the result
+back onto the reference geometry and write it atomically with its provenance (`volumes.py`). The process
 around it (cancellation, JSON lines, shared arguments) is `runtime.py`. torch and MONAI are
 imported inside the functions, so that importing this module stays cheap.
 """
@@ -150,7 +150,7 @@ def synthesize(
     import torch
 
     from VCMSynthesisLib.conditions import assemble_conditions
-    from VCMSynthesisLib.memory import check_memory
+    from VCMSynthesisLib.memory import plan_decode
     from VCMSynthesisLib.sampler import SamplingStats, sample, sample_spread
     from VCMSynthesisLib.volumes import read_segmentation, read_volume, write_volumes_atomic
 
@@ -161,7 +161,7 @@ def synthesize(
         raise UserError(f"model '{config.name}' is a super-resolution model; run `vcm-synthesis superres "
                         f"--model {config.name} --input FILE --output FILE` instead")
     request.check_paths()
-    check_memory(config, model.folder, model.device, available=available_memory)
+    model.decode_plan = plan_decode(config, model.folder, model.device, available=available_memory)
 
     start = time.perf_counter()
     segmentation = read_segmentation(request.segmentation) if request.segmentation is not None else None

@@ -191,15 +191,15 @@ def known_latent(model, mask, resample=1):
 
 
 def decoded_latents(model, monkeypatch):
-    """The latents `sample` hands to the decoder, recorded."""
+    """The latents (times `scale_factor`) `sample` hands to the decoder, recorded."""
     seen = []
-    decode = model.autoencoder.decode
+    decode = model.decode
 
     def recording(latent):
         seen.append(latent.clone())
         return decode(latent)
 
-    monkeypatch.setattr(model.autoencoder, "decode", recording)
+    monkeypatch.setattr(model, "decode", recording)
     return seen
 
 
@@ -211,7 +211,7 @@ def test_inpainting_keeps_the_known_latent_outside_the_mask(model, condition, mo
     seen = decoded_latents(model, monkeypatch)
     inpainted = sample(model, condition, seed=1, scheduler=scheduler, known=known)
     plain = sample(model, condition, seed=1, scheduler=scheduler)
-    final = seen[0] * model.config.scale_factor
+    final = seen[0]
     kept = mask.expand_as(final) == 0
     torch.testing.assert_close(final[kept], known.latent[kept], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(final[~kept], known.latent[~kept], atol=1e-3)  # the masked part is drawn

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import expected_provenance, make_tiny_model_folder, provenance_in_nrrd
 from VCMSynthesisLib.cli import main
 from VCMSynthesisLib.errors import Cancelled, UserError
-from VCMSynthesisLib.memory import check_memory, estimate_peak_bytes
+from VCMSynthesisLib.memory import estimate_peak_bytes, plan_decode
 from VCMSynthesisLib.model_folder import load_model_folder
 from VCMSynthesisLib.runtime import SignalCancellation
 from VCMSynthesisLib.volumes import read_segmentation, read_volume
@@ -408,8 +408,8 @@ def test_memory_guard_refuses_with_advice(case, tmp_path):
         synthesize(model, request, available_memory=10 * 2**20)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="--device cpu"):
-        check_memory(model.config, model.folder, "cuda", available=2**20)
-    check_memory(model.config, model.folder, "cpu", available=2**40)
+        plan_decode(model.config, model.folder, "cuda", available=2**20)
+    assert plan_decode(model.config, model.folder, "cpu", available=2**40).slab_rows == 16  # thickest
 
 
 def test_memory_estimate_grows_with_the_grid(tmp_path):

@@ -1,0 +1,150 @@
+"""Bounded-memory decoding (`decoding.py`) against MONAI's whole-volume `AutoencoderKL.decode`,
+and the memory plan (`memory.plan_decode`) that chooses it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import AutoencoderKL
+from tiny_models import make_tiny_model_folder
+from VCMSynthesisLib.decoding import WHOLE, DecodePlan, decode
+from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.memory import estimate_peak_bytes, plan_decode
+from VCMSynthesisLib.model_folder import frozen, load_model_folder
+from VCMSynthesisLib.sampler import sample
+
+EVERY_BLOCK = 1  # slab_bytes that sends every decoder block after the first through the slab path
+
+
+def _autoencoder(seed: int = 0, **options) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    params = dict(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=3, channels=(8, 16, 16),
+                  num_res_blocks=2, norm_num_groups=4, attention_levels=(False, False, False))
+    return AutoencoderKL(**{**params, **options}).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_slabs_decode_what_the_whole_volume_decodes(rows, channels_last):
+    autoencoder = _autoencoder()
+    if channels_last:
+        autoencoder = frozen(autoencoder, torch.device("cpu"))
+    latent = torch.randn(1, 3, 5, 7, 6, generator=torch.Generator().manual_seed(1))  # odd sizes
+    with torch.inference_mode():
+        expected = autoencoder.decode(latent)
+        got = decode(autoencoder, latent, DecodePlan(slab_bytes=EVERY_BLOCK, slab_rows=rows))
+    assert got.shape == expected.shape == (1, 1, 20, 28, 24)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_blocks_that_cannot_run_in_slabs_run_whole():
+    """Attention (here in the decoder's middle and at a level) needs the whole tensor; the
+    blocks around it still run in slabs and the result is the same."""
+    autoencoder = _autoencoder(attention_levels=(False, False, True), with_decoder_nonlocal_attn=True)
+    latent = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = autoencoder.decode(latent)
+        got = decode(autoencoder, latent, DecodePlan(slab_bytes=EVERY_BLOCK, slab_rows=3))
+        whole = decode(autoencoder, latent, WHOLE)
+    assert torch.equal(whole, expected)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_a_transposed_convolution_decoder_runs_whole():
+    autoencoder = _autoencoder(use_convtranspose=True)
+    latent = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = autoencoder.decode(latent)
+        got = decode(autoencoder, latent, DecodePlan(slab_bytes=EVERY_BLOCK, slab_rows=3))
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+MEASURE_PEAK = r"""
+import json, sys, torch
+from pathlib import Path
+from monai.networks.nets import AutoencoderKL
+from VCMSynthesisLib.decoding import WHOLE, DecodePlan, decode
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+autoencoder = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, latent_channels=3,
+                            channels=(32, 64, 64), num_res_blocks=2, norm_num_groups=8,
+                            attention_levels=(False, False, False), with_encoder_nonlocal_attn=False,
+                            with_decoder_nonlocal_attn=False).eval()
+latent = torch.randn(1, 3, 16, 24, 16)
+plan = WHOLE if sys.argv[1] == "whole" else DecodePlan(slab_bytes=32 * 2**20, slab_rows=8)
+
+def status_kb(field):
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1])
+
+with torch.inference_mode():
+    autoencoder.decode(latent[:, :, :2, :2, :2])  # allocator and kernels warmed up
+    before = status_kb("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
+    decode(autoencoder, latent, plan)
+print(json.dumps((status_kb("VmHWM:") - before) / 2**10))
+"""
+
+
+def test_slabs_lower_the_measured_peak():
+    """Peak resident memory of a fresh process decoding 64x96x64 (64- and 32-channel maps of 100
+    and 50 MB). Slabs this small would come from glibc's heap, which keeps freed memory; at real
+    sizes (the paper's: 18 MB a row) they are above its mmap threshold, as this test sets it."""
+    environment = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1",
+                   "MALLOC_MMAP_THRESHOLD_": "65536"}
+    peaks = {}
+    for plan in ("whole", "slabs"):
+        result = subprocess.run([sys.executable, "-c", MEASURE_PEAK, plan], capture_output=True, text=True,
+                                check=True, env=environment)
+        peaks[plan] = json.loads(result.stdout)
+    assert peaks["whole"] > 150, peaks  # MB above the warmed-up process: several full maps
+    assert peaks["slabs"] < 0.7 * peaks["whole"], peaks
+
+
+def test_the_plan_takes_the_thickest_slabs_that_fit_else_refuses(tmp_path):
+    """A base model (no condition encoder) at 256^3: its decoder's 8-channel full-grid maps are
+    512 MB; the weights are tiny."""
+    folder = make_tiny_model_folder(tmp_path / "tiny", grid=(256, 256, 256), with_adapter=False)
+    config = load_model_folder(folder).config
+    whole = estimate_peak_bytes(config, folder, "cpu", WHOLE)
+    thickest, thinnest = (estimate_peak_bytes(config, folder, "cpu", DecodePlan(slab_rows=rows))
+                          for rows in (16, 4))
+    assert thinnest < thickest < whole
+    assert plan_decode(config, folder, "cpu", available=whole) == DecodePlan(slab_rows=16)
+    assert plan_decode(config, folder, "cpu", available=thickest - 1) == DecodePlan(slab_rows=8)
+    assert plan_decode(config, folder, "cpu", available=thinnest) == DecodePlan(slab_rows=4)
+    with pytest.raises(UserError, match=r"needs about .* GiB on cpu .* close other programs"):
+        plan_decode(config, folder, "cpu", available=thinnest // 2)
+
+
+def test_a_run_with_too_little_memory_to_decode_whole_samples_the_same_image_in_slabs(tmp_path):
+    folder = make_tiny_model_folder(tmp_path / "tiny", grid=(32, 32, 32))
+    model = load_model_folder(folder)
+    condition = torch.rand(1, len(model.config.condition_channel_names), 32, 32, 32,
+                           generator=torch.Generator().manual_seed(4))
+    whole = sample(model, condition, steps=2, seed=5)
+    model.decode_plan = DecodePlan(slab_bytes=EVERY_BLOCK, slab_rows=5)
+    slabbed = sample(model, condition, steps=2, seed=5)
+    assert np.abs((slabbed - whole).numpy()).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_paper_size_slabs_decode_what_the_whole_volume_decodes():
+    """BrainLDM's autoencoder (random weights) at 160x224x160: the planned slab decode against
+    MONAI's whole-volume decode (about 4 minutes on 2 cores)."""
+    from VCMSynthesisLib.checkpoints import reference_model_config
+
+    autoencoder = frozen(AutoencoderKL(**reference_model_config("paper-sizes").autoencoder.params),
+                         torch.device("cpu"))
+    latent = torch.randn(1, 3, 20, 28, 20, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        expected = autoencoder.decode(latent)
+        got = decode(autoencoder, latent, DecodePlan(slab_rows=16))
+    assert (got - expected).abs().max() < 1e-3

@@ -1,0 +1,307 @@
+"""Decoding large latents in bounded memory: the decoder's big blocks run in slabs.
+
+At the paper's size (160x224x160) the decoder's last level holds feature maps of 64-128 channels
+at 5.7 M voxels, 1.5-2.9 GB each, and a whole-volume decode peaks near 10 GB on the CPU. Those
+blocks are all slab-friendly: convolutions with stride 1, nearest upsampling, GroupNorm and
+residual sums. So once a block's output passes `DecodePlan.slab_bytes`, it runs in slabs along the
+first spatial axis: a convolution reads its slab plus `kernel // 2` rows either side (the halo)
+and keeps exactly the rows a whole-volume convolution computes; GroupNorm takes its statistics over
+all slabs before it normalises any; inputs are released slab by slab as soon as no later slab
+reads them. The image equals the whole-volume decode up to float rounding (summation order).
+
+This is MAISI's tensor splitting (`monai.apps.generation.maisi`) applied to the MONAI
+`AutoencoderKL` that BrainLDM and this project's models use: MAISI's own autoencoder cannot load
+those weights as they are (it upsamples trilinearly where `AutoencoderKL` upsamples nearest).
+Blocks of other kinds (attention, transposed convolutions) run whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, UpSample
+from monai.networks.nets import AutoencoderKL
+from monai.networks.nets.autoencoderkl import AEKLResBlock
+from torch import nn
+
+SLAB_AXIS = 2  # the first spatial axis: a slab is one contiguous block in NCDHW and NDHWC layouts
+Rows = Callable[[int, int], torch.Tensor]  # rows [start, stop) of a tensor along the slab axis
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How `decode` splits the work.
+
+    Attributes:
+        slab_bytes: a block whose output would be larger than this runs in slabs (None: all
+            blocks run whole, as `AutoencoderKL.decode` does).
+        slab_rows: rows per slab along the slab axis: fewer rows lower the peak; each convolution
+            also reads `kernel // 2` rows either side, which it does not compute again.
+    """
+
+    slab_bytes: int | None = 256 * 2**20
+    slab_rows: int = 16
+
+
+WHOLE = DecodePlan(slab_bytes=None)
+
+
+class Slabs:
+    """A tensor kept as consecutive slabs along `SLAB_AXIS`; slabs can be released early."""
+
+    def __init__(self, slabs: list[torch.Tensor | None]):
+        self.slabs = slabs
+        sizes = [slab.shape[SLAB_AXIS] for slab in slabs]
+        self.bounds = [sum(sizes[:index]) for index in range(len(sizes) + 1)]
+
+    @classmethod
+    def split(cls, tensor: torch.Tensor, rows: int) -> Slabs:
+        return cls([piece.clone() for piece in torch.split(tensor, rows, dim=SLAB_AXIS)])
+
+    @property
+    def length(self) -> int:
+        return self.bounds[-1]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        pieces = []
+        for index, slab in enumerate(self.slabs):
+            low, high = self.bounds[index], self.bounds[index + 1]
+            if high <= start or low >= stop:
+                continue
+            if slab is None:
+                raise RuntimeError(f"slab {index} was released before rows {start}..{stop} were read")
+            pieces.append(slab.narrow(SLAB_AXIS, max(start, low) - low, min(stop, high) - max(start, low)))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, SLAB_AXIS)
+
+    def release_before(self, index: int) -> None:
+        """Frees the slabs before `index`: no later read reaches them."""
+        for earlier in range(index):
+            self.slabs[earlier] = None
+
+    def whole(self) -> torch.Tensor:
+        return torch.cat(self.slabs, SLAB_AXIS)
+
+
+def decode(autoencoder: AutoencoderKL, latent: torch.Tensor, plan: DecodePlan = DecodePlan()) -> torch.Tensor:
+    """`autoencoder.decode(latent)`, with the blocks whose output passes `plan.slab_bytes` in slabs.
+
+    For inference only (under `torch.inference_mode` or `no_grad`): slabs are summed in place.
+
+    Args:
+        autoencoder: a MONAI `AutoencoderKL` in eval mode.
+        latent: `(1, latent_channels, *latent grid)`, unscaled (as `AutoencoderKL.decode` takes it).
+    """
+    layout = _memory_format(autoencoder)
+    x = autoencoder.post_quant_conv(latent)
+    blocks = list(autoencoder.decoder.blocks)
+    slabbed: Slabs | None = None
+    pending_norm: nn.GroupNorm | None = None
+    for index, block in enumerate(blocks):
+        if slabbed is None:
+            x = x.contiguous(memory_format=layout)  # convolutions with few channels drop the layout
+            if plan.slab_bytes is None or not _slabbable(block) or _output_bytes(block, x) <= plan.slab_bytes:
+                x = block(x)
+                continue
+            slabbed = Slabs.split(x, _input_rows(block, plan.slab_rows))
+            del x
+        elif not _slabbable(block):
+            x, slabbed = block(slabbed.whole()), None
+            continue
+        if isinstance(block, nn.GroupNorm) and index + 1 < len(blocks) and _is_plain_conv(blocks[index + 1]):
+            pending_norm = block  # normalised on the fly as the next convolution reads its rows
+            continue
+        slabbed = _run_slabbed(block, slabbed, plan, pending_norm)
+        pending_norm = None
+    return x if slabbed is None else slabbed.whole()
+
+
+def _memory_format(autoencoder: AutoencoderKL) -> torch.memory_format:
+    """The layout of the decoder's weights (`model_folder.frozen` makes them channels-last on the
+    CPU): activations kept in it let every convolution run in it."""
+    weight = next(conv.weight for conv in autoencoder.decoder.modules()
+                  if isinstance(conv, nn.Conv3d) and max(conv.kernel_size) > 1)  # 1x1x1: either layout
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d)
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def _slabbable(block: nn.Module) -> bool:
+    if isinstance(block, AEKLResBlock):
+        shortcut = [] if isinstance(block.nin_shortcut, nn.Identity) else [block.nin_shortcut]
+        return all(_is_plain_conv(conv) for conv in [block.conv1, block.conv2, *shortcut])
+    if isinstance(block, UpSample):
+        return _nearest_upsample(block) is not None
+    return isinstance(block, nn.GroupNorm) or _is_plain_conv(block)
+
+
+def _is_plain_conv(block: nn.Module) -> bool:
+    """A MONAI `Convolution` that is only a stride-1 convolution with 'same' padding."""
+    if not isinstance(block, Convolution) or list(dict(block.named_children())) != ["conv"]:
+        return False
+    conv = block.conv
+    return (isinstance(conv, nn.Conv3d) and set(conv.stride) == {1} and set(conv.dilation) == {1}
+            and conv.padding_mode == "zeros" and all(pad == kernel // 2 and kernel % 2 == 1
+                                                      for pad, kernel in zip(conv.padding, conv.kernel_size)))
+
+
+def _nearest_upsample(block: UpSample) -> tuple[int, Convolution] | None:
+    """(scale, post-convolution) of an `UpSample` that is nearest interpolation then a plain conv."""
+    children = dict(block.named_children())
+    upsample, postconv = children.get("upsample_non_trainable"), children.get("postconv")
+    if set(children) != {"upsample_non_trainable", "postconv"} or not _is_plain_conv(postconv):
+        return None
+    if not isinstance(upsample, nn.Upsample) or upsample.mode != "nearest" or upsample.size is not None:
+        return None
+    scales = upsample.scale_factor
+    scales = scales if isinstance(scales, tuple) else (scales,)
+    if len(set(scales)) != 1 or float(scales[0]) != int(scales[0]):
+        return None
+    return int(scales[0]), postconv
+
+
+def _input_rows(block: nn.Module, output_rows: int) -> int:
+    scale = _nearest_upsample(block)[0] if isinstance(block, UpSample) else 1
+    return max(1, output_rows // scale)
+
+
+def _output_bytes(block: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of `block(x)` without running it (the blocks keep or scale the grid, set channels)."""
+    channels, scale = x.shape[1], 1
+    if isinstance(block, AEKLResBlock):
+        channels = block.out_channels
+    elif isinstance(block, UpSample):
+        found = _nearest_upsample(block)
+        scale = found[0] if found else 2
+    elif isinstance(block, Convolution) and isinstance(block.conv, nn.Conv3d):
+        channels = block.conv.out_channels
+    voxels = x[0, 0].numel() * scale ** (x.dim() - 2)
+    return channels * voxels * x.element_size()
+
+
+def _run_slabbed(block: nn.Module, x: Slabs, plan: DecodePlan, norm: nn.GroupNorm | None = None) -> Slabs:
+    if isinstance(block, AEKLResBlock):
+        return _res_block(block, x)
+    if isinstance(block, UpSample):
+        scale, postconv = _nearest_upsample(block)
+        return _convolve(postconv.conv, _upsampled_rows(x, scale), x.length * scale, plan.slab_rows,
+                         release=x, scale=scale)
+    if isinstance(block, nn.GroupNorm):  # a norm no convolution follows: normalise slab by slab
+        stats = _group_stats(block, x)
+        return Slabs([_normalize(stats, slab) for slab in x.slabs])
+    rows = x.rows if norm is None else _normalized_rows(norm, _group_stats(norm, x), x, activate=False)
+    return _convolve(block.conv, rows, x.length, plan.slab_rows, release=x, scale=1)
+
+
+def _res_block(block: AEKLResBlock, x: Slabs) -> Slabs:
+    """`x + conv2(silu(norm2(conv1(silu(norm1(x))))))`, with a 1x1x1 convolution on `x` where
+    the channels change, slab by slab on `x`'s slabs."""
+    shortcut = block.nin_shortcut
+    hidden: list[torch.Tensor] = []
+    skip: list[torch.Tensor] = []
+    first = _normalized_rows(block.norm1, _group_stats(block.norm1, x), x, activate=True)
+    for index in range(len(x.slabs)):
+        start, stop = x.bounds[index], x.bounds[index + 1]
+        hidden.append(_conv_rows(block.conv1.conv, first, start, stop, x.length))
+        skip.append(x.slabs[index] if isinstance(shortcut, nn.Identity) else shortcut(x.slabs[index]))
+        x.release_before(index)  # slab index + 1 reads only slabs index .. index + 2
+    x.release_before(len(x.slabs))
+    hidden = Slabs(hidden)
+    second = _normalized_rows(block.norm2, _group_stats(block.norm2, hidden), hidden, activate=True)
+    out = []
+    for index in range(len(hidden.slabs)):
+        start, stop = hidden.bounds[index], hidden.bounds[index + 1]
+        residual = _conv_rows(block.conv2.conv, second, start, stop, hidden.length)
+        out.append(skip[index].add_(residual) if skip[index] is not None else residual)
+        skip[index] = None
+        hidden.release_before(index)
+    return Slabs(out)
+
+
+def _convolve(conv: nn.Conv3d, rows: Rows, length: int, slab_rows: int, release: Slabs, scale: int) -> Slabs:
+    """`conv` over a tensor `length` rows long that `rows` reads, computed `slab_rows` at a time;
+    the slabs of `release` (the input, `scale` output rows per row) are freed as soon as no later
+    output slab reads them."""
+    out = []
+    halo = conv.padding[0]
+    for start in range(0, length, slab_rows):
+        stop = min(start + slab_rows, length)
+        out.append(_conv_rows(conv, rows, start, stop, length))
+        _release_rows_before(release, start - halo, scale)
+    return Slabs(out)
+
+
+def _release_rows_before(slabs: Slabs, row: int, scale: int) -> None:
+    """Frees the slabs of `slabs` that hold only rows before output row `row` (`scale` output rows
+    per input row)."""
+    last = max(index for index, bound in enumerate(slabs.bounds) if bound * scale <= max(row, 0))
+    slabs.release_before(last)
+
+
+def _conv_rows(conv: nn.Conv3d, rows: Rows, start: int, stop: int, length: int) -> torch.Tensor:
+    """Output rows [start, stop) of `conv` (stride 1, zero 'same' padding) over the whole tensor,
+    from input rows [start - halo, stop + halo): without padding along the slab axis, the
+    convolution computes exactly these rows; zero rows stand in beyond the tensor's ends."""
+    halo = conv.padding[0]
+    low, high = max(start - halo, 0), min(stop + halo, length)
+    x = rows(low, high)
+    if low - (start - halo) or (stop + halo) - high:
+        x = F.pad(x, (0, 0, 0, 0, low - (start - halo), (stop + halo) - high))
+    return F.conv3d(x, conv.weight, conv.bias, padding=(0, *conv.padding[1:]))
+
+
+def _upsampled_rows(x: Slabs, scale: int) -> Rows:
+    def rows(start: int, stop: int) -> torch.Tensor:
+        low, high = start // scale, -(-stop // scale)
+        upsampled = F.interpolate(x.rows(low, high), scale_factor=scale, mode="nearest")
+        return upsampled.narrow(SLAB_AXIS, start - low * scale, stop - start)
+
+    return rows
+
+
+def _group_stats(norm: nn.GroupNorm, x: Slabs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and shift that apply `norm` (statistics over the whole tensor) as
+    `x * scale + shift`: sums of x and x^2 per slab, combined in double precision."""
+    sums, squares, count = 0.0, 0.0, 0
+    for slab in x.slabs:
+        total, total_square = _channel_sums(slab.float())
+        sums, squares = sums + total.double(), squares + total_square.double()
+        count += slab[:, 0].numel()
+    group_mean = (sums / count).view(norm.num_groups, -1).mean(1)
+    group_square = (squares / count).view(norm.num_groups, -1).mean(1)
+    inverse_std = ((group_square - group_mean.square()).clamp_min(0) + norm.eps).rsqrt()
+    per_group = norm.num_channels // norm.num_groups
+    scale = inverse_std.repeat_interleave(per_group)
+    shift = -group_mean.repeat_interleave(per_group) * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+    return scale.float(), shift.float()
+
+
+def _channel_sums(slab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel sums of `slab` and of its square, as matrix-vector products on a view of it
+    (several times faster on the CPU than a reduction over the spatial axes)."""
+    channels = slab.shape[1]
+    if slab.dim() == 5 and slab.is_contiguous(memory_format=torch.channels_last_3d):
+        voxels_by_channel = slab.movedim(1, -1).reshape(-1, channels)
+        ones = slab.new_ones(1, voxels_by_channel.shape[0])
+        return (ones @ voxels_by_channel)[0], (ones @ voxels_by_channel.square())[0]
+    channel_by_voxels = slab.movedim(1, 0).reshape(channels, -1)
+    ones = slab.new_ones(channel_by_voxels.shape[1], 1)
+    return (channel_by_voxels @ ones)[:, 0], (channel_by_voxels.square() @ ones)[:, 0]
+
+
+def _normalize(stats: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`x` normalised with `_group_stats`' scale and shift, in float32 (as GroupNorm gives under
+    autocast)."""
+    scale, shift = (value.view(1, -1, *(1,) * (x.dim() - 2)) for value in stats)
+    return torch.addcmul(shift, x.float(), scale)
+
+
+def _normalized_rows(norm: nn.GroupNorm, stats, x: Slabs, activate: bool) -> Rows:
+    def rows(start: int, stop: int) -> torch.Tensor:
+        normalized = _normalize(stats, x.rows(start, stop))
+        return F.silu(normalized, inplace=True) if activate else normalized
+
+    return rows
