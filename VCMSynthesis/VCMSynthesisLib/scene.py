@@ -19,6 +19,7 @@ import vtk
 from VCMSynthesisLib import jobs
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.files import provenance_sidecar
+from VCMSynthesisLib.model_config import SAMPLING_SCHEDULERS
 
 
 def _require_untransformed(node, role: str) -> None:
@@ -69,7 +70,7 @@ def changed_sampling(config, **values) -> dict:
 
 def sampling_summary(config) -> str:
     """One line naming a model's default sampling, shown under its description."""
-    return (f"Defaults: {config.sampling_scheduler.upper()}, {config.sampling_steps} steps, "
+    return (f"Defaults: {SAMPLING_SCHEDULERS[config.sampling_scheduler]}, {config.sampling_steps} steps, "
             f"strength {config.sampling_strength:g}.")
 
 
