@@ -119,24 +119,16 @@ def _gb(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def print_tables(header: str, rows: list[dict], runs: list[dict], few: tuple[str, int]) -> None:
-    print(header)
-    columns = ("precision", "cudnn.benchmark", "channels_last_3d", "base ms/step", "VCM ms/step",
-               "cond. encoder s", "decode s", f"total s, {FULL_STEPS} steps", f"total s, {few[1]} steps",
-               "peak GB", "finite")
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        cells = (row["precision"], row["cudnn_benchmark"], row["channels_last_3d"],
-                 f"{row['base_ms']:.1f}", f"{row['vcm_ms']:.1f}", f"{row['encoder_s']:.3f}",
-                 f"{row['decode_s']:.3f}", f"{row['total_full_s']:.2f}", f"{row['total_few_s']:.2f}",
-                 _gb(row["peak_gb"]), row["finite"])
-        print("| " + " | ".join(map(str, cells)) + " |")
-    print(f"\nsampler.sample end to end (its default precision; totals above add the networks' medians; "
-          f"few-step default: {few[0]} {few[1]} steps, the shipped demo's):\n")
-    print("| scheduler | steps | wall s | networks s | decode s | peak GB |\n|---|---|---|---|---|---|")
-    for run in runs:
-        print(f"| {run['scheduler']} | {run['steps']} | {run['wall_s']:.2f} | {run['model_s']:.2f} | "
-              f"{run['decode_s']:.2f} | {_gb(run['peak_gb'])} |")
+def _option_cells(row: dict) -> tuple:
+    if "error" in row:
+        return (row["precision"], row["cudnn_benchmark"], row["channels_last_3d"], row["error"])
+    return (row["precision"], row["cudnn_benchmark"], row["channels_last_3d"], f"{row['base_ms']:.1f}",
+            f"{row['vcm_ms']:.1f}", f"{row['encoder_s']:.3f}", f"{row['decode_s']:.3f}",
+            f"{row['total_full_s']:.2f}", f"{row['total_few_s']:.2f}", _gb(row["peak_gb"]), row["finite"])
+
+
+def _print_row(cells) -> None:
+    print("| " + " | ".join(map(str, cells)) + " |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,23 +148,40 @@ def main(argv: list[str] | None = None) -> int:
     few = few_step_default()
     start = time.perf_counter()
     model = (bench_sampler._tiny_model if args.quick else bench_sampler._paper_model)(device)
-    build_s = time.perf_counter() - start
+    case = "tiny model (--quick)" if args.quick else "paper sizes (BrainLDM + VCM, random weights)"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    header = (f"{case}: image {'x'.join(map(str, model.config.grid.size))}, latent "
+              f"{'x'.join(map(str, model.config.latent_shape))}; {name}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} CPU threads; model built in {time.perf_counter() - start:.1f} s; "
+              f"medians of {args.repeats} forwards after a warm-up")
+    print(header + "\n", flush=True)
+    _print_row(("precision", "cudnn.benchmark", "channels_last_3d", "base ms/step", "VCM ms/step",
+                "cond. encoder s", "decode s", f"total s, {FULL_STEPS} steps", f"total s, {few[1]} steps",
+                "peak GB", "finite"))
+    print("|" + "---|" * 11, flush=True)
     # CPU autocast has no useful fp16 convolutions, and cudnn.benchmark is CUDA's.
     precisions = ("fp32", "fp16", "bf16") if device.type == "cuda" else ("fp32", "bf16")
     benchmarks = (False, True) if device.type == "cuda" else (False,)
-    options = itertools.product(precisions, benchmarks, (False, True))
-    rows = [measure_option(model, device, precision, benchmark, channels_last, args.repeats, few[1])
-            for precision, benchmark, channels_last in options]
-    runs = [end_to_end(model, device, "ddim", FULL_STEPS), end_to_end(model, device, *few)]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    case = "tiny model (--quick)" if args.quick else "paper sizes (BrainLDM + VCM, random weights)"
-    latent = "x".join(map(str, model.config.latent_shape))
-    grid = "x".join(map(str, model.config.grid.size))
-    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    header = (f"{case}: image {grid}, latent {latent}; {name}, torch {torch.__version__}, "
-              f"{torch.get_num_threads()} CPU threads; model built in {build_s:.1f} s; medians of "
-              f"{args.repeats}; peak RSS {peak_rss_gb:.2f} GB\n")
-    print_tables(header, rows, runs, few)
+    rows = []
+    for precision, benchmark, channels_last in itertools.product(precisions, benchmarks, (False, True)):
+        try:
+            row = measure_option(model, device, precision, benchmark, channels_last, args.repeats, few[1])
+        except RuntimeError as error:  # out of memory, or an option this build lacks: the others still run
+            row = {"precision": precision, "cudnn_benchmark": benchmark, "channels_last_3d": channels_last,
+                   "error": str(error).splitlines()[0][:200]}
+        rows.append(row)
+        _print_row(_option_cells(row))
+    print(f"\nsampler.sample end to end (its own precision: fp16 autocast on CUDA; few-step default "
+          f"{few[0]} {few[1]} steps, the shipped demo's):\n", flush=True)
+    _print_row(("scheduler", "steps", "wall s", "networks s", "decode s", "peak GB"))
+    print("|---|---|---|---|---|---|", flush=True)
+    runs = []
+    for scheduler, steps in (("ddim", FULL_STEPS), few):
+        run = end_to_end(model, device, scheduler, steps)
+        runs.append(run)
+        _print_row((scheduler, steps, f"{run['wall_s']:.2f}", f"{run['model_s']:.2f}",
+                    f"{run['decode_s']:.2f}", _gb(run["peak_gb"])))
+    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")
     if args.json is not None:
         args.json.write_text(json.dumps({"header": header, "options": rows, "end_to_end": runs}, indent=1))
     return 0
