@@ -38,14 +38,14 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_FOLDER = REPO / "VCMSynthesis" / "Resources" / "Models" / "demo"
 
 
-def _tiny_model(device: torch.device, as_loaded: bool):
+def _tiny_model(device: torch.device, as_loaded: bool = True):
     sys.path.insert(0, str(REPO / "VCMSynthesis" / "Testing" / "Python"))
     from tiny_models import tiny_config, tiny_networks
 
     return _random_model(tiny_config(), tiny_networks(tiny_config()), device, as_loaded)
 
 
-def _paper_model(device: torch.device, as_loaded: bool):
+def _paper_model(device: torch.device, as_loaded: bool = True):
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
     from VCMSynthesisLib.checkpoints import reference_model_config
     from VCMSynthesisLib.networks import VCM
@@ -67,7 +67,7 @@ def _random_model(config, networks, device: torch.device, as_loaded: bool):
                        adapter=adapter, device=device)
 
 
-def _demo_model(device: torch.device, as_loaded: bool):
+def _demo_model(device: torch.device, as_loaded: bool = True):
     from VCMSynthesisLib.model_folder import load_model_folder
 
     model = load_model_folder(DEMO_FOLDER, device)
@@ -75,6 +75,26 @@ def _demo_model(device: torch.device, as_loaded: bool):
         for network in (model.autoencoder, model.diffusion, model.adapter):
             network.to(memory_format=torch.contiguous_format)
     return model
+
+
+def network_inputs(model, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format):
+    """A latent, the base's input and context, a condition, as the sampler hands them over."""
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    condition = torch.rand(1, len(config.condition_channel_names), *config.grid.size, generator=generator)
+    latent = torch.randn(1, *config.latent_shape, generator=generator)
+    context = None
+    base_input = latent
+    if config.covariates is not None:
+        context = torch.tensor(config.covariates.default).view(1, 1, -1)
+        base_input = torch.cat([latent, context.view(1, -1, 1, 1, 1).expand(-1, -1, *latent.shape[2:])], 1)
+    adapter_context = context if model.adapter.params.get("unet_cross_attention_dim") is not None else None
+    to = {"device": device, "memory_format": memory_format}
+    return {"latent": latent.to(**to), "base_input": base_input.to(**to), "condition": condition.to(**to),
+            "adapter_input": torch.cat([latent, latent], 1).to(**to),
+            "context": None if context is None else context.to(device),
+            "adapter_context": None if adapter_context is None else adapter_context.to(device),
+            "t": torch.tensor([500], device=device)}
 
 
 def _median_forward_s(forward, device: torch.device, repeats: int) -> float:
@@ -99,24 +119,18 @@ def run_case(case: str, variant: str, device: torch.device, repeats: int, steps:
     model = build(device, as_loaded=variant != "before")
     model.decode_plan = DecodePlan(slab_rows=slab_rows) if variant == "slabs" else WHOLE
     config = model.config
-    generator = torch.Generator().manual_seed(0)
-    condition = torch.rand(1, len(config.condition_channel_names), *config.grid.size, generator=generator)
-    latent = torch.randn(1, *config.latent_shape, generator=generator).to(device)
-    t = torch.tensor([500], device=device)
-    context = None
-    base_input = latent
-    if config.covariates is not None:
-        context = torch.tensor(config.covariates.default, device=device).view(1, 1, -1)
-        base_input = torch.cat([latent, context.view(1, -1, 1, 1, 1).expand(-1, -1, *latent.shape[2:])], 1)
+    x = network_inputs(model, device)
     autocast = torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
     with torch.inference_mode(), autocast:
-        base_s = _median_forward_s(lambda: model.diffusion(base_input, t, context=context), device, repeats)
+        base_s = _median_forward_s(lambda: model.diffusion(x["base_input"], x["t"], context=x["context"]),
+                                   device, repeats)
         adapter = model.adapter
-        adapter_input, adapter_condition = torch.cat([latent, latent], 1), condition.to(device)
         # The sampler encodes the (time-free) condition once per run and modulates at every step.
-        encoder_s = _median_forward_s(lambda: adapter.encode_condition(adapter_condition), device, repeats)
-        encoded = adapter.encode_condition(adapter_condition)
-        vcm_s = _median_forward_s(lambda: adapter.modulation(adapter_input, encoded, t), device, repeats)
+        encoder_s = _median_forward_s(lambda: adapter.encode_condition(x["condition"]), device, repeats)
+        encoded = adapter.encode_condition(x["condition"])
+        vcm_s = _median_forward_s(lambda: adapter.modulation(x["adapter_input"], encoded, x["t"],
+                                                             context=x["adapter_context"]), device, repeats)
+    condition = x["condition"]
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -29,6 +29,7 @@ from sklearn.cluster import KMeans
 from VCMSynthesisLib import conditions, sampler, volumes
 from VCMSynthesisLib.cli import run_reporting_errors
 from VCMSynthesisLib.errors import UserError
+from VCMSynthesisLib.model_config import SAMPLING_SCHEDULERS
 from VCMSynthesisLib.model_folder import LoadedModel, load_model_folder
 from VCMSynthesisLib.registry import resolve_model
 
@@ -102,11 +103,13 @@ def case_conditions(model: LoadedModel, case: common.Case, keys: dict[str, str])
 
 
 def synthesize(model: LoadedModel, built: conditions.Conditions, guided: bool, steps: int | None,
-               seed: int, strength: float | None = None) -> tuple[np.ndarray, float]:
+               seed: int, strength: float | None = None,
+               scheduler: str | None = None) -> tuple[np.ndarray, float]:
     """(image on the case's reference grid in SimpleITK order, seconds)."""
     start = time.perf_counter()
     condition = torch.from_numpy(built.channels)[None] if len(built.channels) else None
-    image = sampler.sample(model, condition, steps=steps, seed=seed, guided=guided, strength=strength)
+    image = sampler.sample(model, condition, steps=steps, seed=seed, guided=guided, strength=strength,
+                           scheduler=scheduler)
     on_reference = built.synthesized_to_reference(image[0, 0].numpy(), model.config)
     return sitk.GetArrayFromImage(on_reference), time.perf_counter() - start
 
@@ -124,7 +127,7 @@ def autoencoder_reconstruction(model: LoadedModel, built: conditions.Conditions,
 
 def evaluate_case(model: LoadedModel, case: common.Case, keys: dict[str, str], steps: int | None,
                   seed: int, baseline_reference: sitk.Image | None, strength: float | None = None,
-                  guided_only: bool = False) -> list[dict]:
+                  guided_only: bool = False, scheduler: str | None = None) -> list[dict]:
     """One row per method (true T1, its autoencoder reconstruction, guided unless a base model,
     unguided, baseline; only the guided sample with `guided_only`)."""
     tissue_map = sitk.GetArrayFromImage(sitk.ReadImage(str(case.files[keys["labels"]])))
@@ -137,9 +140,9 @@ def evaluate_case(model: LoadedModel, case: common.Case, keys: dict[str, str], s
         estimates["true T1"] = (truth, 0.0)
         estimates["autoencoder (ceiling)"] = (autoencoder_reconstruction(model, built, truth_image), 0.0)
     if model.adapter is not None:
-        estimates["guided"] = synthesize(model, built, True, steps, seed, strength)
+        estimates["guided"] = synthesize(model, built, True, steps, seed, strength, scheduler)
     if not guided_only:
-        estimates["unguided"] = synthesize(model, built, False, steps, seed)
+        estimates["unguided"] = synthesize(model, built, False, steps, seed, scheduler=scheduler)
     if baseline_reference is not None and not guided_only:
         t2 = sitk.ReadImage(str(case.files[keys["T2"]]), sitk.sitkFloat32)
         estimates["histogram matching"] = (sitk.GetArrayFromImage(histogram_matching(t2, baseline_reference)),
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                              "of training/data/heldout)")
     parser.add_argument("--strength", type=float, help="condition strength (default: the model's)")
     parser.add_argument("--guided-only", action="store_true", help="only the guided sample (for tuning)")
+    parser.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS, help="sampler (default: the model's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         set_rows = []
         for case in common.read_manifest(manifest, split=args.split)[: args.cases]:
             case_rows = evaluate_case(model, case, keys, args.steps, args.seed, baseline_reference,
-                                      args.strength, args.guided_only)
+                                      args.strength, args.guided_only, args.scheduler)
             for row in case_rows:
                 print(f"{row['case']} {row['method']}: Dice {row['dice mean']:.3f}, PSNR {row['psnr']:.2f}, "
                       f"SSIM {row['ssim']:.3f}, {row['seconds']:.1f} s", flush=True)

@@ -88,7 +88,8 @@ def model_card(config: ModelConfig, figures: dict[str, Any] | None) -> str:
              f"- Task: {config.task}; conditions: {', '.join(config.condition_channel_names)}",
              f"- Grid: {list(config.grid.size)} voxels at {list(config.grid.spacing)} mm "
              f"({config.grid.orientation}), intensities in {list(config.intensity_range)}",
-             f"- Default sampling: {config.sampling_scheduler.upper()}, {config.sampling_steps} steps, "
+             f"- Default sampling: {SAMPLING_SCHEDULERS[config.sampling_scheduler]}, "
+             f"{config.sampling_steps} steps, "
              f"condition strength {config.sampling_strength:g}", "",
              "## Data", "",
              "Trained on subjects made from the MNI ICBM152 2009 template (nilearn's copy) by random",

@@ -26,7 +26,8 @@ LABEL_MAX = 2**31 - 1  # labelmaps are read as int32
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
 TASKS = ("synthesis", "translation", "superres")
-SAMPLING_SCHEDULERS = ("ddim", "ddpm")
+# The samplers a model's `sampling.scheduler` may name (`sampler.build_scheduler`), and how they are shown.
+SAMPLING_SCHEDULERS = {"ddim": "DDIM", "ddpm": "DDPM", "dpmpp-2m": "DPM-Solver++(2M)"}
 # Condition strengths above this overshoot any condition (gamma and beta are trained at 1).
 MAX_STRENGTH = 4.0
 NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta")
@@ -221,7 +222,7 @@ class ModelConfig:
         latent_channels: channels of the autoencoder's latent.
         scale_factor: latents are multiplied by it before diffusion and divided before decoding.
         noise_schedule: the base model's training noise schedule.
-        sampling_scheduler: default sampler, "ddim" or "ddpm".
+        sampling_scheduler: default sampler, a key of `SAMPLING_SCHEDULERS`.
         sampling_steps: default number of sampling steps.
         sampling_strength: default condition strength (`networks.modulate`; 1 as trained).
         labels: label table (one one-hot condition channel per row, in order).

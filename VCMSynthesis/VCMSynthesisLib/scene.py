@@ -20,7 +20,7 @@ import vtk
 from VCMSynthesisLib import jobs, label_maps
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.files import provenance_sidecar
-from VCMSynthesisLib.model_config import Label, label_of_segment
+from VCMSynthesisLib.model_config import SAMPLING_SCHEDULERS, Label, label_of_segment
 
 
 def _require_untransformed(node, role: str) -> None:
@@ -137,7 +137,7 @@ def changed_sampling(config, **values) -> dict:
 
 def sampling_summary(config) -> str:
     """One line naming a model's default sampling, shown under its description."""
-    return (f"Defaults: {config.sampling_scheduler.upper()}, {config.sampling_steps} steps, "
+    return (f"Defaults: {SAMPLING_SCHEDULERS[config.sampling_scheduler]}, {config.sampling_steps} steps, "
             f"strength {config.sampling_strength:g}.")
 
 

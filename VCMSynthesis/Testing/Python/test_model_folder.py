@@ -141,6 +141,7 @@ _DELETE = object()
     (_set("latent.scale_factor", -1), "'latent.scale_factor' must hold positive numbers"),
     (_set("scheduler.schedule", "wiggly"), "'scheduler.schedule'"),
     (_set("sampling.steps", 0), "'sampling.steps'"),
+    (_set("sampling.scheduler", "euler"), "'sampling.scheduler' must be one of ddim, ddpm, dpmpp-2m"),
     (_set("diffusion.params.in_channels", 4), "'diffusion.params.in_channels' must be latent channels"),
     (_set("adapter.params.condition_channels", 2), "'adapter.params.condition_channels' must equal"),
     (_set("conditions.labels.table", [{"value": 1, "name": "a"}, {"value": 1, "name": "b"}]),

@@ -13,6 +13,7 @@ from VCMSynthesisLib.networks import VCM, modulate
 from VCMSynthesisLib.sampler import KnownLatent, SamplingStats, build_scheduler, sample
 
 COVARIATES = ("sex", "age", "ventricular_volume", "brain_volume")
+SCHEDULERS = ("ddim", "ddpm", "dpmpp-2m")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_full_tiny_run_reports_progress_and_timings(model, condition):
     assert stats.model_s == pytest.approx(stats.base_s + stats.adapter_s + stats.decoder_s)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_fixed_seed_gives_identical_output(model, condition, scheduler):
     first = sample(model, condition, steps=4, seed=11, scheduler=scheduler)
     again = sample(model, condition, steps=4, seed=11, scheduler=scheduler)
@@ -50,10 +51,60 @@ def test_fixed_seed_gives_identical_output(model, condition, scheduler):
     assert not torch.equal(first, other)
 
 
-def test_ddpm_and_ddim_take_different_paths(model, condition):
-    ddim = sample(model, condition, steps=4, seed=5, scheduler="ddim")
-    ddpm = sample(model, condition, steps=4, seed=5, scheduler="ddpm")
-    assert not torch.equal(ddim, ddpm)
+def test_the_schedulers_take_different_paths(model, condition):
+    ddim, ddpm, dpm = (sample(model, condition, steps=4, seed=5, scheduler=name) for name in SCHEDULERS)
+    assert not torch.equal(ddim, ddpm) and not torch.equal(ddim, dpm) and not torch.equal(ddpm, dpm)
+
+
+# Sums of images sampled before DPM-Solver++ was added (commit 184879a, tiny model seed 0,
+# condition seed 7, seed 11, 4 steps): sum, sum weighted by voxel index / (count - 1), sum of squares.
+IMAGES_BEFORE = {
+    "ddim": (748.1279763414059, 370.07373014395455, 458.50466821831293),
+    "ddpm": (730.5605826436076, 364.9129750790386, 444.3751155337912),
+    "ddpm-inpainted": (701.2269008359872, 306.71407853301287, 409.5934404318019),
+}
+
+
+@pytest.mark.parametrize("case", IMAGES_BEFORE)
+def test_a_seed_gives_the_image_it_gave_before_dpm_solver(model, condition, case):
+    """Same seed, steps and config: DDIM and DDPM give the images they gave (bit for bit on the
+    machine that computed them; a float32 rounding's worth elsewhere)."""
+    scheduler = case.split("-")[0]
+    known = None
+    if case.endswith("inpainted"):
+        mask = torch.zeros(1, 1, *model.config.latent_shape[1:])
+        mask[..., :2, :, :] = 1.0
+        known = known_latent(model, mask, resample=2)
+    image = sample(model, condition, steps=4, seed=11, scheduler=scheduler, known=known)
+    image = image[0, 0].double().flatten()
+    weights = torch.linspace(0, 1, image.numel(), dtype=torch.float64)
+    sums = (float(image.sum()), float((image * weights).sum()), float((image * image).sum()))
+    assert sums == pytest.approx(IMAGES_BEFORE[case], rel=1e-6)
+
+
+def test_one_dpm_solver_step_is_one_ddim_step(model, condition):
+    """From pure noise to the clean end in one step, both return the model's clean prediction."""
+    torch.testing.assert_close(sample(model, condition, steps=1, seed=5, scheduler="dpmpp-2m"),
+                               sample(model, condition, steps=1, seed=5, scheduler="ddim"))
+
+
+def test_dpm_solver_gets_closer_to_the_ode_solution_than_ddim_in_as_many_steps(model, condition):
+    """Both solve the same ODE; DPM-Solver++(2M) is second order, DDIM first order."""
+    solution = sample(model, condition, steps=500, seed=3, scheduler="ddim")
+    for steps in (4, 8):
+        ddim, dpm = (sample(model, condition, steps=steps, seed=3, scheduler=name)
+                     for name in ("ddim", "dpmpp-2m"))
+        assert (dpm - solution).abs().mean() < 0.95 * (ddim - solution).abs().mean()
+
+
+def test_preview_shows_the_clean_prediction_and_the_last_is_the_result(model, condition, monkeypatch):
+    seen = decoded_latents(model, monkeypatch)
+    previews = []
+    sample(model, condition, steps=4, seed=6, scheduler="dpmpp-2m",
+           preview=lambda step, total, clean: previews.append((step, total, clean.clone())))
+    assert [(step, total) for step, total, _ in previews] == [(step, 4) for step in range(1, 5)]
+    assert not torch.equal(previews[0][2], previews[-1][2])
+    torch.testing.assert_close(previews[-1][2], seen[0])
 
 
 def test_guidance_changes_the_sample(model, condition):
@@ -111,7 +162,7 @@ def test_zeroed_heads_reproduce_unguided_sampling_exactly(tmp_path, condition):
         for head in (model.adapter.gamma_head, model.adapter.beta_head):
             for parameter in head.parameters():
                 parameter.zero_()
-    for scheduler in ("ddim", "ddpm"):
+    for scheduler in SCHEDULERS:
         guided = sample(model, condition, steps=4, seed=9, scheduler=scheduler)
         unguided = sample(model, None, steps=4, seed=9, scheduler=scheduler, guided=False)
         assert torch.equal(guided, unguided)
@@ -135,11 +186,12 @@ def test_respaced_ddpm_keeps_the_trained_noise_levels():
     torch.testing.assert_close(scheduler.alphas_cumprod, trained.alphas_cumprod[timesteps.flip(0)])
 
 
-def test_cancel_between_steps(model, condition):
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_cancel_between_steps(model, condition, scheduler):
     calls = []
     checks = iter([False, False, True])
     with pytest.raises(Cancelled):
-        sample(model, condition, steps=TINY_STEPS, progress=lambda s, t: calls.append(s),
+        sample(model, condition, steps=TINY_STEPS, scheduler=scheduler, progress=lambda s, t: calls.append(s),
                should_cancel=lambda: next(checks))
     assert calls == [1, 2]
 
@@ -147,7 +199,7 @@ def test_cancel_between_steps(model, condition):
 def test_bad_arguments(model, condition):
     with pytest.raises(UserError, match="steps must be between 1 and 1000, got 0"):
         sample(model, condition, steps=0)
-    with pytest.raises(UserError, match="unknown scheduler 'euler'"):
+    with pytest.raises(UserError, match="unknown scheduler 'euler'; use one of ddim, ddpm, dpmpp-2m"):
         sample(model, condition, scheduler="euler")
     with pytest.raises(ValueError, match=r"condition must have shape \(1, 5, 16, 16, 16\)"):
         sample(model, condition[:, :4])
@@ -203,7 +255,7 @@ def decoded_latents(model, monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_inpainting_keeps_the_known_latent_outside_the_mask(model, condition, monkeypatch, scheduler):
     mask = torch.zeros(1, 1, *model.config.latent_shape[1:])
     mask[..., :2, :, :] = 1.0
@@ -218,11 +270,12 @@ def test_inpainting_keeps_the_known_latent_outside_the_mask(model, condition, mo
     assert not torch.equal(inpainted, plain)
 
 
-def test_inpainting_with_a_full_mask_is_plain_sampling(model, condition):
-    """DDIM draws no noise per step, so generating everywhere gives exactly the plain sample."""
+@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m"])
+def test_inpainting_with_a_full_mask_is_plain_sampling(model, condition, scheduler):
+    """DDIM and DPM-Solver++ draw no noise per step: generating everywhere gives exactly the plain sample."""
     full = known_latent(model, torch.ones(1, 1, *model.config.latent_shape[1:]))
-    torch.testing.assert_close(sample(model, condition, seed=2, scheduler="ddim", known=full),
-                               sample(model, condition, seed=2, scheduler="ddim"), rtol=0, atol=0)
+    torch.testing.assert_close(sample(model, condition, seed=2, scheduler=scheduler, known=full),
+                               sample(model, condition, seed=2, scheduler=scheduler), rtol=0, atol=0)
 
 
 def test_inpainting_with_an_empty_mask_decodes_the_known_latent(model, condition):
@@ -233,13 +286,15 @@ def test_inpainting_with_an_empty_mask_decodes_the_known_latent(model, condition
     torch.testing.assert_close(image, expected)
 
 
-def test_resampling_repeats_each_step_and_reports_steps_once(model, condition):
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_resampling_repeats_each_step_and_reports_steps_once(model, condition, scheduler):
     mask = torch.zeros(1, 1, *model.config.latent_shape[1:])
     mask[..., 0, 0, 0] = 1.0
     calls = []
     stats = SamplingStats()
-    once = sample(model, condition, seed=5, known=known_latent(model, mask))
-    thrice = sample(model, condition, seed=5, known=known_latent(model, mask, resample=3), stats=stats,
+    once = sample(model, condition, seed=5, scheduler=scheduler, known=known_latent(model, mask))
+    thrice = sample(model, condition, seed=5, scheduler=scheduler,
+                    known=known_latent(model, mask, resample=3), stats=stats,
                     progress=lambda step, total: calls.append((step, total)))
     assert calls == [(step, TINY_STEPS) for step in range(1, TINY_STEPS + 1)]
     assert stats.steps == 3 * TINY_STEPS

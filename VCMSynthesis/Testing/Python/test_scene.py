@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -285,4 +287,6 @@ def test_the_panel_passes_only_sampling_settings_that_differ_from_the_models(tmp
     assert changed == {"steps": config.sampling_steps + 7, "strength": None}
     assert scene.changed_sampling(None, steps=5, strength=1.0) == {"steps": 5, "strength": 1.0}
     summary = scene.sampling_summary(config)
-    assert f"{config.sampling_steps} steps" in summary and config.sampling_scheduler.upper() in summary
+    assert summary == f"Defaults: DDIM, {config.sampling_steps} steps, strength 1."
+    few_step = dataclasses.replace(config, sampling_scheduler="dpmpp-2m", sampling_steps=6)
+    assert scene.sampling_summary(few_step) == "Defaults: DPM-Solver++(2M), 6 steps, strength 1."

@@ -181,13 +181,13 @@ def test_adapter_trains_exports_samples_and_continues(dataset, base_runs, tmp_pa
     save_model_folder(tmp_path / "model", model.config, model.autoencoder, model.diffusion, model.adapter,
                       model_card=card, dtype=torch.float16)
     adapter_bytes = (tmp_path / "model" / "adapter.safetensors").read_bytes()
-    export_model.main(["set-sampling", "--model", str(tmp_path / "model"), "--scheduler", "ddim",
+    export_model.main(["set-sampling", "--model", str(tmp_path / "model"), "--scheduler", "dpmpp-2m",
                        "--strength", "2", "--background", "0"])
     model = load_model_folder(tmp_path / "model")
-    assert (model.config.sampling_steps, model.config.sampling_scheduler) == (3, "ddim")
+    assert (model.config.sampling_steps, model.config.sampling_scheduler) == (3, "dpmpp-2m")
     assert (model.config.sampling_strength, model.config.intensity_background) == (2.0, 0.0)
     card = (tmp_path / "model" / "README.md").read_text()
-    assert "- Default sampling: DDIM, 3 steps, condition strength 2" in card
+    assert "- Default sampling: DPM-Solver++(2M), 3 steps, condition strength 2" in card
     assert (tmp_path / "model" / "adapter.safetensors").read_bytes() == adapter_bytes
     assert model.config.condition_channel_names == ["background", "CSF", "grey matter", "white matter"]
     assert "adapter" in (tmp_path / "model" / "README.md").read_text()
