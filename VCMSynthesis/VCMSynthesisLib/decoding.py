@@ -262,34 +262,38 @@ def _upsampled_rows(x: Slabs, scale: int) -> Rows:
 
 def _group_stats(norm: nn.GroupNorm, x: Slabs) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel scale and shift that apply `norm` (statistics over the whole tensor) as
-    `x * scale + shift`: sums of x and x^2 per slab, combined in double precision."""
-    sums, squares, count = 0.0, 0.0, 0
-    for slab in x.slabs:
-        total, total_square = _channel_sums(slab.float())
-        sums, squares = sums + total.double(), squares + total_square.double()
-        count += slab[:, 0].numel()
-    group_mean = (sums / count).view(norm.num_groups, -1).mean(1)
-    group_square = (squares / count).view(norm.num_groups, -1).mean(1)
-    inverse_std = ((group_square - group_mean.square()).clamp_min(0) + norm.eps).rsqrt()
+    `x * scale + shift`: each slab's per-channel mean and centred sum of squares, combined in
+    double precision (Chan et al.'s parallel variance, exact where E[x^2] - E[x]^2 would cancel)."""
+    moments = [_channel_moments(slab.float()) for slab in x.slabs]
+    count = sum(slab_count for slab_count, _, _ in moments)
+    mean = sum(slab_count * slab_mean for slab_count, slab_mean, _ in moments) / count
+    squares = sum(slab_squares + slab_count * (slab_mean - mean).square()
+                  for slab_count, slab_mean, slab_squares in moments)
     per_group = norm.num_channels // norm.num_groups
+    group_mean = mean.view(norm.num_groups, per_group).mean(1, keepdim=True)
+    group_squares = (squares.view(norm.num_groups, per_group)
+                     + count * (mean.view(norm.num_groups, per_group) - group_mean).square()).sum(1)
+    inverse_std = (group_squares / (count * per_group) + norm.eps).rsqrt()
     scale = inverse_std.repeat_interleave(per_group)
-    shift = -group_mean.repeat_interleave(per_group) * scale
+    shift = -group_mean.view(-1).repeat_interleave(per_group) * scale
     if norm.affine:
         scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
     return scale.float(), shift.float()
 
 
-def _channel_sums(slab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel sums of `slab` and of its square, as matrix-vector products on a view of it
-    (several times faster on the CPU than a reduction over the spatial axes)."""
+def _channel_moments(slab: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(voxels, per-channel mean, per-channel sum of squared deviations) of `slab`, the sums as
+    matrix-vector products on a view of it (several times faster on the CPU than a reduction
+    over the spatial axes); the means and sums in double precision."""
     channels = slab.shape[1]
-    if slab.dim() == 5 and slab.is_contiguous(memory_format=torch.channels_last_3d):
-        voxels_by_channel = slab.movedim(1, -1).reshape(-1, channels)
-        ones = slab.new_ones(1, voxels_by_channel.shape[0])
-        return (ones @ voxels_by_channel)[0], (ones @ voxels_by_channel.square())[0]
-    channel_by_voxels = slab.movedim(1, 0).reshape(channels, -1)
-    ones = slab.new_ones(channel_by_voxels.shape[1], 1)
-    return (channel_by_voxels @ ones)[:, 0], (channel_by_voxels.square() @ ones)[:, 0]
+    if slab.is_contiguous(memory_format=torch.channels_last_3d):
+        matrix = slab.movedim(1, -1).reshape(-1, channels)  # (voxels, channels)
+    else:
+        matrix = slab.movedim(1, 0).reshape(channels, -1).T
+    ones = slab.new_ones(1, matrix.shape[0])
+    mean = (ones @ matrix)[0] / matrix.shape[0]
+    centred = (matrix - mean).square_()
+    return matrix.shape[0], mean.double(), (ones @ centred)[0].double()
 
 
 def _normalize(stats: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,10 @@ next to the weights and the condition channels. `ACTIVATION_MAPS` (how many such
 at once) was calibrated on the CPU with `bench/bench_memory.py`: the measurements imply 4.4
 (80x96x80 grid) to 5.3 (64^3) maps, and 8 on a 48^3 grid where fixed costs dominate (covered by
 `MARGIN_BYTES`). Decoded in slabs (`decoding.py`), about `SLAB_STORED_MAPS` such maps are stored
-and a few slabs' worth are in flight (`SLAB_TRANSIENT_MAPS`), measured at the paper's size with
-`bench/bench_decode.py`. On CUDA the activations are counted in half precision (the sampler runs
-under fp16 autocast); those figures are not calibrated on a GPU yet.
+and a few slabs' worth are in flight (`SLAB_TRANSIENT_MAPS`): at the paper's size with 16-row
+slabs that estimates 7.4 GB where `bench/bench_sampler.py --variants slabs` measured 6.7 GB.
+On CUDA the activations are counted in half precision (the sampler runs under fp16 autocast);
+those figures are not calibrated on a GPU yet.
 """
 
 from __future__ import annotations

@@ -138,7 +138,10 @@ def test_a_run_with_too_little_memory_to_decode_whole_samples_the_same_image_in_
 @pytest.mark.slow
 def test_paper_size_slabs_decode_what_the_whole_volume_decodes():
     """BrainLDM's autoencoder (random weights) at 160x224x160: the planned slab decode against
-    MONAI's whole-volume decode (about 4 minutes on 2 cores)."""
+    MONAI's whole-volume decode (about 3 minutes on 2 cores). They differ by float32 rounding of
+    the GroupNorm statistics over 23 M values a group, larger in the whole-volume decode
+    (`test_slab_statistics_are_closer_to_double_precision_than_group_norms`): mean 2e-4, at most
+    about 0.014 here, where random weights amplify it."""
     from VCMSynthesisLib.checkpoints import reference_model_config
 
     autoencoder = frozen(AutoencoderKL(**reference_model_config("paper-sizes").autoencoder.params),
@@ -147,4 +150,28 @@ def test_paper_size_slabs_decode_what_the_whole_volume_decodes():
     with torch.inference_mode():
         expected = autoencoder.decode(latent)
         got = decode(autoencoder, latent, DecodePlan(slab_rows=16))
-    assert (got - expected).abs().max() < 1e-3
+    difference = (got - expected).abs()
+    assert difference.mean() < 1e-3 and difference.max() < 0.02
+
+
+@pytest.mark.slow
+def test_slab_statistics_are_closer_to_double_precision_than_group_norms():
+    """At the paper's size (a 128-channel map at 80x224x160, channel means 6x the spread) the
+    slab statistics normalise closer to float64 than PyTorch's float32 GroupNorm does."""
+    from VCMSynthesisLib.decoding import Slabs, _group_stats, _normalize
+
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 128, 80, 224, 160, generator=generator) * 0.5
+    x = x + 3.0 * torch.randn(1, 128, 1, 1, 1, generator=generator)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    norm = torch.nn.GroupNorm(32, 128, eps=1e-6)
+    with torch.inference_mode():
+        groups = x.contiguous().view(32, -1)
+        mean = torch.stack([group.double().mean() for group in groups]).repeat_interleave(4)
+        mean = mean.view(1, -1, 1, 1, 1)
+        std = torch.stack([group.double().std(unbiased=False) for group in groups]).repeat_interleave(4)
+        head = x[:, :, :8]
+        exact = (head.double() - mean) / (std.square() + 1e-6).sqrt().view(1, -1, 1, 1, 1)
+        native = torch.nn.functional.group_norm(x, 32, eps=1e-6)[:, :, :8]
+        slabbed = _normalize(_group_stats(norm, Slabs.split(x, 16)), head)
+    assert (slabbed.double() - exact).abs().max() < 0.5 * (native.double() - exact).abs().max()
