@@ -5,9 +5,10 @@ at 5.7 M voxels, 1.5-2.9 GB each, and a whole-volume decode peaks near 10 GB on 
 blocks are all slab-friendly: convolutions with stride 1, nearest upsampling, GroupNorm and
 residual sums. So once a block's output passes `DecodePlan.slab_bytes`, it runs in slabs along the
 first spatial axis: a convolution reads its slab plus `kernel // 2` rows either side (the halo)
-and keeps exactly the rows a whole-volume convolution computes; GroupNorm takes its statistics over
-all slabs before it normalises any; inputs are released slab by slab as soon as no later slab
-reads them. The image equals the whole-volume decode up to float rounding (summation order).
+and computes exactly that slab's rows of the whole-volume convolution; GroupNorm takes its
+statistics over all slabs before it normalises any; inputs are released slab by slab as soon as
+no later slab reads them. The image equals the whole-volume decode up to float rounding (at the
+paper's size mostly the whole-volume GroupNorm's own float32 statistics, `test_decoding.py`).
 
 This is MAISI's tensor splitting (`monai.apps.generation.maisi`) applied to the MONAI
 `AutoencoderKL` that BrainLDM and this project's models use: MAISI's own autoencoder cannot load
@@ -167,13 +168,12 @@ def _input_rows(block: nn.Module, output_rows: int) -> int:
 
 
 def _output_bytes(block: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of `block(x)` without running it (the blocks keep or scale the grid, set channels)."""
+    """Bytes of `block(x)` for a `_slabbable` block, without running it."""
     channels, scale = x.shape[1], 1
     if isinstance(block, AEKLResBlock):
         channels = block.out_channels
     elif isinstance(block, UpSample):
-        found = _nearest_upsample(block)
-        scale = found[0] if found else 2
+        scale = _nearest_upsample(block)[0]
     elif isinstance(block, Convolution) and isinstance(block.conv, nn.Conv3d):
         channels = block.conv.out_channels
     voxels = x[0, 0].numel() * scale ** (x.dim() - 2)
@@ -199,7 +199,7 @@ def _res_block(block: AEKLResBlock, x: Slabs) -> Slabs:
     the channels change, slab by slab on `x`'s slabs."""
     shortcut = block.nin_shortcut
     hidden: list[torch.Tensor] = []
-    skip: list[torch.Tensor] = []
+    skip: list[torch.Tensor | None] = []
     first = _normalized_rows(block.norm1, _group_stats(block.norm1, x), x, activate=True)
     for index in range(len(x.slabs)):
         start, stop = x.bounds[index], x.bounds[index + 1]
@@ -213,7 +213,7 @@ def _res_block(block: AEKLResBlock, x: Slabs) -> Slabs:
     for index in range(len(hidden.slabs)):
         start, stop = hidden.bounds[index], hidden.bounds[index + 1]
         residual = _conv_rows(block.conv2.conv, second, start, stop, hidden.length)
-        out.append(skip[index].add_(residual) if skip[index] is not None else residual)
+        out.append(skip[index].add_(residual))
         skip[index] = None
         hidden.release_before(index)
     return Slabs(out)
