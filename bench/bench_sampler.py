@@ -18,7 +18,7 @@ Variants, side by side in one run (the same seed gives the same image within flo
           `memory.plan_decode` chooses when the whole volume does not fit
 
 Usage: .venv/bin/python bench/bench_sampler.py [--cases tiny,demo,paper] [--variants whole]
-       [--device cpu|cuda] [--repeats 3] [--steps 3] [--threads N] [--slab-rows 16]
+       [--device cpu|cuda] [--repeats 3] [--steps 3] [--threads N] [--slab-rows 8]
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="tiny,demo,paper")
     parser.add_argument("--variants", default="whole", help="before, whole and/or slabs (see above)")
-    parser.add_argument("--slab-rows", type=int, default=16)
+    parser.add_argument("--slab-rows", type=int, default=8)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)

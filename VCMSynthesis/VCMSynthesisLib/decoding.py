@@ -44,7 +44,7 @@ class DecodePlan:
     """
 
     slab_bytes: int | None = 256 * 2**20
-    slab_rows: int = 16
+    slab_rows: int = 8
 
 
 WHOLE = DecodePlan(slab_bytes=None)

@@ -7,8 +7,9 @@ next to the weights and the condition channels. `ACTIVATION_MAPS` (how many such
 at once) was calibrated on the CPU with `bench/bench_memory.py`: the measurements imply 4.4
 (80x96x80 grid) to 5.3 (64^3) maps, and 8 on a 48^3 grid where fixed costs dominate (covered by
 `MARGIN_BYTES`). Decoded in slabs (`decoding.py`), about `SLAB_STORED_MAPS` such maps are stored
-and a few slabs' worth are in flight (`SLAB_TRANSIENT_MAPS`): at the paper's size with 16-row
-slabs that estimates 7.4 GB where `bench/bench_sampler.py --variants slabs` measured 6.7 GB.
+and a few slabs' worth are in flight (`SLAB_TRANSIENT_MAPS`): at the paper's size that estimates
+7.4 GB for 16-row slabs and 7.0 GB for 8-row ones, where `bench/bench_sampler.py --variants
+slabs` measured 6.7 and 6.3 GB.
 On CUDA the activations are counted in half precision (the sampler runs under fp16 autocast);
 those figures are not calibrated on a GPU yet.
 """
@@ -29,7 +30,7 @@ ACTIVATION_MAPS = 6.0
 SLAB_STORED_MAPS = 1.25
 SLAB_TRANSIENT_MAPS = 3.0
 MARGIN_BYTES = 256 * 2**20
-SLAB_ROWS = (16, 8, 4)  # tried in turn: as fast as 32 rows (bench_sampler), less memory; thickest first
+SLAB_ROWS = (8, 4)  # tried in turn, thickest first: 8 rows decode as fast as 16 or 32 (bench_sampler)
 
 
 def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,

@@ -409,7 +409,7 @@ def test_memory_guard_refuses_with_advice(case, tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="--device cpu"):
         plan_decode(model.config, model.folder, "cuda", available=2**20)
-    assert plan_decode(model.config, model.folder, "cpu", available=2**40).slab_rows == 16  # thickest
+    assert plan_decode(model.config, model.folder, "cpu", available=2**40).slab_rows == 8  # thickest
 
 
 def test_memory_estimate_grows_with_the_grid(tmp_path):
