@@ -282,9 +282,9 @@ def _group_stats(norm: nn.GroupNorm, x: Slabs) -> tuple[torch.Tensor, torch.Tens
 
 
 def _channel_moments(slab: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(voxels, per-channel mean, per-channel sum of squared deviations) of `slab`, the sums as
-    matrix-vector products on a view of it (several times faster on the CPU than a reduction
-    over the spatial axes); the means and sums in double precision."""
+    """(voxels, per-channel mean, per-channel sum of squared deviations) of `slab`: float32 sums
+    as matrix-vector products on a view of it (several times faster on the CPU than a reduction
+    over the spatial axes), returned in double precision for `_group_stats` to combine."""
     channels = slab.shape[1]
     if slab.is_contiguous(memory_format=torch.channels_last_3d):
         matrix = slab.movedim(1, -1).reshape(-1, channels)  # (voxels, channels)
