@@ -9,6 +9,9 @@ and computes exactly that slab's rows of the whole-volume convolution; GroupNorm
 statistics over all slabs before it normalises any; inputs are released slab by slab as soon as
 no later slab reads them. The image equals the whole-volume decode up to float rounding (at the
 paper's size mostly the whole-volume GroupNorm's own float32 statistics, `test_decoding.py`).
+Where memory is shorter still, the slabbed maps can be stored in float16 between blocks
+(`DecodePlan.stored_dtype`): the largest one then takes half the memory, while every block still
+computes in float32; the image moves by float16's rounding of those maps.
 
 This is MAISI's tensor splitting (`monai.apps.generation.maisi`) applied to the MONAI
 `AutoencoderKL` that BrainLDM and this project's models use: MAISI's own autoencoder cannot load
@@ -30,6 +33,7 @@ from torch import nn
 
 SLAB_AXIS = 2  # the first spatial axis: a slab is one contiguous block in NCDHW and NDHWC layouts
 Rows = Callable[[int, int], torch.Tensor]  # rows [start, stop) of a tensor along the slab axis
+Store = Callable[[torch.Tensor], torch.Tensor]  # a computed slab as it is kept until read
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,14 @@ class DecodePlan:
             blocks run whole, as `AutoencoderKL.decode` does).
         slab_rows: rows per slab along the slab axis: fewer rows lower the peak; each convolution
             also reads `kernel // 2` rows either side, which it does not compute again.
+        stored_dtype: the dtype slabbed maps over `slab_bytes` are kept in between blocks (None:
+            the dtype the blocks compute in). A slab whose values float16 cannot hold is kept as
+            computed, so storage never overflows.
     """
 
     slab_bytes: int | None = 256 * 2**20
     slab_rows: int = 8
+    stored_dtype: torch.dtype | None = None
 
 
 WHOLE = DecodePlan(slab_bytes=None)
@@ -96,6 +104,7 @@ def decode(autoencoder: AutoencoderKL, latent: torch.Tensor, plan: DecodePlan = 
         latent: `(1, latent_channels, *latent grid)`, unscaled (as `AutoencoderKL.decode` takes it).
     """
     layout = _memory_format(autoencoder)
+    computed = autoencoder.post_quant_conv.conv.weight.dtype
     x = autoencoder.post_quant_conv(latent)
     blocks = list(autoencoder.decoder.blocks)
     slabbed: Slabs | None = None
@@ -103,18 +112,22 @@ def decode(autoencoder: AutoencoderKL, latent: torch.Tensor, plan: DecodePlan = 
     for index, block in enumerate(blocks):
         if slabbed is None:
             x = x.contiguous(memory_format=layout)  # convolutions with few channels drop the layout
-            if plan.slab_bytes is None or not _slabbable(block) or _output_bytes(block, x) <= plan.slab_bytes:
+            if (plan.slab_bytes is None or not _slabbable(block)
+                    or _output_bytes(block, x, x.shape[SLAB_AXIS]) <= plan.slab_bytes):
                 x = block(x)
                 continue
             slabbed = Slabs.split(x, _input_rows(block, plan.slab_rows))
             del x
         elif not _slabbable(block):
-            x, slabbed = block(slabbed.whole()), None
+            x, slabbed = block(_computable(slabbed.whole(), computed)), None
             continue
         if isinstance(block, nn.GroupNorm) and index + 1 < len(blocks) and _is_plain_conv(blocks[index + 1]):
             pending_norm = block  # normalised on the fly as the next convolution reads its rows
             continue
-        slabbed = _run_slabbed(block, slabbed, plan, pending_norm)
+        narrow = plan.stored_dtype is not None and index + 1 < len(blocks)  # the image: as computed
+        big = _output_bytes(block, slabbed.slabs[0], slabbed.length) > plan.slab_bytes  # sets the peak
+        store = _narrowed(plan.stored_dtype) if narrow and big else _as_computed
+        slabbed = _run_slabbed(block, slabbed, plan, store, pending_norm)
         pending_norm = None
     return x if slabbed is None else slabbed.whole()
 
@@ -167,8 +180,10 @@ def _input_rows(block: nn.Module, output_rows: int) -> int:
     return max(1, output_rows // scale)
 
 
-def _output_bytes(block: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of `block(x)` for a `_slabbable` block, without running it."""
+def _output_bytes(block: nn.Module, x: torch.Tensor, length: int) -> int:
+    """Bytes of `block` applied to a tensor like `x` but `length` rows long (a `_slabbable` block),
+    without running it: in autocast's dtype where it is on, else float32 (stored slabs may be
+    narrower than what the block computes)."""
     channels, scale = x.shape[1], 1
     if isinstance(block, AEKLResBlock):
         channels = block.out_channels
@@ -176,25 +191,45 @@ def _output_bytes(block: nn.Module, x: torch.Tensor) -> int:
         scale = _nearest_upsample(block)[0]
     elif isinstance(block, Convolution) and isinstance(block.conv, nn.Conv3d):
         channels = block.conv.out_channels
-    voxels = x[0, 0].numel() * scale ** (x.dim() - 2)
-    return channels * voxels * x.element_size()
+    voxels = x[0, 0, 0].numel() * length * scale ** (x.dim() - 2)
+    device = x.device.type
+    computed = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    return channels * voxels * computed.itemsize
 
 
-def _run_slabbed(block: nn.Module, x: Slabs, plan: DecodePlan, norm: nn.GroupNorm | None = None) -> Slabs:
+def _as_computed(slab: torch.Tensor) -> torch.Tensor:
+    return slab
+
+
+def _narrowed(dtype: torch.dtype) -> Store:
+    def store(slab: torch.Tensor) -> torch.Tensor:
+        stored = slab.to(dtype)
+        return stored if torch.isfinite(stored).all() else slab  # beyond float16's range: as computed
+
+    return store
+
+
+def _computable(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stored values in `dtype`, the weights' (autocast, where it is on, chooses its own)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+
+def _run_slabbed(block: nn.Module, x: Slabs, plan: DecodePlan, store: Store,
+                 norm: nn.GroupNorm | None = None) -> Slabs:
     if isinstance(block, AEKLResBlock):
-        return _res_block(block, x)
+        return _res_block(block, x, store)
     if isinstance(block, UpSample):
         scale, postconv = _nearest_upsample(block)
         return _convolve(postconv.conv, _upsampled_rows(x, scale), x.length * scale, plan.slab_rows,
-                         release=x, scale=scale)
+                         release=x, scale=scale, store=store)
     if isinstance(block, nn.GroupNorm):  # a norm no convolution follows: normalise slab by slab
         stats = _group_stats(block, x)
-        return Slabs([_normalize(stats, slab) for slab in x.slabs])
+        return Slabs([store(_normalize(stats, slab)) for slab in x.slabs])
     rows = x.rows if norm is None else _normalized_rows(norm, _group_stats(norm, x), x, activate=False)
-    return _convolve(block.conv, rows, x.length, plan.slab_rows, release=x, scale=1)
+    return _convolve(block.conv, rows, x.length, plan.slab_rows, release=x, scale=1, store=store)
 
 
-def _res_block(block: AEKLResBlock, x: Slabs) -> Slabs:
+def _res_block(block: AEKLResBlock, x: Slabs, store: Store) -> Slabs:
     """`x + conv2(silu(norm2(conv1(silu(norm1(x))))))`, with a 1x1x1 convolution on `x` where
     the channels change, slab by slab on `x`'s slabs."""
     shortcut = block.nin_shortcut
@@ -203,8 +238,9 @@ def _res_block(block: AEKLResBlock, x: Slabs) -> Slabs:
     first = _normalized_rows(block.norm1, _group_stats(block.norm1, x), x, activate=True)
     for index in range(len(x.slabs)):
         start, stop = x.bounds[index], x.bounds[index + 1]
-        hidden.append(_conv_rows(block.conv1.conv, first, start, stop, x.length))
-        skip.append(x.slabs[index] if isinstance(shortcut, nn.Identity) else shortcut(x.slabs[index]))
+        hidden.append(store(_conv_rows(block.conv1.conv, first, start, stop, x.length)))
+        skip.append(x.slabs[index] if isinstance(shortcut, nn.Identity)
+                    else store(_conv_rows(shortcut.conv, x.rows, start, stop, x.length)))
         x.release_before(index)  # slab index + 1 reads only slabs index .. index + 2
     x.release_before(len(x.slabs))
     hidden = Slabs(hidden)
@@ -213,21 +249,22 @@ def _res_block(block: AEKLResBlock, x: Slabs) -> Slabs:
     for index in range(len(hidden.slabs)):
         start, stop = hidden.bounds[index], hidden.bounds[index + 1]
         residual = _conv_rows(block.conv2.conv, second, start, stop, hidden.length)
-        out.append(skip[index].add_(residual))
+        out.append(store(residual.add_(skip[index])))  # summed as computed, then stored
         skip[index] = None
         hidden.release_before(index)
     return Slabs(out)
 
 
-def _convolve(conv: nn.Conv3d, rows: Rows, length: int, slab_rows: int, release: Slabs, scale: int) -> Slabs:
-    """`conv` over a tensor `length` rows long that `rows` reads, computed `slab_rows` at a time;
-    the slabs of `release` (the input, `scale` output rows per row) are freed as soon as no later
-    output slab reads them."""
+def _convolve(conv: nn.Conv3d, rows: Rows, length: int, slab_rows: int, release: Slabs, scale: int,
+              store: Store) -> Slabs:
+    """`conv` over a tensor `length` rows long that `rows` reads, computed `slab_rows` at a time
+    and kept as `store` says; the slabs of `release` (the input, `scale` output rows per row) are
+    freed as soon as no later output slab reads them."""
     out = []
     halo = conv.padding[0]
     for start in range(0, length, slab_rows):
         stop = min(start + slab_rows, length)
-        out.append(_conv_rows(conv, rows, start, stop, length))
+        out.append(store(_conv_rows(conv, rows, start, stop, length)))
         _release_rows_before(release, start - halo, scale)
     return Slabs(out)
 
@@ -245,7 +282,7 @@ def _conv_rows(conv: nn.Conv3d, rows: Rows, start: int, stop: int, length: int) 
     convolution computes exactly these rows; zero rows stand in beyond the tensor's ends."""
     halo = conv.padding[0]
     low, high = max(start - halo, 0), min(stop + halo, length)
-    x = rows(low, high)
+    x = _computable(rows(low, high), conv.weight.dtype)
     if low - (start - halo) or (stop + halo) - high:
         x = F.pad(x, (0, 0, 0, 0, low - (start - halo), (stop + halo) - high))
     return F.conv3d(x, conv.weight, conv.bias, padding=(0, *conv.padding[1:]))

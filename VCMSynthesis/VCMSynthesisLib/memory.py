@@ -31,6 +31,9 @@ SLAB_STORED_MAPS = 1.25
 SLAB_TRANSIENT_MAPS = 3.0
 MARGIN_BYTES = 256 * 2**20
 SLAB_ROWS = (8, 4)  # tried in turn, thickest first: 8 rows decode as fast as 16 or 32 (bench_sampler)
+# Tried in turn on the CPU: exact float32 slabs, then the big maps stored in float16 (half their
+# memory; the image moves by float16's rounding). On CUDA, autocast computes in float16 already.
+CPU_STORAGE = (None, torch.float16)
 
 
 def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
@@ -56,7 +59,8 @@ def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: 
         decoder = ACTIVATION_MAPS * full_map
     else:
         in_flight = min(1.0, (plan.slab_rows + 2) / config.grid.size[0])
-        decoder = (SLAB_STORED_MAPS + SLAB_TRANSIENT_MAPS * in_flight) * full_map
+        stored = 1.0 if plan.stored_dtype is None else plan.stored_dtype.itemsize / activation_bytes
+        decoder = (SLAB_STORED_MAPS * stored + SLAB_TRANSIENT_MAPS * in_flight) * full_map
     if config.adapter is not None:  # VCM's condition encoder runs at the full grid too
         encoder = config.adapter.params.get("encoder_channels", [0])[0] * voxels * activation_bytes
         decoder = max(decoder, ACTIVATION_MAPS * encoder)
@@ -69,17 +73,19 @@ def plan_decode(config: ModelConfig, folder: str | os.PathLike, device: str | to
     """The decode plan whose estimated peak fits in `available` bytes; a UserError with a way out
     when not even the thinnest slabs fit.
 
-    On the CPU, slabs (thickest first): they decode as fast as the whole volume at once
-    (`bench/bench_sampler.py --variants whole,slabs`) in less memory. On CUDA, the whole volume
-    when it fits (slabs there are not measured yet), else slabs.
+    On the CPU, slabs (thickest first, float32 before float16 storage): they decode as fast as
+    the whole volume at once (`bench/bench_sampler.py --variants whole,slabs,half`) in less
+    memory. On CUDA, the whole volume when it fits (slabs there are not measured yet), else slabs.
 
     Args:
         available: bytes the run may use; None measures them on `device`.
     """
     available = available_bytes(device) if available is None else available
-    plans = [DecodePlan(slab_rows=rows) for rows in SLAB_ROWS]
     if torch.device(device).type == "cuda":
-        plans.insert(0, WHOLE)
+        plans = [WHOLE, *(DecodePlan(slab_rows=rows) for rows in SLAB_ROWS)]
+    else:
+        plans = [DecodePlan(slab_rows=rows, stored_dtype=dtype)
+                 for dtype in CPU_STORAGE for rows in SLAB_ROWS]
     needed = {plan: estimate_peak_bytes(config, folder, device, plan) for plan in plans}
     for plan in plans:
         if needed[plan] <= available:

@@ -43,6 +43,39 @@ def test_slabs_decode_what_the_whole_volume_decodes(rows, channels_last):
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float16_storage_decodes_the_whole_volume_image_within_its_rounding(channels_last):
+    """Maps stored in float16 (11 significant bits) move the image by about their rounding; the
+    blocks still compute in float32, and the image itself is returned in float32."""
+    autoencoder = _autoencoder()
+    if channels_last:
+        autoencoder = frozen(autoencoder, torch.device("cpu"))
+    latent = torch.randn(1, 3, 5, 7, 6, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = autoencoder.decode(latent)
+        exact = decode(autoencoder, latent, DecodePlan(slab_bytes=EVERY_BLOCK, slab_rows=3))
+        got = decode(autoencoder, latent, DecodePlan(slab_bytes=EVERY_BLOCK, slab_rows=3,
+                                                     stored_dtype=torch.float16))
+    assert got.dtype == torch.float32
+    difference = (got - expected).abs().max() / expected.abs().max()
+    assert 1e-5 < difference < 1e-2  # rounded (not exact), by about float16's 2^-11
+    assert (exact - expected).abs().max() < 1e-4 * expected.abs().max()
+
+
+def test_slabs_beyond_float16s_range_are_stored_as_computed():
+    """A map with values float16 cannot hold (above 65504) must not turn into infinities."""
+    autoencoder = _autoencoder()
+    with torch.no_grad():
+        autoencoder.decoder.blocks[0].conv.weight.mul_(2e5)  # the first map: up to ~1e5
+    latent = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = autoencoder.decode(latent)
+        got = decode(autoencoder, latent, DecodePlan(slab_bytes=EVERY_BLOCK, slab_rows=3,
+                                                     stored_dtype=torch.float16))
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max() < 1e-2 * expected.abs().max()
+
+
 def test_blocks_that_cannot_run_in_slabs_run_whole():
     """Attention (here in the decoder's middle and at a level) needs the whole tensor; the
     blocks around it still run in slabs and the result is the same."""
@@ -78,7 +111,8 @@ autoencoder = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, laten
                             attention_levels=(False, False, False), with_encoder_nonlocal_attn=False,
                             with_decoder_nonlocal_attn=False).eval()
 latent = torch.randn(1, 3, 16, 24, 16)
-plan = WHOLE if sys.argv[1] == "whole" else DecodePlan(slab_bytes=32 * 2**20, slab_rows=8)
+plan = {"whole": WHOLE, "slabs": DecodePlan(slab_bytes=32 * 2**20, slab_rows=8),
+        "half": DecodePlan(slab_bytes=32 * 2**20, slab_rows=8, stored_dtype=torch.float16)}[sys.argv[1]]
 
 def status_kb(field):
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
@@ -100,27 +134,30 @@ def test_slabs_lower_the_measured_peak():
     environment = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1",
                    "MALLOC_MMAP_THRESHOLD_": "65536"}
     peaks = {}
-    for plan in ("whole", "slabs"):
+    for plan in ("whole", "slabs", "half"):
         result = subprocess.run([sys.executable, "-c", MEASURE_PEAK, plan], capture_output=True, text=True,
                                 check=True, env=environment)
         peaks[plan] = json.loads(result.stdout)
     assert peaks["whole"] > 150, peaks  # MB above the warmed-up process: several full maps
     assert peaks["slabs"] < 0.7 * peaks["whole"], peaks
+    assert peaks["half"] < 0.8 * peaks["slabs"], peaks  # the stored maps take half
 
 
-def test_the_plan_takes_the_thickest_slabs_that_fit_else_refuses(tmp_path):
+def test_the_plan_takes_the_most_exact_thickest_slabs_that_fit_else_refuses(tmp_path):
     """A base model (no condition encoder) at 256^3: its decoder's 8-channel full-grid maps are
-    512 MB; the weights are tiny."""
+    512 MB; the weights are tiny. Exact float32 slabs first (thickest first), then float16
+    storage."""
     folder = make_tiny_model_folder(tmp_path / "tiny", grid=(256, 256, 256), with_adapter=False)
     config = load_model_folder(folder).config
-    whole = estimate_peak_bytes(config, folder, "cpu", WHOLE)
-    thickest, thinnest = (estimate_peak_bytes(config, folder, "cpu", DecodePlan(slab_rows=rows))
-                          for rows in (8, 4))
-    assert thinnest < thickest < whole
-    assert plan_decode(config, folder, "cpu", available=whole) == DecodePlan(slab_rows=8)
-    assert plan_decode(config, folder, "cpu", available=thickest - 1) == DecodePlan(slab_rows=4)
+    plans = [DecodePlan(slab_rows=rows, stored_dtype=dtype) for dtype in (None, torch.float16) for rows in (8, 4)]
+    whole, *needed = (estimate_peak_bytes(config, folder, "cpu", plan) for plan in [WHOLE, *plans])
+    assert needed[0] < whole and needed[1] < needed[0] and needed[2] < needed[1] and needed[3] < needed[2]
+    assert plan_decode(config, folder, "cpu", available=whole) == plans[0]
+    for plan, fits in zip(plans[1:], needed[1:]):
+        assert plan_decode(config, folder, "cpu", available=fits) == plan
     with pytest.raises(UserError, match=r"needs about .* GiB on cpu .* close other programs"):
-        plan_decode(config, folder, "cpu", available=thinnest // 2)
+        plan_decode(config, folder, "cpu", available=needed[3] - 1)
+    assert plan_decode(config, folder, "cuda", available=whole) == WHOLE  # autocast: float16 already
 
 
 def test_a_run_with_too_little_memory_to_decode_whole_samples_the_same_image_in_slabs(tmp_path):
