@@ -92,7 +92,9 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
     """Loads every tensor of `module` from `state`, first naming any missing, extra or mis-shaped one.
 
     `load_state_dict(strict=True)` would list every mismatch in a multi-line traceback; a user
-    needs one line naming the file and the first tensor that does not fit.
+    needs one line naming the file and the first tensor that does not fit. A module built on the
+    meta device takes `state`'s tensors themselves (in its own dtype): nothing is allocated twice,
+    and tensors of a safetensors file stay the file's mapped pages.
 
     Args:
         module: the network to fill.
@@ -125,7 +127,10 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
     if name is not None:  # sampling would turn the output into NaN
         raise UserError(f"{source}: tensor '{name}' holds NaN or infinite values (a diverged training run "
                         "or a damaged file); re-download the model or export it from an earlier checkpoint")
-    module.load_state_dict(state, strict=True)
+    on_meta = any(tensor.is_meta for tensor in expected.values())
+    if on_meta:  # float16 files (`save_model_folder(dtype=...)`) become the network's dtype
+        state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
+    module.load_state_dict(state, strict=True, assign=on_meta)
 
 
 def _load_weights(module: nn.Module, path: Path) -> None:
@@ -157,19 +162,24 @@ def _check_size_matches(sketch: nn.Module, path: Path, what: str) -> None:
                         f"{CONFIG_NAME} or re-download the model")
 
 
-def frozen(module: nn.Module, device: torch.device) -> nn.Module:
+def frozen(module: nn.Module, device: torch.device, channels_last: bool = True) -> nn.Module:
     """`module` on `device`, in eval mode, without gradients; on the CPU in the channels-last
-    layout, in which the decoder and the condition encoder run 1.15-1.25x faster
-    (`bench/bench_sampler.py --variants before,whole`)."""
+    layout if `channels_last`: the decoder and the condition encoder run 1.15-1.25x faster in it
+    (`bench/bench_sampler.py --variants before,whole`), the base model no faster."""
     module.to(device).eval()
     module.requires_grad_(False)
-    if device.type == "cpu":
+    if device.type == "cpu" and channels_last:
         module.to(memory_format=torch.channels_last_3d)
     return module
 
 
 def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Loads a model folder: checks config.json, builds the networks, loads their weights strictly.
+
+    On the CPU the base diffusion model's parameters are its weights file's pages, mapped and not
+    copied (it is frozen in its stored layout). The decoder does not need them, so while it runs
+    the OS can reclaim those 2.2 GB of a paper-size model (BrainLDM's) where memory is short, and
+    read them back for the next sample. Their alignment in the file moves float rounding (1e-6).
 
     Args:
         folder: the model folder (holding config.json).
@@ -197,9 +207,10 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
         with torch.device("meta"):  # sized without allocating: config and file must agree first
             sketch = _build(kind, factory, spec.params, source)
         _check_size_matches(sketch, folder / spec.weights, f"{source}: '{kind}.params'")
-        module = _build(kind, factory, spec.params, source)
+        mapped = kind == "diffusion"  # the small networks are copied: aligned and channels-last
+        module = sketch if mapped else _build(kind, factory, spec.params, source)
         _load_weights(module, folder / spec.weights)
-        networks[kind] = frozen(module, device)
+        networks[kind] = frozen(module, device, channels_last=not mapped)
     return LoadedModel(config=config, folder=folder, device=device, **networks)
 
 

@@ -57,11 +57,37 @@ def test_round_trip_gives_identical_networks_and_outputs(saved_folder):
     t = torch.tensor([500])
     with torch.no_grad():
         assert torch.equal(autoencoder.decode(latent), loaded.autoencoder.decode(latent))
-        assert torch.equal(diffusion(latent, t), loaded.diffusion(latent, t))
+        # The base runs on its weights file's mapped pages, unaligned for SIMD: float rounding moves.
+        torch.testing.assert_close(loaded.diffusion(latent, t), diffusion(latent, t), rtol=0, atol=1e-5)
         x = torch.cat([latent, latent], 1)
         for a, b in zip(adapter(x, condition, t), loaded.adapter(x, condition, t), strict=True):
             assert torch.equal(a, b)
     assert (saved_folder / "README.md").read_text().startswith("# tiny")
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `path` (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
+def test_the_base_models_parameters_are_its_weights_files_pages(saved_folder):
+    """Mapped, not copied: the OS may reclaim them while the decoder runs, without swap. The
+    networks copied into the channels-last layout are not."""
+    loaded = load_model_folder(saved_folder)
+    config = loaded.config
+
+    def inside(network, file):
+        ranges = _mapped_ranges(saved_folder / file)
+        return [any(low <= p.data_ptr() < high for low, high in ranges) for p in network.parameters()]
+
+    assert all(inside(loaded.diffusion, config.diffusion.weights))
+    assert not any(inside(loaded.autoencoder, config.autoencoder.weights))
 
 
 def test_helpers_describe_conditions_and_latent(saved_folder):
