@@ -31,7 +31,7 @@ if unsupported_python_message():  # one line in Slicer's log instead of a syntax
 
 from VCMSynthesisLib import jobs, registry, remote, scene  # noqa: E402
 from VCMSynthesisLib.errors import UserError  # noqa: E402
-from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig  # noqa: E402
+from VCMSynthesisLib.model_config import CONFIG_NAME, SAMPLING_SCHEDULERS, ModelConfig  # noqa: E402
 from VCMSynthesisLib.runtime import DEVICES  # noqa: E402
 from VCMSynthesisLib.worker import DEFAULT_PREVIEW_EVERY as PREVIEW_EVERY  # noqa: E402
 
@@ -108,6 +108,7 @@ class VCMSynthesisParameterNode:
     editMarginMm - blend zone around the edited voxels.
     livePreview - show the predicted image every few steps while Synthesize runs.
     samples - draws averaged into the result; from 2 on, their spread comes as a second volume.
+    steps, scheduler, strength - the sampling; set to the model's defaults on model change.
     """
 
     inputSegmentation: vtkMRMLSegmentationNode
@@ -120,6 +121,7 @@ class VCMSynthesisParameterNode:
     samples: Annotated[int, WithinRange(1, 64)] = 1
     model: str = "demo"
     steps: Annotated[int, WithinRange(1, 1000)] = 25  # set to the model's default on model change
+    scheduler: str = "ddim"  # a key of SAMPLING_SCHEDULERS; set to the model's default on model change
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     strength: Annotated[float, WithinRange(0.0, 4.0)] = 1.0
     device: str = "auto"
@@ -152,6 +154,8 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = VCMSynthesisLogic()
 
         self.ui.deviceComboBox.addItems(list(DEVICES))
+        for name, shown in SAMPLING_SCHEDULERS.items():
+            self.ui.schedulerComboBox.addItem(shown, name)
         self.ui.pythonExecutablePathLineEdit.currentPath = self.logic.configuredWorkerPython()
         self.ui.serverUrlLineEdit.text = self.logic.serverUrl()
         self.ui.serverTokenPathLineEdit.currentPath = self.logic.serverTokenFile()
@@ -169,6 +173,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.schedulerComboBox.connect("currentIndexChanged(int)", self.onSchedulerChanged)
         self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         self.ui.pythonExecutablePathLineEdit.connect(
             "currentPathChanged(QString)", self.logic.setWorkerPython
@@ -219,6 +224,7 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self.ui.deviceComboBox.currentText = self._parameterNode.device
+            self.showScheduler()
             modelIndex = self.ui.modelComboBox.findData(self._parameterNode.model)
             if modelIndex >= 0:
                 self.ui.modelComboBox.currentIndex = modelIndex
@@ -262,13 +268,25 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelDescriptionLabel.text = description
         if self._parameterNode and config is not None:  # the model's defaults, shown and used
             self._parameterNode.steps = config.sampling_steps
+            self._parameterNode.scheduler = config.sampling_scheduler
             self._parameterNode.strength = config.sampling_strength
+            self.showScheduler()
         self.updateSegmentMapping()
         self.updateModalityTable()
 
     def onDeviceChanged(self, index) -> None:
         if self._parameterNode:
             self._parameterNode.device = self.ui.deviceComboBox.currentText
+
+    def showScheduler(self) -> None:
+        """The sampler combo box shows the parameter node's scheduler (by name; it lists labels)."""
+        index = self.ui.schedulerComboBox.findData(self._parameterNode.scheduler)
+        if index >= 0:
+            self.ui.schedulerComboBox.currentIndex = index
+
+    def onSchedulerChanged(self, index) -> None:
+        if self._parameterNode and self.ui.schedulerComboBox.currentData:
+            self._parameterNode.scheduler = self.ui.schedulerComboBox.currentData
 
     def onSegmentationChanged(self, node) -> None:
         """Follow segments added or removed (e.g. in Segment Editor) while the module is open."""
@@ -428,11 +446,12 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             return
         parameters = self._parameterNode
+        changed = self.changedSampling()
         self.startRun(
             lambda: self.logic.startSuperResolution(
-                # The super-resolution model's own defaults, but for steps the user changed.
-                parameters.superResolutionInput, steps=self.changedSampling()["steps"], seed=parameters.seed,
-                device=parameters.device,
+                # The super-resolution model's own defaults, but for the steps and sampler the user changed.
+                parameters.superResolutionInput, steps=changed["steps"], scheduler=changed["scheduler"],
+                seed=parameters.seed, device=parameters.device,
             )
         )
 
@@ -462,10 +481,10 @@ class VCMSynthesisWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def changedSampling(self) -> dict:
-        """`steps`/`strength` for a job: None where the panel shows the model's default."""
+        """`steps`/`scheduler`/`strength` for a job: None where the panel shows the model's default."""
         parameters = self._parameterNode
         return scene.changed_sampling(self.logic.modelConfig(parameters.model), steps=parameters.steps,
-                                      strength=parameters.strength)
+                                      scheduler=parameters.scheduler, strength=parameters.strength)
 
     def startRun(self, start) -> None:
         if not self.logic.workerHasDependencies(askToInstall=True):
@@ -698,6 +717,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         referenceVolumeNode=None,
         modalityNodes=None,
         steps=None,
+        scheduler=None,
         seed=None,
         strength=None,
         device: str = "auto",
@@ -714,15 +734,16 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
             raise UserError(_("a run is already in progress; wait for it or cancel it"))
         job = self._writeJob(
             scene.write_synthesis_job, segmentationNode, labelOfSegment, model=model,
-            reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps, seed=seed,
-            strength=strength, device=device, preview_every=previewEvery, samples=samples,
+            reference_volume_node=referenceVolumeNode, modality_nodes=modalityNodes, steps=steps,
+            scheduler=scheduler, seed=seed, strength=strength, device=device, preview_every=previewEvery,
+            samples=samples,
         )
         inputNode = segmentationNode or next(iter(modalityNodes.values()))
         name = inputNode.GetName() + " synthesized"
         return self._start(job, "synthesis", outputVolumeNode, name, inputNode)
 
     def startSuperResolution(self, volumeNode, *, model=None, spacing=None, samples=None, steps=None,
-                             seed=None, device="auto", outputVolumeNode=None):
+                             scheduler=None, seed=None, device="auto", outputVolumeNode=None):
         """Export the thick-slice volume and start `vcm-synthesis superres` on it."""
         if self.isRunning():
             raise UserError(_("a run is already in progress; wait for it or cancel it"))
@@ -730,7 +751,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
             raise UserError(_("no thick-slice volume selected; pick one"))
         job = self._writeJob(
             scene.write_superres_job, volumeNode, model=model, spacing=spacing, samples=samples, steps=steps,
-            seed=seed, device=device,
+            scheduler=scheduler, seed=seed, device=device,
         )
         name = volumeNode.GetName() + " super-resolved"
         return self._start(job, "superres", outputVolumeNode, name, volumeNode)
@@ -739,8 +760,8 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
         """*Edit the loaded scan*: remember the segmentation as it is now (`scene.EditSession`)."""
         self.editSession = scene.EditSession(scanNode, segmentationNode)
 
-    def startEdit(self, labelOfSegment: dict, *, model: str, marginMm=None, steps=None, seed=None,
-                  strength=None, samples=None, device: str = "auto", outputVolumeNode=None):
+    def startEdit(self, labelOfSegment: dict, *, model: str, marginMm=None, steps=None, scheduler=None,
+                  seed=None, strength=None, samples=None, device: str = "auto", outputVolumeNode=None):
         """Start `vcm-synthesis edit` on what changed since `startEditing`; the scan stays as it is."""
         if self.isRunning():
             raise UserError(_("a run is already in progress; wait for it or cancel it"))
@@ -748,7 +769,7 @@ class VCMSynthesisLogic(ScriptedLoadableModuleLogic):
             raise UserError(_("press Start editing before changing the segmentation"))
         job = self._writeJob(
             self.editSession.write_job, labelOfSegment, model=model, margin_mm=marginMm, steps=steps,
-            seed=seed, strength=strength, samples=samples, device=device,
+            scheduler=scheduler, seed=seed, strength=strength, samples=samples, device=device,
         )
         scanNode = self.editSession.scan_node
         return self._start(job, "edit", outputVolumeNode, scanNode.GetName() + " edited", scanNode)
@@ -875,8 +896,11 @@ class VCMSynthesisTest(ScriptedLoadableModuleTest):
         _reference, segmentation, mapping = self._smallCase()
         folder = jobs.new_job_folder()
         try:
-            job = scene.write_synthesis_job(folder, segmentation, mapping, model="demo", steps=2, seed=1)
+            job = scene.write_synthesis_job(
+                folder, segmentation, mapping, model="demo", steps=2, scheduler="ddim", seed=1
+            )
             self.assertTrue(Path(job.arguments[job.arguments.index("--segmentation") + 1]).is_file())
+            self.assertEqual(job.arguments[job.arguments.index("--scheduler") + 1], "ddim")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.delayDisplay("Test passed")

@@ -154,10 +154,11 @@ def _barrier(ranks: Ranks) -> None:
 
 
 def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None = None,
-              strength: float | None = None, device: str = "auto", json_progress: bool = False,
-              label_map: LabelMap | None = None) -> int:
-    """Run this rank's pending cases; returns the exit code (1 if any case failed). `label_map`
-    turns every case's segmentation numbers into the model's labels."""
+              scheduler: str | None = None, strength: float | None = None, device: str = "auto",
+              json_progress: bool = False, label_map: LabelMap | None = None) -> int:
+    """Run this rank's pending cases; returns the exit code (1 if any case failed). `steps`,
+    `scheduler` and `strength` are every case's (None: the model's); `label_map` turns every
+    case's segmentation numbers into the model's labels."""
     from VCMSynthesisLib.runtime import SignalCancellation, emit_json, resolve_device
     from VCMSynthesisLib.worker import load_model
 
@@ -193,13 +194,14 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
                     report(case, "failed", error=refused[case.row])
                 elif case.row not in pending_rows:
                     report(case, "skipped")
+        sampling = {"steps": steps, "scheduler": scheduler, "strength": strength}
         with SignalCancellation() as cancellation:
             model = load_model(model_name, device) if mine else None
             for case in mine:
                 cancellation.next_job()
                 start = time.perf_counter()
                 try:
-                    _run_case(model, case, steps, strength, cancellation, label_map)
+                    _run_case(model, case, sampling, cancellation, label_map)
                 except UserError as error:
                     failures += 1
                     report(case, "failed", error=str(error))
@@ -218,28 +220,28 @@ def run_batch(manifest: str | os.PathLike, model_name: str, *, steps: int | None
     return 0
 
 
-def _run_case(model, case: Case, steps: int | None, strength: float | None, cancellation,
-              label_map: LabelMap | None = None) -> None:
-    """One case: an edit when the row names a scan to edit, else a synthesis."""
+def _run_case(model, case: Case, sampling: dict, cancellation, label_map: LabelMap | None = None) -> None:
+    """One case: an edit when the row names a scan to edit, else a synthesis; `sampling` holds the
+    requests' `steps`, `scheduler` and `strength`."""
     if case.edit is not None:
         from VCMSynthesisLib.edit import EditRequest, run_edit
 
         run_edit(model, EditRequest(image=case.edit, segmentation=case.segmentation, output=case.output,
                                     original_segmentation=case.original_segmentation, region=case.region,
-                                    modalities=case.modalities, steps=steps, seed=case.seed,
-                                    strength=strength, label_map=label_map),
+                                    modalities=case.modalities, seed=case.seed, label_map=label_map,
+                                    **sampling),
                  cancellation=cancellation)
     else:
         from VCMSynthesisLib.worker import SynthesisRequest, synthesize
 
         synthesize(model, SynthesisRequest(segmentation=case.segmentation, modalities=case.modalities,
-                                           output=case.output, steps=steps, seed=case.seed,
-                                           strength=strength, label_map=label_map),
+                                           output=case.output, seed=case.seed, label_map=label_map,
+                                           **sampling),
                    cancellation=cancellation)
 
 
 def register(subparsers) -> None:
-    from VCMSynthesisLib.runtime import DEVICES, add_strength_argument, positive_int
+    from VCMSynthesisLib.runtime import DEVICES, add_scheduler_argument, add_strength_argument, positive_int
 
     parser = subparsers.add_parser(
         "batch", help="synthesize every case of a CSV manifest (resumable; splits across torchrun ranks)",
@@ -252,6 +254,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", required=True, help="model name or folder")
     add_label_map_arguments(parser)
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
+    add_scheduler_argument(parser)
     add_strength_argument(parser)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default auto)")
     parser.add_argument("--progress", choices=("text", "json"), default="text",
@@ -260,5 +263,6 @@ def register(subparsers) -> None:
 
 
 def _run_batch_command(args: argparse.Namespace) -> int:
-    return run_batch(args.manifest, args.model, steps=args.steps, strength=args.strength, device=args.device,
-                     json_progress=args.progress == "json", label_map=label_map_of(args))
+    return run_batch(args.manifest, args.model, steps=args.steps, scheduler=args.scheduler,
+                     strength=args.strength, device=args.device, json_progress=args.progress == "json",
+                     label_map=label_map_of(args))

@@ -38,7 +38,7 @@ SUBCOMMANDS = {  # command -> the module that registers it
 }
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage mistakes in one line with exit code 2."""
 
     def error(self, message: str):
@@ -47,8 +47,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line; for a known `command` only its module is imported, else all of them."""
-    parser = _ArgumentParser(prog="vcm-synthesis", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    parser = OneLineArgumentParser(prog="vcm-synthesis", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineArgumentParser)
     modules = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else SUBCOMMANDS.values()
     for module_name in dict.fromkeys(modules):
         importlib.import_module(module_name).register(subparsers)

@@ -184,6 +184,7 @@ def edit_scan(
     margin_mm: float = DEFAULT_MARGIN_MM,
     samples: int = 1,
     steps: int | None = None,
+    scheduler: str | None = None,
     seed: int = 0,
     strength: float | None = None,
     resample: int = DEFAULT_RESAMPLE,
@@ -200,6 +201,7 @@ def edit_scan(
         margin_mm: width of the blend zone around the region; beyond it the scan is kept.
         samples: edits to average (seeds `seed`, `seed + 1`, ...); the spread is their std.
         steps: denoising steps (default: the model's).
+        scheduler: the sampler, a key of `model_config.SAMPLING_SCHEDULERS` (default: the model's).
         seed: seed of the first sample.
         strength: condition strength (default: the model's; `networks.modulate`).
         resample: RePaint resampling rounds per step.
@@ -260,8 +262,8 @@ def edit_scan(
     condition = torch.from_numpy(built.channels).unsqueeze(0)
 
     def draw(sample_seed: int, sample_progress) -> np.ndarray:
-        drawn = sample(model, condition, steps=steps, seed=sample_seed, strength=strength,
-                       progress=sample_progress, should_cancel=should_cancel, stats=stats,
+        drawn = sample(model, condition, steps=steps, scheduler=scheduler, seed=sample_seed,
+                       strength=strength, progress=sample_progress, should_cancel=should_cancel, stats=stats,
                        known=known)[0, 0].numpy()
         restored = built.to_reference(scaling.restore(drawn), default_value=0.0)
         return sitk.GetArrayFromImage(restored)
@@ -300,6 +302,7 @@ class EditRequest:
     samples: int = 1
     uncertainty: Path | None = None
     steps: int | None = None
+    scheduler: str | None = None
     seed: int = 0
     strength: float | None = None
     label_map: LabelMap | None = None
@@ -354,8 +357,8 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
     stats = SamplingStats()
     start = time.perf_counter()
     result = edit_scan(model, inputs, margin_mm=request.margin_mm, samples=request.samples,
-                       steps=request.steps, seed=request.seed, strength=request.strength,
-                       resample=request.resample, progress=progress,
+                       steps=request.steps, scheduler=request.scheduler, seed=request.seed,
+                       strength=request.strength, resample=request.resample, progress=progress,
                        should_cancel=cancellation.should_cancel, stats=stats, warn=warn)
     timings.update(edit_s=time.perf_counter() - start, model_s=stats.model_s)
     start = time.perf_counter()
@@ -364,7 +367,7 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
         volumes = [(result.image, request.output, request.image)]
         if request.uncertainty is not None:
             volumes.insert(0, (result.std, request.uncertainty, request.image))
-        made_with = provenance(model, request.seed, request.steps, None, request.strength)
+        made_with = provenance(model, request.seed, request.steps, request.scheduler, request.strength)
         output = write_volumes_atomic(volumes, cancellation.commit, made_with)[-1]
     timings["write_s"] = time.perf_counter() - start
     return EditOutcome(output=output, uncertainty=request.uncertainty,
@@ -436,7 +439,8 @@ def edit_request(args: argparse.Namespace) -> EditRequest:
                        original_segmentation=args.original_segmentation, region=args.region,
                        modalities=modalities, margin_mm=args.margin_mm, resample=args.resample,
                        samples=args.samples, uncertainty=args.uncertainty, steps=args.steps,
-                       seed=args.seed, strength=args.strength, label_map=label_map_of(args))
+                       scheduler=args.scheduler, seed=args.seed, strength=args.strength,
+                       label_map=label_map_of(args))
 
 
 def _run_edit(args: argparse.Namespace, cancellation, json_mode: bool) -> int:

@@ -85,6 +85,7 @@ def synthesis_job(
     modalities: dict[str, Path] | None = None,
     output: Path | None = None,
     steps: int | None = None,
+    scheduler: str | None = None,
     seed: int | None = None,
     strength: float | None = None,
     device: str = "auto",
@@ -98,7 +99,8 @@ def synthesis_job(
     `preview_every` N: a live preview every N steps, written to `folder/preview.nrrd`
     (announced in `WorkerRun.preview`). `samples` K >= 2: the mean of K draws, and their spread
     in `folder/uncertainty.nrrd` (`Outcome.uncertainty`). `label_map` / `unmapped`: the
-    worker's `--label-map` (a preset name or a JSON file) and `--unmapped`.
+    worker's `--label-map` (a preset name or a JSON file) and `--unmapped`. `steps`,
+    `scheduler`, `seed` and `strength`: None leaves the worker's default (the model's).
     """
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["synthesize", "--model", str(model)]
@@ -113,6 +115,8 @@ def synthesis_job(
     arguments += ["--output", str(output), "--device", device]
     if steps is not None:
         arguments += ["--steps", str(int(steps))]
+    if scheduler is not None:
+        arguments += ["--scheduler", scheduler]
     if seed is not None:
         arguments += ["--seed", str(int(seed))]
     if strength is not None:
@@ -142,6 +146,7 @@ def superres_job(
     spacing: float | None = None,
     samples: int | None = None,
     steps: int | None = None,
+    scheduler: str | None = None,
     seed: int | None = None,
     device: str = "auto",
 ) -> Job:
@@ -149,7 +154,7 @@ def superres_job(
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["superres", "--input", str(input_path), "--output", str(output), "--device", device]
     options = (("--model", model), ("--spacing", spacing), ("--samples", samples), ("--steps", steps),
-               ("--seed", seed))
+               ("--scheduler", scheduler), ("--seed", seed))
     for flag, value in options:
         if value is not None:
             arguments += [flag, str(value)]
@@ -168,6 +173,7 @@ def edit_job(
     margin_mm: float | None = None,
     samples: int | None = None,
     steps: int | None = None,
+    scheduler: str | None = None,
     seed: int | None = None,
     strength: float | None = None,
     device: str = "auto",
@@ -180,7 +186,8 @@ def edit_job(
     output = Path(output) if output is not None else folder / RESULT_NAME
     arguments = ["edit", "--model", str(model), "--image", str(image), "--segmentation", str(segmentation)]
     options = (("--original-segmentation", original_segmentation), ("--region", region), ("--output", output),
-               ("--device", device), ("--margin-mm", margin_mm), ("--steps", steps), ("--seed", seed),
+               ("--device", device), ("--margin-mm", margin_mm), ("--steps", steps),
+               ("--scheduler", scheduler), ("--seed", seed),
                ("--strength", strength), ("--label-map", label_map), ("--unmapped", unmapped))
     for flag, value in options:
         if value is not None:

@@ -297,21 +297,23 @@ def remote_job(args, folder: Path) -> Job:
     samples = args.samples if args.samples > 1 else None
     if args.command == "superres":
         job = superres_job(folder, input_path=args.input, output=args.output, model=args.model,
-                           spacing=args.spacing, samples=args.samples, steps=args.steps, seed=args.seed)
+                           spacing=args.spacing, samples=args.samples, steps=args.steps,
+                           scheduler=args.scheduler, seed=args.seed)
         extra = [] if args.strength is None else ["--strength", repr(args.strength)]
         if args.uncertainty is not None:
             extra += ["--uncertainty", str(args.uncertainty)]
     elif args.command == "synthesize":
         job = synthesis_job(folder, model=args.model, segmentation=args.segmentation, modalities=modalities,
-                            output=args.output, steps=args.steps, seed=args.seed, strength=args.strength,
-                            samples=samples, label_map=args.label_map, unmapped=args.unmapped)
+                            output=args.output, steps=args.steps, scheduler=args.scheduler, seed=args.seed,
+                            strength=args.strength, samples=samples, label_map=args.label_map,
+                            unmapped=args.unmapped)
         extra = ["--unguided"] if args.unguided else []
     else:
         job = edit_job(folder, model=args.model, image=args.image, segmentation=args.segmentation,
                        original_segmentation=args.original_segmentation, region=args.region,
                        output=args.output, margin_mm=args.margin_mm, samples=samples, steps=args.steps,
-                       seed=args.seed, strength=args.strength, label_map=args.label_map,
-                       unmapped=args.unmapped)
+                       scheduler=args.scheduler, seed=args.seed, strength=args.strength,
+                       label_map=args.label_map, unmapped=args.unmapped)
         extra = ["--resample", str(args.resample)]
         for name, path in modalities.items():
             extra += ["--modality", f"{name}={path}"]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from VCMSynthesisLib.errors import EXIT_SIGINT, EXIT_SIGTERM, Cancelled, UsageError, UserError
+from VCMSynthesisLib.model_config import SAMPLING_SCHEDULERS
 
 #: Where a run may go: "auto" is CUDA when PyTorch sees a GPU, else the CPU.
 DEVICES = ("auto", "cpu", "cuda")
@@ -213,10 +214,19 @@ def add_strength_argument(parser: argparse.ArgumentParser) -> None:
                              "more closely (default: the model's)")
 
 
+def add_scheduler_argument(parser: argparse.ArgumentParser) -> None:
+    """`--scheduler NAME`, the sampler, as every sampling command takes it (argparse refuses
+    other names in one line that lists these)."""
+    shown = ", ".join(f"{name} = {label}" for name, label in SAMPLING_SCHEDULERS.items())
+    parser.add_argument("--scheduler", choices=SAMPLING_SCHEDULERS,
+                        help=f"sampler ({shown}; default: the model's)")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--steps --seed --strength --device --progress`, as every sampling command takes them."""
+    """`--steps --scheduler --seed --strength --device --progress`, as every sampling command takes them."""
     parser.add_argument("--steps", type=positive_int,
                         help="denoising steps per sample (default: the model's)")
+    add_scheduler_argument(parser)
     parser.add_argument("--seed", type=seed_value, default=0,
                         help="random seed of the first sample (default 0)")
     add_strength_argument(parser)

@@ -298,6 +298,7 @@ def write_synthesis_job(
     reference_volume_node=None,
     modality_nodes: Mapping[str, object] | None = None,
     steps: int | None = None,
+    scheduler: str | None = None,
     seed: int | None = None,
     strength: float | None = None,
     device: str = "auto",
@@ -330,8 +331,8 @@ def write_synthesis_job(
     }
     return jobs.synthesis_job(
         folder, model=model, segmentation=segmentation_path, modalities=modality_paths,
-        output=output, steps=steps, seed=seed, strength=strength, device=device, preview_every=preview_every,
-        samples=samples,
+        output=output, steps=steps, scheduler=scheduler, seed=seed, strength=strength, device=device,
+        preview_every=preview_every, samples=samples,
     )
 
 

@@ -270,6 +270,7 @@ def super_resolve(
     *,
     samples: int = DEFAULT_SAMPLES,
     steps: int | None = None,
+    scheduler: str | None = None,
     seed: int = 0,
     strength: float | None = None,
     consistency_iterations: int = CONSISTENCY_ITERATIONS,
@@ -290,6 +291,7 @@ def super_resolve(
         output_grid: the output geometry (e.g. `isotropic_grid(thick)`).
         samples: how many samples to average (posterior mean); seeds `seed`, `seed + 1`, ...
         steps: denoising steps per sample (default: the model's).
+        scheduler: the sampler, a key of `model_config.SAMPLING_SCHEDULERS` (default: the model's).
         seed: seed of the first sample.
         strength: condition strength (default: the model's; `networks.modulate`).
         consistency_iterations: back-projection iterations (0 keeps the model output as drawn,
@@ -324,9 +326,8 @@ def super_resolve(
         sitk.Resample(thick, output_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32, True)
     )
     def draw(sample_seed: int, sample_progress) -> np.ndarray:
-        drawn = sample(model, channels, steps=steps, seed=sample_seed, strength=strength,
-                       progress=sample_progress,
-                       should_cancel=should_cancel, stats=stats)[0, 0].numpy()
+        drawn = sample(model, channels, steps=steps, scheduler=scheduler, seed=sample_seed, strength=strength,
+                       progress=sample_progress, should_cancel=should_cancel, stats=stats)[0, 0].numpy()
         on_output = conditions.resample_to_grid(
             conditions.image_from_array(scaling.restore(drawn), condition.grid), output_grid,
             labels=False, default_value=0.0,
@@ -413,15 +414,16 @@ def run_superres(model: LoadedModel, args: argparse.Namespace, thick: sitk.Image
     with cancellation.deferred():
         cancellation.raise_if_requested()
         mean, std = super_resolve(
-            model, thick, grid, samples=args.samples, steps=args.steps, seed=args.seed,
-            strength=args.strength, progress=progress, should_cancel=cancellation.should_cancel, stats=stats,
+            model, thick, grid, samples=args.samples, steps=args.steps, scheduler=args.scheduler,
+            seed=args.seed, strength=args.strength, progress=progress,
+            should_cancel=cancellation.should_cancel, stats=stats,
         )
         superres_s = time.perf_counter() - start
         # Both written and checked before either replaces a file; the uncertainty is renamed
         # first, so the main output appears only once everything is in place.
         volumes = ([(std, args.uncertainty, None)] if args.uncertainty is not None else []) + [
             (mean, args.output, None)]
-        made_with = provenance(model, args.seed, args.steps, None, args.strength)
+        made_with = provenance(model, args.seed, args.steps, args.scheduler, args.strength)
         output = write_volumes_atomic(volumes, cancellation.commit, made_with)[-1]
     return SynthesisResult(output=output, timings={"superres_s": superres_s, "model_s": stats.model_s},
                            uncertainty=args.uncertainty)

@@ -57,6 +57,7 @@ class SynthesisRequest:
         modalities: modality name (as the model names it) -> volume file.
         output: the volume to write (.nrrd, .nii.gz, .nii, .mha).
         steps: denoising steps (None: the model's default).
+        scheduler: the sampler, a key of `model_config.SAMPLING_SCHEDULERS` (None: the model's).
         seed: random seed; the same seed gives the same image on the same device.
         guided: False samples the base model alone, ignoring the adapter.
         strength: condition strength (None: the model's default; `networks.modulate`).
@@ -71,6 +72,7 @@ class SynthesisRequest:
     modalities: dict[str, Path]
     output: Path
     steps: int | None = None
+    scheduler: str | None = None
     seed: int = 0
     guided: bool = True
     strength: float | None = None
@@ -184,8 +186,8 @@ def synthesize(
     start = time.perf_counter()
 
     def draw(seed: int, sample_progress):
-        image = sample(model, condition, steps=request.steps, seed=seed, guided=request.guided,
-                       strength=request.strength, progress=sample_progress,
+        image = sample(model, condition, steps=request.steps, scheduler=request.scheduler, seed=seed,
+                       guided=request.guided, strength=request.strength, progress=sample_progress,
                        should_cancel=cancellation.should_cancel, stats=stats, preview=preview)
         return image[0, 0].numpy()
 
@@ -204,7 +206,7 @@ def synthesize(
         if request.uncertainty is not None:
             volumes.insert(0, (conditions.to_reference(std, default_value=0.0), request.uncertainty,
                                request.reference_path))
-        made_with = provenance(model, request.seed, request.steps, None,
+        made_with = provenance(model, request.seed, request.steps, request.scheduler,
                                request.strength if request.guided else 0.0)
         output = write_volumes_atomic(volumes, cancellation.commit, made_with)[-1]
     timings["write_s"] = time.perf_counter() - start
@@ -282,8 +284,9 @@ def synthesis_request(args: argparse.Namespace) -> SynthesisRequest:
     if args.segmentation is None and not modalities:
         raise UserError("no condition given; pass --segmentation FILE and/or --modality NAME=FILE")
     return SynthesisRequest(segmentation=args.segmentation, modalities=modalities, output=args.output,
-                            steps=args.steps, seed=args.seed, guided=not args.unguided,
-                            strength=args.strength, samples=args.samples, uncertainty=args.uncertainty,
+                            steps=args.steps, scheduler=args.scheduler, seed=args.seed,
+                            guided=not args.unguided, strength=args.strength, samples=args.samples,
+                            uncertainty=args.uncertainty,
                             preview=args.preview, preview_every=args.preview_every,
                             label_map=label_map_of(args))
 

@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 try:
     from VCMSynthesisLib import jobs
-    from VCMSynthesisLib.cli import run_reporting_errors
+    from VCMSynthesisLib.cli import OneLineArgumentParser, run_reporting_errors
     from VCMSynthesisLib.errors import EXIT_USAGE, UsageError, UserError
     from VCMSynthesisLib.files import refuse_overwriting_inputs
     from VCMSynthesisLib.label_maps import add_label_map_arguments, label_map_of
-    from VCMSynthesisLib.runtime import DEVICES, positive_int, seed_value
+    from VCMSynthesisLib.runtime import DEVICES, add_scheduler_argument, positive_int, seed_value
     from VCMSynthesisLib.superres import positive_mm
     from VCMSynthesisLib.volumes import LABEL_MAX
 except KeyboardInterrupt:  # Ctrl-C while starting: one line, not a traceback
@@ -110,6 +110,7 @@ def segmentation_job(
     options = {
         "model": arguments.model,
         "steps": arguments.steps,
+        "scheduler": arguments.scheduler,
         "seed": arguments.seed if case.seed is None else case.seed,
         "strength": arguments.strength,
         "device": arguments.device,
@@ -280,7 +281,7 @@ def _inputs_of(cases: list[Case], arguments: argparse.Namespace) -> dict[str, Pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="VCMSynthesisBatch", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="VCMSynthesisBatch", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()  # none of them: a modality-only case (--modality)
     source.add_argument("--segmentation", type=Path, help=".seg.nrrd or labelmap file (one case)")
     source.add_argument("--cases", type=Path, help="folder of segmentation files, or a manifest CSV")
@@ -305,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="map .seg.nrrd segments whose names match no model label by their label value")
     add_label_map_arguments(parser)
     parser.add_argument("--steps", type=positive_int, help="denoising steps (default: the model's)")
+    add_scheduler_argument(parser)
     parser.add_argument("--seed", type=seed_value, default=0, help="random seed (default 0)")
     parser.add_argument("--strength", type=float,
                         help="condition strength: 1 as trained, above 1 follows the segmentation more "
@@ -411,6 +413,7 @@ def _run(arguments: argparse.Namespace, work: Path) -> int:
             spacing=arguments.spacing,
             samples=arguments.samples,
             steps=arguments.steps,
+            scheduler=arguments.scheduler,
             seed=arguments.seed,
             device=arguments.device,
         )

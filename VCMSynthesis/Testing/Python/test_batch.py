@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from test_worker import run_cli
-from tiny_models import make_tiny_model_folder
+from tiny_models import expected_provenance, make_tiny_model_folder, provenance_in_nrrd
 from VCMSynthesisLib.batch import read_manifest
 from VCMSynthesisLib.volumes import read_volume
 from volume_cases import blob, geometry_of, make_image, write_case
@@ -89,6 +89,30 @@ def test_a_failing_case_does_not_stop_the_others(batch, tmp_path):
     assert "1 case(s) failed" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.nrrd", "cases.csv"]
     assert sitk.GetArrayFromImage(read_volume(tmp_path / "b.nrrd")).std() > 0
+
+
+def test_the_scheduler_applies_to_every_case_and_an_unknown_one_writes_nothing(batch, tmp_path):
+    inputs = batch["folder"] / "inputs"
+    manifest = tmp_path / "cases.csv"
+    segmentation, t2 = inputs / "seg0.nrrd", inputs / "t2_0.nii.gz"
+    manifest.write_text(f"segmentation,modality:T2,seed,output\n{segmentation},{t2},3,ddpm.nrrd\n")
+    common = ["--model", batch["model"], "--device", "cpu", "--steps", "2"]
+    code, out, err = run_cli(["batch", "--manifest", manifest, *common, "--scheduler", "euler"])
+    assert code == 2 and err.count("\n") == 1 and "--scheduler: invalid choice: 'euler'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.csv"]
+
+    code, _, err = run_cli(["batch", "--manifest", manifest, *common, "--scheduler", "ddpm"])
+    assert code == 0, err
+    for name, extra in (("single", ["--scheduler", "ddpm"]), ("default", [])):
+        code, _, err = run_cli(["synthesize", "--segmentation", segmentation, "--modality", f"T2={t2}",
+                                "--seed", "3", "--output", tmp_path / f"{name}.nrrd", *common, *extra])
+        assert code == 0, err
+    batch_ddpm, single, default = (sitk.GetArrayFromImage(read_volume(tmp_path / f"{name}.nrrd"))
+                                   for name in ("ddpm", "single", "default"))
+    np.testing.assert_array_equal(batch_ddpm, single)
+    assert np.abs(batch_ddpm - default).max() > 1e-3
+    assert provenance_in_nrrd(tmp_path / "ddpm.nrrd") == expected_provenance(batch["model"], seed=3, steps=2,
+                                                                             scheduler="ddpm")
 
 
 @pytest.mark.parametrize(("text", "expected"), [

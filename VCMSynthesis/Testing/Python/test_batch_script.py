@@ -158,6 +158,8 @@ def test_outputs_that_are_inputs_are_refused_and_never_skipped(tmp_path):
     [
         (["--seed", "-1"], 2, "--seed: must be from 0 to"),
         (["--steps", "0"], 2, "--steps: must be at least 1"),
+        (["--scheduler", "euler", "--segmentation", "x.nrrd", "--output", "o.nrrd"], 2,
+         "--scheduler: invalid choice: 'euler'"),
         (["--spacing", "nan"], 2, "--spacing: must be a positive number"),
         (["--segmentation", "x.seg.nrrd"], 2, "--output FILE is needed"),
         (["--cases", "."], 2, "--output-dir FOLDER is needed"),
@@ -172,8 +174,34 @@ def test_command_line_mistakes_are_one_line_errors(tmp_path, arguments, code, me
         [sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, cwd=tmp_path, check=False
     )
     assert completed.returncode == code
-    assert message in completed.stderr
+    assert message in completed.stderr and completed.stderr.count("\n") == 1, completed.stderr
     assert "Traceback" not in completed.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_the_scheduler_goes_to_every_job_and_the_result_records_it(tmp_path, tiny_model):
+    """`--scheduler ddpm` gives the image `vcm-synthesis synthesize --scheduler ddpm` gives, not the
+    model's default DDIM one; the provenance names it."""
+    from test_worker import run_cli
+    from tiny_models import expected_provenance
+
+    labelmap = tmp_path / "labels.nrrd"
+    scene.export_volume(add_volume(new_mrml_scene(), GEOMETRIES["oblique"], blob_labelmap().astype(np.int16)),
+                        labelmap)
+    common = ["--model", tiny_model, "--steps", "2", "--seed", "3", "--device", "cpu"]
+    completed = run_batch("--segmentation", labelmap, "--output", tmp_path / "batch.nrrd", *common,
+                          "--scheduler", "ddpm", temporary=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    for name, extra in (("cli-ddpm", ["--scheduler", "ddpm"]), ("cli-default", [])):
+        code, _, err = run_cli(["synthesize", "--segmentation", labelmap,
+                                "--output", tmp_path / f"{name}.nrrd", *common, *extra])
+        assert code == 0, err
+    batch, ddpm, default = (array_of(scene.read_volume_file(tmp_path / f"{name}.nrrd"))
+                            for name in ("batch", "cli-ddpm", "cli-default"))
+    np.testing.assert_array_equal(batch, ddpm)
+    assert np.abs(batch - default).max() > 1e-3
+    assert scene.read_provenance(tmp_path / "batch.nrrd") == expected_provenance(tiny_model, seed=3, steps=2,
+                                                                                 scheduler="ddpm")
 
 
 def test_unmatched_segment_names_say_how_to_map_them(tmp_path, tiny_model):

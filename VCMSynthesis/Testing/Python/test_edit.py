@@ -65,6 +65,29 @@ def test_an_edited_scan_says_how_it_was_made(case, tmp_path):
     assert provenance_in_nrrd(output) == expected_provenance(case["model"], seed=9, steps=TINY_STEPS)
 
 
+def test_an_edit_takes_the_scheduler_asked_for_and_records_it(case, tmp_path):
+    """No --scheduler is the model's (DDIM) bit for bit; another redraws the region differently and
+    keeps the scan beyond the margin; each output's provenance names its sampler."""
+    edited = {}
+    for name, extra in (("default", []), ("ddim", ["--scheduler", "ddim"]),
+                        ("dpmpp-2m", ["--scheduler", "dpmpp-2m"])):
+        output = tmp_path / f"{name}.nrrd"
+        code, _, err = run_cli(edit_arguments(case, output, "--seed", 9, *extra))
+        assert code == 0, err
+        assert provenance_in_nrrd(output) == expected_provenance(case["model"], seed=9, steps=TINY_STEPS,
+                                                                 scheduler=extra[1] if extra else None)
+        edited[name] = voxels(output)
+    assert provenance_in_nrrd(tmp_path / "default.nrrd")["vcm_scheduler"] == "ddim"
+    np.testing.assert_array_equal(edited["default"], edited["ddim"])
+    inputs = edit.read_edit_inputs(case["scan"], case["edited"], original=case["original"])
+    changed = sitk.GetArrayFromImage(inputs.segmentation.labelmap) != sitk.GetArrayFromImage(
+        inputs.original.labelmap)
+    beyond = edit.distance_mm(changed, inputs.scan.GetSpacing()) >= edit.DEFAULT_MARGIN_MM
+    assert beyond.any()
+    np.testing.assert_array_equal(edited["dpmpp-2m"][beyond], voxels(case["scan"])[beyond])
+    assert np.abs(edited["dpmpp-2m"][changed] - edited["ddim"][changed]).max() > 1.0  # scanner units
+
+
 def test_falloff_is_one_on_the_region_and_zero_beyond_the_margin():
     distance = np.array([0.0, 2.0, 4.0, 6.0, 8.0, 9.0])
     weight = edit.falloff(distance, 8.0)
@@ -204,6 +227,8 @@ BAD_INPUTS = {
                     2, "one of the arguments --original-segmentation --region is required"),
     "negative margin": (lambda case, tmp: edit_arguments(case, tmp / "o.nrrd", "--margin-mm", "-1"),
                         2, "must be a number of millimetres, 0 or more"),
+    "unknown scheduler": (lambda case, tmp: edit_arguments(case, tmp / "o.nrrd", "--scheduler", "euler"),
+                          2, "--scheduler: invalid choice: 'euler'"),
 }
 
 

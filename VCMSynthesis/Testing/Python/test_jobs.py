@@ -78,6 +78,28 @@ def test_segmentation_node_to_result_node_with_the_reference_geometry(tmp_path, 
     assert sorted(path.name for path in job.folder.iterdir()) == [jobs.JOB_DESCRIPTION, jobs.LOG_NAME]
 
 
+def test_the_panels_sampler_choice_reaches_the_worker_and_the_result_node(tmp_path, tiny_model):
+    """The panel passes the sampler only where it differs from the model's (`scene.changed_sampling`);
+    the result node's provenance names the sampler that ran, and a changed one changes the image."""
+    from VCMSynthesisLib.model_config import CONFIG_NAME, ModelConfig
+
+    config = ModelConfig.load(tiny_model / CONFIG_NAME)
+    mrml, reference, segmentation = scene_case("oblique")
+    images = {}
+    for chosen in ("ddim", "dpmpp-2m"):
+        sampling = scene.changed_sampling(config, steps=2, scheduler=chosen,
+                                          strength=config.sampling_strength)
+        assert sampling == {"steps": 2, "scheduler": None if chosen == config.sampling_scheduler else chosen,
+                            "strength": None}
+        job = write_job(tmp_path / chosen, tiny_model, segmentation, reference, **sampling)
+        assert ("--scheduler" in job.arguments) == (chosen != config.sampling_scheduler)
+        node = scene.apply_outcome(jobs.run_job(job, python=sys.executable), mrml, name=chosen,
+                                   next_to=segmentation)
+        assert node.GetAttribute("vcm_scheduler") == chosen and node.GetAttribute("vcm_steps") == "2"
+        images[chosen] = array_of(node)
+    assert np.abs(images["ddim"] - images["dpmpp-2m"]).max() > 1e-3
+
+
 def test_superres_button_path_puts_an_isotropic_volume_next_to_the_input(tmp_path):
     config = dataclasses.replace(
         tiny_config(labels=None, modalities=("thick",), task="superres", name="tiny-superres"),
@@ -91,7 +113,8 @@ def test_superres_button_path_puts_an_isotropic_volume_next_to_the_input(tmp_pat
     thick_affine[:3, 3] = (10.0, -20.0, 5.0)
     smooth = np.fromfunction(lambda k, j, i: np.sin(i / 3.0) + np.cos(j / 4.0) + k / 3.0, (6, 20, 22))
     thick = add_volume(mrml, thick_affine, (100.0 * smooth).astype(np.float32), name="thick T1")
-    job = scene.write_superres_job(tmp_path / "job", thick, model=str(model), device="cpu", steps=1)
+    job = scene.write_superres_job(tmp_path / "job", thick, model=str(model), device="cpu", steps=1,
+                                   scheduler="ddpm")
 
     node = scene.apply_outcome(jobs.run_job(job, python=sys.executable), mrml, name="thin T1", next_to=thick)
 
@@ -100,6 +123,7 @@ def test_superres_button_path_puts_an_isotropic_volume_next_to_the_input(tmp_pat
     np.testing.assert_allclose(spacing, spacing[0], rtol=1e-6)  # isotropic
     np.testing.assert_allclose(result[:3, :3] / spacing, directions, atol=1e-6)  # same directions
     assert np.isfinite(array_of(node)).all()
+    assert node.GetAttribute("vcm_scheduler") == "ddpm"  # the panel's choice, not the model's DDIM
 
 
 def test_cancel_kills_the_worker_group_and_leaves_the_scene_unchanged(tmp_path, tiny_model):
@@ -220,7 +244,8 @@ def test_edit_path_regenerates_the_edit_and_keeps_the_rest_of_the_scan(tmp_path)
     mapping = scene.default_label_mapping(scene.segment_names(segmentation), scene.model_label_table(model))
     nodes = node_ids(mrml)
 
-    job = session.write_job(tmp_path / "job", mapping, model=str(model), margin_mm=2.0, steps=1, device="cpu")
+    job = session.write_job(tmp_path / "job", mapping, model=str(model), margin_mm=2.0, steps=1, device="cpu",
+                            scheduler="dpmpp-2m")
     assert job.arguments[0] == "edit"
     changed = (array_of(scene.read_volume_file(job.folder / "edited.nrrd"))
                != array_of(scene.read_volume_file(job.folder / "original.nrrd")))
@@ -229,6 +254,7 @@ def test_edit_path_regenerates_the_edit_and_keeps_the_rest_of_the_scan(tmp_path)
                                name="edited scan")
 
     assert node is output and node_ids(mrml) == nodes  # the chosen output volume, replaced
+    assert node.GetAttribute("vcm_scheduler") == "dpmpp-2m"
     np.testing.assert_allclose(matrix_of(node), matrix_of(scan), rtol=0, atol=1e-9)
     beyond = distance_mm(changed, read_volume(job.folder / "scan.nrrd").GetSpacing()) >= 2.0
     np.testing.assert_array_equal(array_of(node)[beyond], values[beyond])

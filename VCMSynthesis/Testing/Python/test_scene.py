@@ -286,6 +286,8 @@ def test_the_panel_passes_only_sampling_settings_that_differ_from_the_models(tmp
     changed = scene.changed_sampling(config, steps=defaults["steps"] + 7, strength=defaults["strength"])
     assert changed == {"steps": config.sampling_steps + 7, "strength": None}
     assert scene.changed_sampling(None, steps=5, strength=1.0) == {"steps": 5, "strength": 1.0}
+    assert scene.changed_sampling(config, scheduler=config.sampling_scheduler) == {"scheduler": None}
+    assert scene.changed_sampling(config, scheduler="dpmpp-2m") == {"scheduler": "dpmpp-2m"}
     summary = scene.sampling_summary(config)
     assert summary == f"Defaults: DDIM, {config.sampling_steps} steps, strength 1."
     few_step = dataclasses.replace(config, sampling_scheduler="dpmpp-2m", sampling_steps=6)

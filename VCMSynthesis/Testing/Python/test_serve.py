@@ -100,13 +100,13 @@ def inputs(tmp_path_factory):
             "t2": write_case(make_image(t2, "oblique"), folder, "t2", "nifti")}
 
 
-def panel_job(folder: Path, inputs, seed: int = 0, steps: int | None = None):
+def panel_job(folder: Path, inputs, seed: int = 0, steps: int | None = None, scheduler: str | None = None):
     """A job folder as the panel writes it: the conditions inside, `jobs.synthesis_job`."""
     folder.mkdir(parents=True)
     segmentation = Path(shutil.copy(inputs["segmentation"], folder / "segmentation.nrrd"))
     t2 = Path(shutil.copy(inputs["t2"], folder / "t2.nii.gz"))
     return synthesis_job(folder, model="tiny", segmentation=segmentation, modalities={"T2": t2}, seed=seed,
-                         steps=steps)
+                         steps=steps, scheduler=scheduler)
 
 
 def post(server: Server, body: bytes, token: str | None = None) -> tuple[int, str]:
@@ -153,6 +153,28 @@ def test_remote_synthesis_equals_local_with_exact_geometry(served, inputs, tmp_p
     np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(local))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local.nrrd", "remote.nrrd"]
     assert list((served["work"] / "jobs").iterdir()) == []  # fetched results are removed
+
+
+def test_a_remote_run_takes_the_scheduler_and_the_server_refuses_an_unknown_one(served, inputs, tmp_path):
+    common = ["--segmentation", inputs["segmentation"], "--modality", f"T2={inputs['t2']}", "--seed", "3",
+              "--scheduler", "ddpm"]
+    code, _, err = run_cli(["synthesize", "--model", served["model"], *common, "--device", "cpu",
+                            "--output", tmp_path / "local.nrrd"])
+    assert code == 0, err
+    code, _, err = run_cli(["synthesize", "--model", "tiny", *common, "--output", tmp_path / "remote.nrrd",
+                            "--server", served["server"].url, "--token-file", served["token_file"]])
+    assert code == 0, err
+    local, remote = read_volume(tmp_path / "local.nrrd"), read_volume(tmp_path / "remote.nrrd")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(remote), sitk.GetArrayFromImage(local))
+    assert read_provenance(tmp_path / "remote.nrrd")["vcm_scheduler"] == "ddpm"
+    assert read_provenance(tmp_path / "remote.nrrd") == read_provenance(tmp_path / "local.nrrd")
+
+    # A job built elsewhere (`jobs` passes the name on unchecked) is refused before it is queued.
+    status, answer = post(served["server"], job_bundle(panel_job(tmp_path / "job", inputs, scheduler="euler"))
+                          .read_bytes())
+    assert status == 400 and "--scheduler: invalid choice: 'euler'" in answer, answer
+    assert "\n" not in json.loads(answer)["detail"]
+    assert list((served["work"] / "jobs").iterdir()) == []
 
 
 def test_a_wrong_or_missing_token_is_refused_in_one_line_before_any_work(served, inputs, tmp_path):

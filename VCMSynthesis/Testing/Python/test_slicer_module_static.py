@@ -91,6 +91,15 @@ def test_ui_parameter_names_are_parameter_node_fields():
     assert not unknown, f"SlicerParameterName values that are no parameter-node field: {unknown}"
 
 
+def test_no_two_items_share_a_form_layout_cell():
+    """Qt's QFormLayout refuses an item for an occupied cell ("Cell (6, 0) already occupied"),
+    which leaves that widget outside the layout, drawn over the panel's top corner."""
+    for layout in ElementTree.parse(UI_FILE).getroot().iter("layout"):
+        if layout.get("class") == "QFormLayout":
+            cells = [(item.get("row"), item.get("column")) for item in layout.findall("item")]
+            assert len(cells) == len(set(cells)), f"{layout.get('name')}: {sorted(cells)}"
+
+
 def test_ui_custom_widgets_are_declared():
     root = ElementTree.parse(UI_FILE).getroot()
     declared = {widget.findtext("class") for widget in root.iter("customwidget")}

@@ -260,6 +260,24 @@ def test_cli_output_says_how_it_was_made(tmp_path, capsys, tiny_superres_model):
     assert provenance_in_nrrd(output) == expected
 
 
+def test_cli_takes_the_scheduler_asked_for_and_records_it(tmp_path, capsys, tiny_superres_model):
+    scan = write_scan(tmp_path / "thick.nrrd", thick_scan())
+    drawn = {}
+    for name, extra in (("default", []), ("ddim", ["--scheduler", "ddim"]),
+                        ("ddpm", ["--scheduler", "ddpm"])):
+        output = tmp_path / f"{name}.nrrd"
+        code, _, err = run_cli(capsys, "--input", scan, "--output", output, "--model", tiny_superres_model,
+                               "--seed", 4, "--samples", 1, "--spacing", 2.0, *extra)
+        assert code == 0, err
+        expected = expected_provenance(tiny_superres_model, seed=4, steps=TINY_STEPS,
+                                       scheduler=extra[1] if extra else None)
+        assert provenance_in_nrrd(output) == expected
+        drawn[name] = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+    assert provenance_in_nrrd(tmp_path / "default.nrrd")["vcm_scheduler"] == "ddim"  # the model's
+    np.testing.assert_array_equal(drawn["default"], drawn["ddim"])
+    assert np.abs(drawn["ddpm"] - drawn["ddim"]).max() > 1e-2
+
+
 def test_cli_warns_about_a_thickness_outside_the_trained_range(tmp_path, capsys, tiny_superres_model):
     scan = write_scan(tmp_path / "thick.nrrd", make_volume(smooth_random((5, 12, 12)) + 5, [1.5, 1.5, 9.0]))
     code, lines, _ = run_cli(capsys, "--input", scan, "--output", tmp_path / "thin.nrrd",

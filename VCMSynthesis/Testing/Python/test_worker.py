@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from safetensors.torch import load_file, save_file
-from tiny_models import expected_provenance, make_tiny_model_folder, provenance_in_nrrd
+from tiny_models import TINY_STEPS, expected_provenance, make_tiny_model_folder, provenance_in_nrrd
 from VCMSynthesisLib.cli import main
 from VCMSynthesisLib.errors import Cancelled, UserError
 from VCMSynthesisLib.memory import estimate_peak_bytes, plan_decode
@@ -101,6 +101,41 @@ def test_results_say_how_they_were_made_in_the_nrrd_header_or_a_sidecar(case, tm
     assert provenance_in_nrrd(nrrd_output) == expected
     assert json.loads((tmp_path / "made.nii.gz.json").read_text()) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["made.nii.gz", "made.nii.gz.json", "made.nrrd"]
+
+
+def test_the_scheduler_flag_picks_the_sampler_and_the_result_records_it(case, tmp_path):
+    """Without --scheduler the model's default sampler runs, bit for bit; --scheduler NAME gives the
+    image a model whose default is NAME gives (same weights), and the provenance names it."""
+    few_step = make_tiny_model_folder(tmp_path / "tiny-dpm", scheduler="dpmpp-2m")  # the weights of `case`'s
+    runs = {"default": (few_step, []), "dpmpp-2m": (few_step, ["--scheduler", "dpmpp-2m"]),
+            "ddim": (few_step, ["--scheduler", "ddim"]), "ddpm": (few_step, ["--scheduler", "ddpm"]),
+            "ddim-model": (case["model"], [])}
+    images = {}
+    for name, (model, extra) in runs.items():
+        output = tmp_path / f"{name}.nrrd"
+        arguments = synthesize_arguments(case, output, "--seed", 5, *extra)
+        arguments[arguments.index("--model") + 1] = model
+        code, _, err = run_cli(arguments)
+        assert code == 0, err
+        images[name] = sitk.GetArrayFromImage(read_volume(output))
+        scheduler = extra[1] if extra else None
+        assert provenance_in_nrrd(output) == expected_provenance(model, seed=5, steps=TINY_STEPS,
+                                                                 scheduler=scheduler)
+    assert provenance_in_nrrd(tmp_path / "default.nrrd")["vcm_scheduler"] == "dpmpp-2m"
+    np.testing.assert_array_equal(images["default"], images["dpmpp-2m"])
+    np.testing.assert_array_equal(images["ddim"], images["ddim-model"])
+    for one, other in (("default", "ddim"), ("default", "ddpm"), ("ddim", "ddpm")):
+        assert np.abs(images[one] - images[other]).max() > 1e-3, (one, other)
+
+
+def test_an_unknown_scheduler_in_a_request_is_one_line_and_writes_nothing(case, tmp_path):
+    model = load_model_folder(case["model"])
+    output = tmp_path / "out.nrrd"
+    request = SynthesisRequest(segmentation=case["segmentation"], modalities={"T2": case["t2"]},
+                               output=output, scheduler="euler")
+    with pytest.raises(UserError, match=r"^unknown scheduler 'euler'; use one of ddim, ddpm, dpmpp-2m$"):
+        synthesize(model, request)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unguided_differs_from_guided(case, tmp_path):
@@ -272,6 +307,8 @@ SEGMENTATION, T2, MODEL, OUTPUT, EXTRA = "segmentation", "t2", "model", "output"
     (EXTRA, lambda case, tmp_path: ["--steps", "0"], 2, "--steps: must be at least 1"),
     (EXTRA, lambda case, tmp_path: ["--steps", "-3"], 2, "--steps: must be at least 1"),
     (EXTRA, lambda case, tmp_path: ["--device", "tpu"], 2, "invalid choice: 'tpu'"),
+    (EXTRA, lambda case, tmp_path: ["--scheduler", "euler"], 2,
+     "--scheduler: invalid choice: 'euler' \\(choose from '?ddim'?, '?ddpm'?, '?dpmpp-2m'?\\)"),
     (EXTRA, lambda case, tmp_path: ["--strength", "9"], 1, "strength must be between 0 and 4"),
     (EXTRA, lambda case, tmp_path: ["--strength", "nan"], 1, "strength must be between 0 and 4"),
     (EXTRA, lambda case, tmp_path: ["--modality", "T2"], 2, "must be NAME=FILE"),

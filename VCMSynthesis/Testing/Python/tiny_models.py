@@ -52,9 +52,11 @@ def tiny_config(
     task: str = "synthesis",
     with_adapter: bool = True,
     covariates: Sequence[str] | None = None,
+    scheduler: str = "ddim",
     name: str = "tiny",
 ) -> ModelConfig:
-    """The config.json of a tiny model (grid sizes must be multiples of 8)."""
+    """The config.json of a tiny model (grid sizes must be multiples of 8; `scheduler` is its
+    default sampler, `sampling.scheduler`)."""
     labels = tuple(labels or ())
     modalities = tuple(modalities or ())
     condition_channels = len(labels) + len(modalities)
@@ -98,7 +100,7 @@ def tiny_config(
         if with_adapter else None,
         "latent": {"channels": LATENT_CHANNELS, "scale_factor": 0.9},
         "scheduler": BRAINLDM_NOISE_SCHEDULE,
-        "sampling": {"scheduler": "ddim", "steps": TINY_STEPS},
+        "sampling": {"scheduler": scheduler, "steps": TINY_STEPS},
         "conditions": {
             "labels": {"table": [{"value": v, "name": _label_name(v)} for v in labels]} if labels else None,
             "modalities": [{"name": m, "normalization": {"kind": "percentile", "low": 1.0, "high": 99.0}}
@@ -131,16 +133,18 @@ def make_tiny_model_folder(path: str | Path, *, seed: int = 0, **options: Any) -
 
     `options` are `tiny_config`'s keywords (the model is named after the folder). Condition
     channels: one per label value (0 is "background", k is "label k"), then one per modality
-    (percentile-normalized). Default sampling: DDIM, `TINY_STEPS` steps.
+    (percentile-normalized). Default sampling: DDIM (option `scheduler`), `TINY_STEPS` steps.
     """
     path = Path(path)
     config = tiny_config(name=path.name or "tiny", **options)
     return save_model_folder(path, config, *tiny_networks(config, seed))
 
 
-def expected_provenance(model_folder: str | Path, *, seed: int, steps: int, strength: float = 1.0) -> dict:
+def expected_provenance(model_folder: str | Path, *, seed: int, steps: int, strength: float = 1.0,
+                        scheduler: str | None = None) -> dict:
     """The provenance fields a result of this model folder must carry, worked out from the folder
-    itself (its config.json and the bytes of its adapter weights, else its diffusion weights)."""
+    itself (its config.json and the bytes of its adapter weights, else its diffusion weights);
+    `scheduler` None: the model's default."""
     import hashlib
     import json
 
@@ -150,7 +154,8 @@ def expected_provenance(model_folder: str | Path, *, seed: int, steps: int, stre
     config = json.loads((folder / "config.json").read_text())
     weights = folder / (config.get("adapter") or config["diffusion"])["weights"]
     return {"vcm_model": config["name"], "vcm_model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            "vcm_seed": str(seed), "vcm_steps": str(steps), "vcm_scheduler": config["sampling"]["scheduler"],
+            "vcm_seed": str(seed), "vcm_steps": str(steps),
+            "vcm_scheduler": scheduler or config["sampling"]["scheduler"],
             "vcm_strength": repr(float(strength)), "vcm_version": __version__}
 
 
