@@ -2,8 +2,8 @@
 # The GPU benchmark (bench/gpu_bench.py: the paper-size table, speed options side by side),
 # prepared for a device machine, which has torch but no monai and no network.
 #
-#   bash bench/gpu_bench.sh --prepare           here, where pip reaches PyPI: monai's wheel into .whl/
-#                                               (the version of requirements-dev.txt), .whl/ git-ignored
+#   bash bench/gpu_bench.sh --prepare           here, where pip reaches PyPI: the wheels of monai and
+#                                               safetensors into .whl/ (requirements-dev.txt), git-ignored
 #   run(command="bash bench/gpu_bench.sh --json $OUT/gpu_bench.json", carry=[".whl"], timeout_s=540)
 #                                               on the device machine (the device tool): under 8 minutes
 #   bash bench/gpu_bench.sh --device cpu --quick   anywhere: the tiny model, end to end in seconds
@@ -16,18 +16,18 @@ PYTHON=${PYTHON:-python3}
 WHEELS=.whl
 
 if [ "${1:-}" = "--prepare" ]; then
-    monai=$(grep -m1 '^monai==' requirements-dev.txt)
+    wheels=$(grep -m1 -e '^monai==' requirements-dev.txt; grep -m1 -e '^safetensors==' requirements-dev.txt)
     exclude=$(git rev-parse --git-path info/exclude)
     grep -qx "/$WHEELS/" "$exclude" 2>/dev/null || echo "/$WHEELS/" >>"$exclude"
     "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 --dest "$WHEELS" "$monai"
+        --platform manylinux2014_x86_64 --dest "$WHEELS" $wheels
     ls "$WHEELS"
     exit 0
 fi
 
-if ! "$PYTHON" -c "import monai" 2>/dev/null; then
-    if ! compgen -G "$WHEELS/monai-*.whl" >/dev/null; then
-        echo "error: monai is not installed and $WHEELS/ holds no monai wheel; run 'bash bench/gpu_bench.sh" \
+if ! "$PYTHON" -c "import monai, safetensors" 2>/dev/null; then
+    if ! compgen -G "$WHEELS/monai-*.whl" >/dev/null || ! compgen -G "$WHEELS/safetensors-*.whl" >/dev/null; then
+        echo "error: monai or safetensors is not installed and $WHEELS/ lacks its wheel; run 'bash bench/gpu_bench.sh" \
              "--prepare' where pip reaches PyPI, and carry $WHEELS" >&2
         exit 1
     fi

@@ -7,9 +7,13 @@ next to the weights and the condition channels. `ACTIVATION_MAPS` (how many such
 at once) was calibrated on the CPU with `bench/bench_memory.py`: the measurements imply 4.4
 (80x96x80 grid) to 5.3 (64^3) maps, and 8 on a 48^3 grid where fixed costs dominate (covered by
 `MARGIN_BYTES`). Decoded in slabs (`decoding.py`), about `SLAB_STORED_MAPS` such maps are stored
-and a few slabs' worth are in flight (`SLAB_TRANSIENT_MAPS`): at the paper's size that estimates
-7.4 GB for 16-row slabs and 7.0 GB for 8-row ones, where `bench/bench_sampler.py --variants
-slabs` measured 6.7 and 6.3 GB.
+(half as much in float16, `DecodePlan.stored_dtype`) and a few slabs' worth are in flight
+(`SLAB_TRANSIENT_MAPS`). While the decoder runs, the base model's weights are mapped file pages
+the OS can reclaim (`model_folder.mapped_weight_bytes`), so the estimate is the larger of
+sampling (every weight and the condition encoder, measured at 5.0 of its widest maps at the
+paper's size) and decoding (the rest). At the paper's size `bench/bench_sampler.py --variants
+slabs,half` measured peaks of 6.4 and 5.0 GB resident, of which 4.6 and 2.8 GB anonymous (not
+reclaimable); the estimate is 4.8 GB for both, set by sampling.
 On CUDA the activations are counted in half precision (the sampler runs under fp16 autocast);
 those figures are not calibrated on a GPU yet.
 """
@@ -25,6 +29,7 @@ import torch
 from VCMSynthesisLib.decoding import WHOLE, DecodePlan
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.model_config import ModelConfig
+from VCMSynthesisLib.model_folder import mapped_weight_bytes
 
 ACTIVATION_MAPS = 6.0
 SLAB_STORED_MAPS = 1.25
@@ -39,7 +44,9 @@ CPU_STORAGE = (None, torch.float16)
 def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
                         plan: DecodePlan = WHOLE) -> int:
     """Estimated peak memory of one synthesis run at the model grid on `device`, decoding as
-    `plan` says.
+    `plan` says: the larger of sampling (every weight, the condition encoder's maps) and decoding
+    (the decoder's maps, without the base model's weights where they are mapped file pages that
+    the OS can reclaim, `model_folder.mapped_weight_bytes`).
 
     Args:
         config: the model's config (grid, networks, conditions).
@@ -61,11 +68,14 @@ def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: 
         in_flight = min(1.0, (plan.slab_rows + 2) / config.grid.size[0])
         stored = 1.0 if plan.stored_dtype is None else plan.stored_dtype.itemsize / activation_bytes
         decoder = (SLAB_STORED_MAPS * stored + SLAB_TRANSIENT_MAPS * in_flight) * full_map
+    encoder = 0
     if config.adapter is not None:  # VCM's condition encoder runs at the full grid too
-        encoder = config.adapter.params.get("encoder_channels", [0])[0] * voxels * activation_bytes
-        decoder = max(decoder, ACTIVATION_MAPS * encoder)
+        widest_condition = config.adapter.params.get("encoder_channels", [0])[0]
+        encoder = ACTIVATION_MAPS * widest_condition * voxels * activation_bytes
+    sampling = weights + encoder
+    decoding = weights - mapped_weight_bytes(config, folder, device) + decoder
     conditions = (len(config.condition_channel_names) + 1) * voxels * 4
-    return int(weights + decoder + conditions + MARGIN_BYTES)
+    return int(max(sampling, decoding) + conditions + MARGIN_BYTES)
 
 
 def plan_decode(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,

@@ -214,6 +214,21 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
     return LoadedModel(config=config, folder=folder, device=device, **networks)
 
 
+def mapped_weight_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device) -> int:
+    """Bytes of weights that `load_model_folder` leaves as their file's mapped pages, which the OS
+    can reclaim: the base model's on the CPU, when its file holds float32 (a float16 file is
+    converted, so copied)."""
+    path = Path(folder) / config.diffusion.weights
+    if torch.device(device).type != "cpu":
+        return 0
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError):
+        return 0
+    return path.stat().st_size if dtypes == {"F32"} else 0
+
+
 def _default_model_card(config: ModelConfig) -> str:
     return (f"# {config.name}\n\n{config.description}\n\n- Task: {config.task}\n"
             f"- Grid: {list(config.grid.size)} voxels at {list(config.grid.spacing)} mm "

@@ -149,11 +149,12 @@ def test_the_plan_takes_the_most_exact_thickest_slabs_that_fit_else_refuses(tmp_
     storage."""
     folder = make_tiny_model_folder(tmp_path / "tiny", grid=(256, 256, 256), with_adapter=False)
     config = load_model_folder(folder).config
-    plans = [DecodePlan(slab_rows=rows, stored_dtype=dtype) for dtype in (None, torch.float16) for rows in (8, 4)]
+    plans = [DecodePlan(slab_rows=rows, stored_dtype=dtype)
+             for dtype in (None, torch.float16) for rows in (8, 4)]
     whole, *needed = (estimate_peak_bytes(config, folder, "cpu", plan) for plan in [WHOLE, *plans])
     assert needed[0] < whole and needed[1] < needed[0] and needed[2] < needed[1] and needed[3] < needed[2]
     assert plan_decode(config, folder, "cpu", available=whole) == plans[0]
-    for plan, fits in zip(plans[1:], needed[1:]):
+    for plan, fits in zip(plans[1:], needed[1:], strict=True):
         assert plan_decode(config, folder, "cpu", available=fits) == plan
     with pytest.raises(UserError, match=r"needs about .* GiB on cpu .* close other programs"):
         plan_decode(config, folder, "cpu", available=needed[3] - 1)

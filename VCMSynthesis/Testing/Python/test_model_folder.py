@@ -90,6 +90,15 @@ def test_the_base_models_parameters_are_its_weights_files_pages(saved_folder):
     assert not any(inside(loaded.autoencoder, config.autoencoder.weights))
 
 
+def test_the_memory_plan_counts_mapped_weights_as_reclaimable_only_where_they_are(saved_folder, tmp_path):
+    config = load_model_folder(saved_folder).config
+    base_file = (saved_folder / config.diffusion.weights).stat().st_size
+    assert model_folder.mapped_weight_bytes(config, saved_folder, "cpu") == base_file
+    assert model_folder.mapped_weight_bytes(config, saved_folder, "cuda") == 0  # copied to the GPU
+    half = save_model_folder(tmp_path / "half", config, *tiny_networks(config), dtype=torch.float16)
+    assert model_folder.mapped_weight_bytes(config, half, "cpu") == 0  # converted on loading: copied
+
+
 def test_helpers_describe_conditions_and_latent(saved_folder):
     loaded = load_model_folder(saved_folder)
     assert loaded.condition_channel_names == ["background", "label 1", "label 2", "label 3", "T2"]
