@@ -1,4 +1,5 @@
-"""Memory planning: choose how a job decodes so that it fits, and refuse one that cannot fit.
+"""Memory planning: choose how a job decodes (and encodes) so that it fits, and refuse one that
+cannot fit.
 
 The peak of a synthesis run is the autoencoder's decoder at the full model grid. Decoded whole,
 its last levels hold a few feature maps of `max(channels[0], channels[1])` channels at every
@@ -10,6 +11,13 @@ at once) was calibrated on the CPU with `bench/bench_memory.py`: the measurement
 and a few slabs' worth are in flight (`SLAB_TRANSIENT_MAPS`): at the paper's size that estimates
 7.4 GB for 16-row slabs and 7.0 GB for 8-row ones, where `bench/bench_sampler.py --variants
 slabs` measured 6.7 and 6.3 GB.
+`edit` also encodes the scan at the model grid first. The encoder's first level holds maps of
+`channels[0]` channels at every voxel; `bench/bench_encoding.py` measured a whole-volume encode
+at 2.8 (paper size) to 4.0 (128^3) such maps (`ENCODER_MAPS`). In slabs a residual block still
+stores two (its input, kept for the sum, and its first convolution's output, whose statistics
+the second normalisation needs): measured 2.0-2.4 with 2- to 16-row slabs
+(`ENCODER_SLAB_STORED_MAPS`, plus the in-flight slabs as for the decoder). At the paper's size the
+encoder in slabs then stays under the decoder (3.8 against 4.2 GB), where whole it would not (5.9).
 On CUDA the activations are counted in half precision (the sampler runs under fp16 autocast);
 those figures are not calibrated on a GPU yet.
 """
@@ -30,18 +38,21 @@ ACTIVATION_MAPS = 6.0
 SLAB_STORED_MAPS = 1.25
 SLAB_TRANSIENT_MAPS = 3.0
 MARGIN_BYTES = 256 * 2**20
+ENCODER_MAPS = 4.0
+ENCODER_SLAB_STORED_MAPS = 2.4
 SLAB_ROWS = (8, 4)  # tried in turn, thickest first: 8 rows decode as fast as 16 or 32 (bench_sampler)
 
 
 def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
-                        plan: DecodePlan = WHOLE) -> int:
-    """Estimated peak memory of one synthesis run at the model grid on `device`, decoding as
-    `plan` says.
+                        plan: DecodePlan = WHOLE, encodes: bool = False) -> int:
+    """Estimated peak memory of one synthesis run at the model grid on `device`, decoding (and
+    encoding) as `plan` says.
 
     Args:
         config: the model's config (grid, networks, conditions).
         folder: the model folder; its weight files' sizes count as the parameters.
         device: "cpu" or "cuda" (half-precision activations under CUDA autocast).
+        encodes: the run also encodes an image at the model grid (`edit` encodes the scan).
     """
     folder = Path(folder)
     specs = [config.autoencoder, config.diffusion] + ([config.adapter] if config.adapter else [])
@@ -51,23 +62,30 @@ def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: 
     channels = config.autoencoder.params["channels"]
     widest = max(channels[:2])
     activation_bytes = 2 if torch.device(device).type == "cuda" else 4
-    full_map = widest * voxels * activation_bytes
-    if plan.slab_bytes is None or full_map <= plan.slab_bytes:
-        decoder = ACTIVATION_MAPS * full_map
-    else:
-        in_flight = min(1.0, (plan.slab_rows + 2) / config.grid.size[0])
-        decoder = (SLAB_STORED_MAPS + SLAB_TRANSIENT_MAPS * in_flight) * full_map
-    if config.adapter is not None:  # VCM's condition encoder runs at the full grid too
+    in_flight = min(1.0, (plan.slab_rows + 2) / config.grid.size[0])
+    peaks = [_activation_bytes(widest * voxels * activation_bytes, plan, ACTIVATION_MAPS,
+                               SLAB_STORED_MAPS + SLAB_TRANSIENT_MAPS * in_flight)]
+    if encodes:  # the autoencoder's encoder: its first level holds maps of channels[0] at every voxel
+        peaks.append(_activation_bytes(channels[0] * voxels * activation_bytes, plan, ENCODER_MAPS,
+                                       ENCODER_SLAB_STORED_MAPS + SLAB_TRANSIENT_MAPS * in_flight))
+    if config.adapter is not None:  # VCM's condition encoder runs at the full grid too (whole)
         encoder = config.adapter.params.get("encoder_channels", [0])[0] * voxels * activation_bytes
-        decoder = max(decoder, ACTIVATION_MAPS * encoder)
+        peaks.append(ACTIVATION_MAPS * encoder)
     conditions = (len(config.condition_channel_names) + 1) * voxels * 4
-    return int(weights + decoder + conditions + MARGIN_BYTES)
+    return int(weights + max(peaks) + conditions + MARGIN_BYTES)
+
+
+def _activation_bytes(full_map: int, plan: DecodePlan, whole_maps: float, slab_maps: float) -> float:
+    """A network's activations at its peak: `whole_maps` full-grid maps of `full_map` bytes, or
+    `slab_maps` of them where `plan` runs maps that large in slabs."""
+    slabbed = plan.slab_bytes is not None and full_map > plan.slab_bytes
+    return (slab_maps if slabbed else whole_maps) * full_map
 
 
 def plan_decode(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
-                available: int | None = None) -> DecodePlan:
-    """The decode plan whose estimated peak fits in `available` bytes; a UserError with a way out
-    when not even the thinnest slabs fit.
+                available: int | None = None, encodes: bool = False) -> DecodePlan:
+    """The decode (and encode) plan whose estimated peak fits in `available` bytes; a UserError
+    with a way out when not even the thinnest slabs fit.
 
     On the CPU, slabs (thickest first): they decode as fast as the whole volume at once
     (`bench/bench_sampler.py --variants whole,slabs`) in less memory. On CUDA, the whole volume
@@ -75,12 +93,13 @@ def plan_decode(config: ModelConfig, folder: str | os.PathLike, device: str | to
 
     Args:
         available: bytes the run may use; None measures them on `device`.
+        encodes: the run also encodes an image at the model grid (`edit`).
     """
     available = available_bytes(device) if available is None else available
     plans = [DecodePlan(slab_rows=rows) for rows in SLAB_ROWS]
     if torch.device(device).type == "cuda":
         plans.insert(0, WHOLE)
-    needed = {plan: estimate_peak_bytes(config, folder, device, plan) for plan in plans}
+    needed = {plan: estimate_peak_bytes(config, folder, device, plan, encodes) for plan in plans}
     for plan in plans:
         if needed[plan] <= available:
             return plan
