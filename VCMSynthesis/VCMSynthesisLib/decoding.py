@@ -99,7 +99,8 @@ class Slabs:
 
 
 def decode(autoencoder: AutoencoderKL, latent: torch.Tensor, plan: DecodePlan = DecodePlan()) -> torch.Tensor:
-    """`autoencoder.decode(latent)`, with the blocks whose output passes `plan.slab_bytes` in slabs.
+    """`autoencoder.decode(latent)`, with the blocks whose input or output passes `plan.slab_bytes`
+    in slabs.
 
     For inference only (under `torch.inference_mode` or `no_grad`): slabs are summed in place.
 
@@ -332,7 +333,7 @@ def _conv_rows(conv: nn.Conv3d, rows: Rows, start: int, stop: int, length: int,
     first, last = _input_span(conv, start, stop, pad)
     low, high = max(first, 0), min(last, length)
     x = rows(low, high)
-    across = (0,) * 4 if pad is None else pad[:4]  # the other axes: the convolution's own padding
+    across = (0,) * 4 if pad is None else pad[:4]  # the other axes: `pad`'s, else conv3d pads them
     if low - first or last - high or any(across):
         x = F.pad(x, (*across, low - first, last - high))
     return F.conv3d(x, conv.weight, conv.bias, stride=conv.stride, padding=(0, *conv.padding[1:]))
