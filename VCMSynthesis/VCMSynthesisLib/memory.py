@@ -18,8 +18,9 @@ stores two (its input, kept for the sum, and its first convolution's output, who
 the second normalisation needs): measured 2.0-2.4 with 2- to 16-row slabs
 (`ENCODER_SLAB_STORED_MAPS`, plus the in-flight slabs as for the decoder). At the paper's size the
 encoder in slabs then stays under the decoder (3.8 against 4.2 GB), where whole it would not (5.9).
-On CUDA the activations are counted in half precision (the sampler runs under fp16 autocast);
-those figures are not calibrated on a GPU yet.
+On CUDA the activations are counted in half precision (the sampler runs under fp16 autocast),
+the encoder's in single precision (`edit` encodes outside autocast); those figures are not
+calibrated on a GPU yet.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: 
     in_flight = min(1.0, (plan.slab_rows + 2) / config.grid.size[0])
     peaks = [_activation_bytes(widest * voxels * activation_bytes, plan, ACTIVATION_MAPS,
                                SLAB_STORED_MAPS + SLAB_TRANSIENT_MAPS * in_flight)]
-    if encodes:  # the autoencoder's encoder: its first level holds maps of channels[0] at every voxel
-        peaks.append(_activation_bytes(channels[0] * voxels * activation_bytes, plan, ENCODER_MAPS,
+    if encodes:  # the encoder's first level: maps of channels[0] at every voxel, float32 (no autocast)
+        peaks.append(_activation_bytes(channels[0] * voxels * 4, plan, ENCODER_MAPS,
                                        ENCODER_SLAB_STORED_MAPS + SLAB_TRANSIENT_MAPS * in_flight))
     if config.adapter is not None:  # VCM's condition encoder runs at the full grid too (whole)
         encoder = config.adapter.params.get("encoder_channels", [0])[0] * voxels * activation_bytes
