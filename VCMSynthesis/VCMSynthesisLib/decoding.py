@@ -1,17 +1,20 @@
-"""Decoding large latents in bounded memory: the decoder's big blocks run in slabs.
+"""Decoding and encoding in bounded memory: the autoencoder's big blocks run in slabs.
 
 At the paper's size (160x224x160) the decoder's last level holds feature maps of 64-128 channels
-at 5.7 M voxels, 1.5-2.9 GB each, and a whole-volume decode peaks near 10 GB on the CPU. Those
-blocks are all slab-friendly: convolutions with stride 1, nearest upsampling, GroupNorm and
-residual sums. So once a block's output passes `DecodePlan.slab_bytes`, it runs in slabs along the
-first spatial axis: a convolution reads its slab plus `kernel // 2` rows either side (the halo)
-and computes exactly that slab's rows of the whole-volume convolution; GroupNorm takes its
-statistics over all slabs before it normalises any; inputs are released slab by slab as soon as
-no later slab reads them. The image equals the whole-volume decode up to float rounding (at the
-paper's size mostly the whole-volume GroupNorm's own float32 statistics, `test_decoding.py`).
-Where memory is shorter still, the slabbed maps can be stored in float16 between blocks
-(`DecodePlan.stored_dtype`): the largest one then takes half the memory, while every block still
-computes in float32; the image moves by float16's rounding of those maps.
+at 5.7 M voxels, 1.5-2.9 GB each, and a whole-volume decode peaks near 10 GB on the CPU; the
+encoder's first level (`edit` encodes the scan) holds 64-channel maps of 1.5 GB. Those blocks are
+all slab-friendly: convolutions (stride 1, or the encoder's stride-2 downsampling after its
+asymmetric zero pad), nearest upsampling, GroupNorm and residual sums. So once a block's input or
+output passes `DecodePlan.slab_bytes`, it runs in slabs along the first spatial axis: a
+convolution reads the input rows its slab of output rows reads (plus `kernel // 2` rows either
+side for a stride-1 convolution, the halo) and computes exactly that slab's rows of the
+whole-volume convolution; GroupNorm takes its statistics over all slabs before it normalises any;
+inputs are released slab by slab as soon as no later slab reads them. The result equals the
+whole-volume decode or encode up to float rounding (at the paper's size mostly the whole-volume
+GroupNorm's own float32 statistics, `test_decoding.py`). Where memory is shorter still, the
+slabbed maps can be stored in float16 between blocks (`DecodePlan.stored_dtype`): the largest one
+then takes half the memory, while every block still computes in float32; the result moves by
+float16's rounding of those maps.
 
 This is MAISI's tensor splitting (`monai.apps.generation.maisi`) applied to the MONAI
 `AutoencoderKL` that BrainLDM and this project's models use: MAISI's own autoencoder cannot load
@@ -21,28 +24,30 @@ Blocks of other kinds (attention, transposed convolutions) run whole.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UpSample
 from monai.networks.nets import AutoencoderKL
-from monai.networks.nets.autoencoderkl import AEKLResBlock
+from monai.networks.nets.autoencoderkl import AEKLDownsample, AEKLResBlock, AsymmetricPad
 from torch import nn
 
 SLAB_AXIS = 2  # the first spatial axis: a slab is one contiguous block in NCDHW and NDHWC layouts
 Rows = Callable[[int, int], torch.Tensor]  # rows [start, stop) of a tensor along the slab axis
+Pad = tuple[int, ...]  # a zero pad in `F.pad`'s order (last axis first, (low, high) each)
 Store = Callable[[torch.Tensor], torch.Tensor]  # a computed slab as it is kept until read
 
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """How `decode` splits the work.
+    """How `decode` and `encode` split the work.
 
     Attributes:
-        slab_bytes: a block whose output would be larger than this runs in slabs (None: all
-            blocks run whole, as `AutoencoderKL.decode` does).
+        slab_bytes: a block whose input or output would be larger than this runs in slabs
+            (None: all blocks run whole, as `AutoencoderKL.decode` and `encode` do).
         slab_rows: rows per slab along the slab axis: fewer rows lower the peak; each convolution
             also reads `kernel // 2` rows either side, which it does not compute again.
         stored_dtype: the dtype slabbed maps over `slab_bytes` are kept in between blocks (None:
@@ -93,9 +98,17 @@ class Slabs:
     def whole(self) -> torch.Tensor:
         return torch.cat(self.slabs, SLAB_AXIS)
 
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of `whole()` (while the first slab is kept)."""
+        shape = list(self.slabs[0].shape)
+        shape[SLAB_AXIS] = self.length
+        return torch.Size(shape)
+
 
 def decode(autoencoder: AutoencoderKL, latent: torch.Tensor, plan: DecodePlan = DecodePlan()) -> torch.Tensor:
-    """`autoencoder.decode(latent)`, with the blocks whose output passes `plan.slab_bytes` in slabs.
+    """`autoencoder.decode(latent)`, with the blocks whose input or output passes `plan.slab_bytes`
+    in slabs.
 
     For inference only (under `torch.inference_mode` or `no_grad`): slabs are summed in place.
 
@@ -103,42 +116,68 @@ def decode(autoencoder: AutoencoderKL, latent: torch.Tensor, plan: DecodePlan = 
         autoencoder: a MONAI `AutoencoderKL` in eval mode.
         latent: `(1, latent_channels, *latent grid)`, unscaled (as `AutoencoderKL.decode` takes it).
     """
-    layout = _memory_format(autoencoder)
-    computed = autoencoder.post_quant_conv.conv.weight.dtype
-    x = autoencoder.post_quant_conv(latent)
-    blocks = list(autoencoder.decoder.blocks)
+    return _run_blocks(autoencoder.decoder, autoencoder.post_quant_conv(latent), plan)
+
+
+def encode(autoencoder: AutoencoderKL, image: torch.Tensor, plan: DecodePlan = DecodePlan()) -> torch.Tensor:
+    """`autoencoder.encode(image)[0]` (the latent mean; its sigma is not computed), with the
+    encoder's blocks whose input or output passes `plan.slab_bytes` in slabs.
+
+    For inference only (under `torch.inference_mode` or `no_grad`): slabs are summed in place.
+
+    Args:
+        autoencoder: a MONAI `AutoencoderKL` in eval mode.
+        image: `(1, in_channels, *image grid)`.
+    """
+    return autoencoder.quant_conv_mu(_run_blocks(autoencoder.encoder, image, plan))
+
+
+def _run_blocks(network: nn.Module, x: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+    """`x` through the encoder's or decoder's blocks in turn, each whole or, where
+    `_runs_in_slabs`, in slabs."""
+    blocks = list(network.blocks)
+    layout = _memory_format(network)
+    computed = next(network.parameters()).dtype
+    element_size = _computed_element_size(x.device, computed)  # stored slabs may be narrower
     slabbed: Slabs | None = None
     pending_norm: nn.GroupNorm | None = None
     for index, block in enumerate(blocks):
         if slabbed is None:
             x = x.contiguous(memory_format=layout)  # convolutions with few channels drop the layout
-            if (plan.slab_bytes is None or not _slabbable(block)
-                    or _output_bytes(block, x, x.shape[SLAB_AXIS]) <= plan.slab_bytes):
+            if not _runs_in_slabs(block, x.shape, x.element_size(), plan):
                 x = block(x)
                 continue
             slabbed = Slabs.split(x, _input_rows(block, plan.slab_rows))
             del x
-        elif not _slabbable(block):
+        elif not _runs_in_slabs(block, slabbed.shape, element_size, plan):
             x, slabbed = block(_computable(slabbed.whole(), computed)), None
             continue
         if isinstance(block, nn.GroupNorm) and index + 1 < len(blocks) and _is_plain_conv(blocks[index + 1]):
             pending_norm = block  # normalised on the fly as the next convolution reads its rows
             continue
-        narrow = plan.stored_dtype is not None and index + 1 < len(blocks)  # the image: as computed
-        big = _output_bytes(block, slabbed.slabs[0], slabbed.length) > plan.slab_bytes  # sets the peak
+        narrow = plan.stored_dtype is not None and index + 1 < len(blocks)  # the last output: as computed
+        big = _output_bytes(block, slabbed.shape, element_size) > plan.slab_bytes  # sets the peak
         store = _narrowed(plan.stored_dtype) if narrow and big else _as_computed
         slabbed = _run_slabbed(block, slabbed, plan, store, pending_norm)
         pending_norm = None
     return x if slabbed is None else slabbed.whole()
 
 
-def _memory_format(autoencoder: AutoencoderKL) -> torch.memory_format:
-    """The layout of the decoder's weights (`model_folder.frozen` makes them channels-last on the
-    CPU): activations kept in it let every convolution run in it."""
-    weight = next(conv.weight for conv in autoencoder.decoder.modules()
-                  if isinstance(conv, nn.Conv3d) and max(conv.kernel_size) > 1)  # 1x1x1: either layout
+def _memory_format(network: nn.Module) -> torch.memory_format:
+    """The layout of the encoder's or decoder's weights (`model_folder.frozen` makes them
+    channels-last on the CPU): activations kept in it let every convolution run in it."""
+    weight = next(conv.weight for conv in network.modules()  # 1x1x1 or 1 input channel: either layout
+                  if isinstance(conv, nn.Conv3d) and max(conv.kernel_size) > 1 and conv.in_channels > 1)
     channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d)
     return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def _runs_in_slabs(block: nn.Module, shape: Sequence[int], element_size: int, plan: DecodePlan) -> bool:
+    """Whether `block` runs in slabs on an input of `shape`: it can, and its input or its output
+    passes `plan.slab_bytes`."""
+    if plan.slab_bytes is None or not _slabbable(block):
+        return False
+    return max(math.prod(shape) * element_size, _output_bytes(block, shape, element_size)) > plan.slab_bytes
 
 
 def _slabbable(block: nn.Module) -> bool:
@@ -147,6 +186,8 @@ def _slabbable(block: nn.Module) -> bool:
         return all(_is_plain_conv(conv) for conv in [block.conv1, block.conv2, *shortcut])
     if isinstance(block, UpSample):
         return _nearest_upsample(block) is not None
+    if isinstance(block, AEKLDownsample):
+        return _downsample(block) is not None
     return isinstance(block, nn.GroupNorm) or _is_plain_conv(block)
 
 
@@ -158,6 +199,19 @@ def _is_plain_conv(block: nn.Module) -> bool:
     return (isinstance(conv, nn.Conv3d) and set(conv.stride) == {1} and set(conv.dilation) == {1}
             and conv.padding_mode == "zeros" and all(pad == kernel // 2 and kernel % 2 == 1
                                                       for pad, kernel in zip(conv.padding, conv.kernel_size)))
+
+
+def _downsample(block: AEKLDownsample) -> tuple[nn.Conv3d, Pad] | None:
+    """(convolution, pad) of an `AEKLDownsample` that zero-pads asymmetrically, then runs a
+    strided convolution without padding of its own."""
+    if not isinstance(block.pad, AsymmetricPad) or not isinstance(block.conv, Convolution):
+        return None
+    if list(dict(block.conv.named_children())) != ["conv"] or not isinstance(block.conv.conv, nn.Conv3d):
+        return None
+    conv = block.conv.conv
+    if set(conv.padding) != {0} or set(conv.dilation) != {1} or conv.padding_mode != "zeros":
+        return None
+    return conv, tuple(block.pad.pad)
 
 
 def _nearest_upsample(block: UpSample) -> tuple[int, Convolution] | None:
@@ -176,25 +230,59 @@ def _nearest_upsample(block: UpSample) -> tuple[int, Convolution] | None:
 
 
 def _input_rows(block: nn.Module, output_rows: int) -> int:
+    if isinstance(block, AEKLDownsample):
+        return output_rows * _downsample(block)[0].stride[0]
     scale = _nearest_upsample(block)[0] if isinstance(block, UpSample) else 1
     return max(1, output_rows // scale)
 
 
-def _output_bytes(block: nn.Module, x: torch.Tensor, length: int) -> int:
-    """Bytes of `block` applied to a tensor like `x` but `length` rows long (a `_slabbable` block),
-    without running it: in autocast's dtype where it is on, else float32 (stored slabs may be
-    narrower than what the block computes)."""
-    channels, scale = x.shape[1], 1
+def _output_bytes(block: nn.Module, shape: Sequence[int], element_size: int) -> int:
+    """Bytes of `block`'s output on an input of `shape` for a `_slabbable` block, without
+    running it."""
+    channels, sizes = shape[1], list(shape[2:])
     if isinstance(block, AEKLResBlock):
         channels = block.out_channels
     elif isinstance(block, UpSample):
-        scale = _nearest_upsample(block)[0]
+        sizes = [size * _nearest_upsample(block)[0] for size in sizes]
+    elif isinstance(block, AEKLDownsample):
+        conv, pad = _downsample(block)
+        sizes = [_output_length(conv, axis, size, pad) for axis, size in enumerate(sizes)]
     elif isinstance(block, Convolution) and isinstance(block.conv, nn.Conv3d):
         channels = block.conv.out_channels
-    voxels = x[0, 0, 0].numel() * length * scale ** (x.dim() - 2)
-    device = x.device.type
-    computed = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-    return channels * voxels * computed.itemsize
+    return channels * math.prod(sizes) * element_size
+
+
+def _axis_pad(conv: nn.Conv3d, axis: int, pad: Pad | None) -> tuple[int, int]:
+    """(low, high) zero rows before and after the input along spatial `axis`: `pad`'s, or the
+    convolution's own padding."""
+    if pad is None:
+        return conv.padding[axis], conv.padding[axis]
+    index = 2 * (len(pad) // 2 - 1 - axis)
+    return pad[index], pad[index + 1]
+
+
+def _output_length(conv: nn.Conv3d, axis: int, length: int, pad: Pad | None) -> int:
+    low, high = _axis_pad(conv, axis, pad)
+    return (length + low + high - conv.kernel_size[axis]) // conv.stride[axis] + 1
+
+
+def _input_span(conv: nn.Conv3d, start: int, stop: int, pad: Pad | None) -> tuple[int, int]:
+    """The padded input rows [first, last) that output rows [start, stop) of `conv` read, in the
+    input's row numbers (negative or past its end: padding)."""
+    low, _ = _axis_pad(conv, 0, pad)
+    return start * conv.stride[0] - low, (stop - 1) * conv.stride[0] - low + conv.kernel_size[0]
+
+
+def _computed_element_size(device: torch.device, computed: torch.dtype) -> int:
+    """Bytes per value the blocks compute in: autocast's dtype where it is on, else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type).itemsize
+    return computed.itemsize
+
+
+def _computable(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Stored values in `dtype`, the weights' (autocast, where it is on, chooses its own)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
 
 
 def _as_computed(slab: torch.Tensor) -> torch.Tensor:
@@ -209,11 +297,6 @@ def _narrowed(dtype: torch.dtype) -> Store:
     return store
 
 
-def _computable(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Stored values in `dtype`, the weights' (autocast, where it is on, chooses its own)."""
-    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
-
-
 def _run_slabbed(block: nn.Module, x: Slabs, plan: DecodePlan, store: Store,
                  norm: nn.GroupNorm | None = None) -> Slabs:
     if isinstance(block, AEKLResBlock):
@@ -222,6 +305,9 @@ def _run_slabbed(block: nn.Module, x: Slabs, plan: DecodePlan, store: Store,
         scale, postconv = _nearest_upsample(block)
         return _convolve(postconv.conv, _upsampled_rows(x, scale), x.length * scale, plan.slab_rows,
                          release=x, scale=scale, store=store)
+    if isinstance(block, AEKLDownsample):
+        conv, pad = _downsample(block)
+        return _convolve(conv, x.rows, x.length, plan.slab_rows, release=x, scale=1, store=store, pad=pad)
     if isinstance(block, nn.GroupNorm):  # a norm no convolution follows: normalise slab by slab
         stats = _group_stats(block, x)
         return Slabs([store(_normalize(stats, slab)) for slab in x.slabs])
@@ -256,16 +342,17 @@ def _res_block(block: AEKLResBlock, x: Slabs, store: Store) -> Slabs:
 
 
 def _convolve(conv: nn.Conv3d, rows: Rows, length: int, slab_rows: int, release: Slabs, scale: int,
-              store: Store) -> Slabs:
-    """`conv` over a tensor `length` rows long that `rows` reads, computed `slab_rows` at a time
-    and kept as `store` says; the slabs of `release` (the input, `scale` output rows per row) are
-    freed as soon as no later output slab reads them."""
+              store: Store, pad: Pad | None = None) -> Slabs:
+    """`conv` (zero-padded by `pad`, else by its own padding) over a tensor `length` rows long that
+    `rows` reads, computed `slab_rows` output rows at a time and kept as `store` says; the slabs of
+    `release` (the input, `scale` rows of `rows` per row) are freed as soon as no later output
+    slab reads them."""
     out = []
-    halo = conv.padding[0]
-    for start in range(0, length, slab_rows):
-        stop = min(start + slab_rows, length)
-        out.append(store(_conv_rows(conv, rows, start, stop, length)))
-        _release_rows_before(release, start - halo, scale)
+    output_length = _output_length(conv, 0, length, pad)
+    for start in range(0, output_length, slab_rows):
+        stop = min(start + slab_rows, output_length)
+        out.append(store(_conv_rows(conv, rows, start, stop, length, pad)))
+        _release_rows_before(release, _input_span(conv, stop, stop + 1, pad)[0], scale)
     return Slabs(out)
 
 
@@ -276,16 +363,19 @@ def _release_rows_before(slabs: Slabs, row: int, scale: int) -> None:
     slabs.release_before(last)
 
 
-def _conv_rows(conv: nn.Conv3d, rows: Rows, start: int, stop: int, length: int) -> torch.Tensor:
-    """Output rows [start, stop) of `conv` (stride 1, zero 'same' padding) over the whole tensor,
-    from input rows [start - halo, stop + halo): without padding along the slab axis, the
-    convolution computes exactly these rows; zero rows stand in beyond the tensor's ends."""
-    halo = conv.padding[0]
-    low, high = max(start - halo, 0), min(stop + halo, length)
+def _conv_rows(conv: nn.Conv3d, rows: Rows, start: int, stop: int, length: int,
+               pad: Pad | None = None) -> torch.Tensor:
+    """Output rows [start, stop) of `conv` over the whole tensor (`length` rows), zero-padded by
+    `pad` (`AEKLDownsample`'s asymmetric pad) or else by the convolution's own padding: from the
+    input rows `_input_span` names, without padding along the slab axis, the convolution computes
+    exactly these rows; zero rows stand in beyond the tensor's ends."""
+    first, last = _input_span(conv, start, stop, pad)
+    low, high = max(first, 0), min(last, length)
     x = _computable(rows(low, high), conv.weight.dtype)
-    if low - (start - halo) or (stop + halo) - high:
-        x = F.pad(x, (0, 0, 0, 0, low - (start - halo), (stop + halo) - high))
-    return F.conv3d(x, conv.weight, conv.bias, padding=(0, *conv.padding[1:]))
+    across = (0,) * 4 if pad is None else pad[:4]  # the other axes: `pad`'s, else conv3d pads them
+    if low - first or last - high or any(across):
+        x = F.pad(x, (*across, low - first, last - high))
+    return F.conv3d(x, conv.weight, conv.bias, stride=conv.stride, padding=(0, *conv.padding[1:]))
 
 
 def _upsampled_rows(x: Slabs, scale: int) -> Rows:

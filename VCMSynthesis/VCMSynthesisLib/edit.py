@@ -256,7 +256,7 @@ def edit_scan(
     factor = [g // n for g, n in zip(config.grid.size, latent_size)]
     with torch.inference_mode():
         image = torch.from_numpy(scaling.normalize(on_grid))[None, None].to(model.device)
-        known = model.autoencoder.encode(image)[0] * config.scale_factor
+        known = model.encode(image)
         mask = torch.nn.functional.max_pool3d(torch.from_numpy(generate)[None, None].float(), factor, factor)
     known = KnownLatent(latent=known.float().cpu(), mask=mask, resample=resample)
     condition = torch.from_numpy(built.channels).unsqueeze(0)
@@ -348,7 +348,7 @@ def run_edit(model: LoadedModel, request: EditRequest, *, progress: Callable[[in
 
     cancellation = cancellation or SignalCancellation()
     check_edit_request(request)
-    model.decode_plan = plan_decode(model.config, model.folder, model.device)
+    model.decode_plan = plan_decode(model.config, model.folder, model.device, encodes=True)
     start = time.perf_counter()
     inputs = read_edit_inputs(request.image, request.segmentation, original=request.original_segmentation,
                               region=request.region, modalities=request.modalities,

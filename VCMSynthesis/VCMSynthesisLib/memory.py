@@ -1,4 +1,5 @@
-"""Memory planning: choose how a job decodes so that it fits, and refuse one that cannot fit.
+"""Memory planning: choose how a job decodes (and encodes) so that it fits, and refuse one that
+cannot fit.
 
 The peak of a synthesis run is the autoencoder's decoder at the full model grid. Decoded whole,
 its last levels hold a few feature maps of `max(channels[0], channels[1])` channels at every
@@ -8,14 +9,25 @@ at once) was calibrated on the CPU with `bench/bench_memory.py`: the measurement
 (80x96x80 grid) to 5.3 (64^3) maps, and 8 on a 48^3 grid where fixed costs dominate (covered by
 `MARGIN_BYTES`). Decoded in slabs (`decoding.py`), about `SLAB_STORED_MAPS` such maps are stored
 (half as much in float16, `DecodePlan.stored_dtype`) and a few slabs' worth are in flight
-(`SLAB_TRANSIENT_MAPS`). While the decoder runs, the base model's weights are mapped file pages
-the OS can reclaim (`model_folder.mapped_weight_bytes`), so the estimate is the larger of
-sampling (every weight and the condition encoder, measured at 5.0 of its widest maps at the
-paper's size) and decoding (the rest). At the paper's size `bench/bench_sampler.py --variants
-slabs,half` measured peaks of 6.4 and 5.0 GB resident, of which 4.6 and 2.8 GB anonymous (not
-reclaimable); the estimate is 4.8 GB for both, set by sampling.
-On CUDA the activations are counted in half precision (the sampler runs under fp16 autocast);
-those figures are not calibrated on a GPU yet.
+(`SLAB_TRANSIENT_MAPS`). The base model's weights are mapped file pages
+(`model_folder.mapped_weight_bytes`) that only its denoising steps, which run on the small latent
+grid, read: while the networks that run at the full grid run (the decoder; VCM's condition
+encoder, measured at 5.0 of its widest maps at the paper's size; `edit`'s encoder), the OS can
+reclaim them. So the estimate is the larger of the steps (every weight) and the largest
+full-grid network beside the other weights. At the paper's size `bench/bench_sampler.py
+--variants slabs,half` measured peaks of 6.4 and 5.0 GB resident, of which 4.6 and 2.8 GB
+anonymous (not reclaimable); the estimates are 4.9 and 3.1 GB, and a run planned at 3.1 GB
+finished inside a 4 GiB memory cgroup (`bench/under_memory_limit.sh`).
+`edit` also encodes the scan at the model grid first. The encoder's first level holds maps of
+`channels[0]` channels at every voxel; `bench/bench_encoding.py` measured a whole-volume encode
+at 2.8 (paper size) to 4.0 (128^3) such maps (`ENCODER_MAPS`). In slabs a residual block still
+stores two (its input, kept for the sum, and its first convolution's output, whose statistics
+the second normalisation needs): measured 2.0-2.4 with 2- to 16-row slabs
+(`ENCODER_SLAB_STORED_MAPS`, plus the in-flight slabs as for the decoder). At the paper's size the
+encoder in slabs then stays under the decoder (3.8 against 4.2 GB), where whole it would not (5.9).
+On CUDA the activations are counted in half precision (the sampler runs under fp16 autocast),
+the encoder's in single precision (`edit` encodes outside autocast); those figures are not
+calibrated on a GPU yet.
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ ACTIVATION_MAPS = 6.0
 SLAB_STORED_MAPS = 1.25
 SLAB_TRANSIENT_MAPS = 3.0
 MARGIN_BYTES = 256 * 2**20
+ENCODER_MAPS = 4.0
+ENCODER_SLAB_STORED_MAPS = 2.4
 SLAB_ROWS = (8, 4)  # tried in turn, thickest first: 8 rows decode as fast as 16 or 32 (bench_sampler)
 # Tried in turn on the CPU: exact float32 slabs, then the big maps stored in float16 (half their
 # memory; the image moves by float16's rounding). On CUDA, autocast computes in float16 already.
@@ -42,16 +56,17 @@ CPU_STORAGE = (None, torch.float16)
 
 
 def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
-                        plan: DecodePlan = WHOLE) -> int:
-    """Estimated peak memory of one synthesis run at the model grid on `device`, decoding as
-    `plan` says: the larger of sampling (every weight, the condition encoder's maps) and decoding
-    (the decoder's maps, without the base model's weights where they are mapped file pages that
-    the OS can reclaim, `model_folder.mapped_weight_bytes`).
+                        plan: DecodePlan = WHOLE, encodes: bool = False) -> int:
+    """Estimated peak memory of one synthesis run at the model grid on `device`, decoding (and
+    encoding) as `plan` says: the larger of the denoising steps (every weight) and the largest
+    network that runs at the full grid (its maps, beside every weight but the base model's where
+    they are mapped file pages the OS can reclaim, `model_folder.mapped_weight_bytes`).
 
     Args:
         config: the model's config (grid, networks, conditions).
         folder: the model folder; its weight files' sizes count as the parameters.
         device: "cpu" or "cuda" (half-precision activations under CUDA autocast).
+        encodes: the run also encodes an image at the model grid (`edit` encodes the scan).
     """
     folder = Path(folder)
     specs = [config.autoencoder, config.diffusion] + ([config.adapter] if config.adapter else [])
@@ -61,27 +76,39 @@ def estimate_peak_bytes(config: ModelConfig, folder: str | os.PathLike, device: 
     channels = config.autoencoder.params["channels"]
     widest = max(channels[:2])
     activation_bytes = 2 if torch.device(device).type == "cuda" else 4
-    full_map = widest * voxels * activation_bytes
-    if plan.slab_bytes is None or full_map <= plan.slab_bytes:
-        decoder = ACTIVATION_MAPS * full_map
-    else:
-        in_flight = min(1.0, (plan.slab_rows + 2) / config.grid.size[0])
-        stored = 1.0 if plan.stored_dtype is None else plan.stored_dtype.itemsize / activation_bytes
-        decoder = (SLAB_STORED_MAPS * stored + SLAB_TRANSIENT_MAPS * in_flight) * full_map
-    encoder = 0
-    if config.adapter is not None:  # VCM's condition encoder runs at the full grid too
-        widest_condition = config.adapter.params.get("encoder_channels", [0])[0]
-        encoder = ACTIVATION_MAPS * widest_condition * voxels * activation_bytes
-    sampling = weights + encoder
-    decoding = weights - mapped_weight_bytes(config, folder, device) + decoder
+    in_flight = min(1.0, (plan.slab_rows + 2) / config.grid.size[0])
+    decoder = _activation_bytes(widest * voxels * activation_bytes, plan, ACTIVATION_MAPS,
+                                SLAB_STORED_MAPS * _stored_fraction(plan, activation_bytes)
+                                + SLAB_TRANSIENT_MAPS * in_flight)
+    full_grid = [decoder]
+    if encodes:  # the encoder's first level: maps of channels[0] at every voxel, float32 (no autocast)
+        full_grid.append(_activation_bytes(channels[0] * voxels * 4, plan, ENCODER_MAPS,
+                                           ENCODER_SLAB_STORED_MAPS * _stored_fraction(plan, 4)
+                                           + SLAB_TRANSIENT_MAPS * in_flight))
+    if config.adapter is not None:  # VCM's condition encoder runs at the full grid too (whole)
+        encoder = config.adapter.params.get("encoder_channels", [0])[0] * voxels * activation_bytes
+        full_grid.append(ACTIVATION_MAPS * encoder)
+    resident = max(weights, weights - mapped_weight_bytes(config, folder, device) + max(full_grid))
     conditions = (len(config.condition_channel_names) + 1) * voxels * 4
-    return int(max(sampling, decoding) + conditions + MARGIN_BYTES)
+    return int(resident + conditions + MARGIN_BYTES)
+
+
+def _stored_fraction(plan: DecodePlan, computed_bytes: int) -> float:
+    """The share of a stored map's bytes that `plan.stored_dtype` keeps."""
+    return 1.0 if plan.stored_dtype is None else plan.stored_dtype.itemsize / computed_bytes
+
+
+def _activation_bytes(full_map: int, plan: DecodePlan, whole_maps: float, slab_maps: float) -> float:
+    """A network's activations at its peak: `whole_maps` full-grid maps of `full_map` bytes, or
+    `slab_maps` of them where `plan` runs maps that large in slabs."""
+    slabbed = plan.slab_bytes is not None and full_map > plan.slab_bytes
+    return (slab_maps if slabbed else whole_maps) * full_map
 
 
 def plan_decode(config: ModelConfig, folder: str | os.PathLike, device: str | torch.device,
-                available: int | None = None) -> DecodePlan:
-    """The decode plan whose estimated peak fits in `available` bytes; a UserError with a way out
-    when not even the thinnest slabs fit.
+                available: int | None = None, encodes: bool = False) -> DecodePlan:
+    """The decode (and encode) plan whose estimated peak fits in `available` bytes; a UserError
+    with a way out when not even the thinnest slabs fit.
 
     On the CPU, slabs (thickest first, float32 before float16 storage): they decode as fast as
     the whole volume at once (`bench/bench_sampler.py --variants whole,slabs,half`) in less
@@ -89,6 +116,7 @@ def plan_decode(config: ModelConfig, folder: str | os.PathLike, device: str | to
 
     Args:
         available: bytes the run may use; None measures them on `device`.
+        encodes: the run also encodes an image at the model grid (`edit`).
     """
     available = available_bytes(device) if available is None else available
     if torch.device(device).type == "cuda":
@@ -96,7 +124,7 @@ def plan_decode(config: ModelConfig, folder: str | os.PathLike, device: str | to
     else:
         plans = [DecodePlan(slab_rows=rows, stored_dtype=dtype)
                  for dtype in CPU_STORAGE for rows in SLAB_ROWS]
-    needed = {plan: estimate_peak_bytes(config, folder, device, plan) for plan in plans}
+    needed = {plan: estimate_peak_bytes(config, folder, device, plan, encodes) for plan in plans}
     for plan in plans:
         if needed[plan] <= available:
             return plan

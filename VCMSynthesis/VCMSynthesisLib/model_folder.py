@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from VCMSynthesisLib.checksums import Checksums
-from VCMSynthesisLib.decoding import DecodePlan, decode
+from VCMSynthesisLib.decoding import DecodePlan, decode, encode
 from VCMSynthesisLib.errors import UserError
 from VCMSynthesisLib.files import atomic_path
 from VCMSynthesisLib.model_config import CONFIG_NAME, MODEL_CARD_NAME, Label, ModelConfig, NetworkSpec
@@ -42,8 +42,8 @@ class LoadedModel:
         diffusion: MONAI `DiffusionModelUNet` (the frozen base model, predicts noise).
         adapter: `networks.VCM` predicting (gamma, beta), or None for a base-only model.
         device: where the networks live.
-        decode_plan: how `decode` splits the decoder's work (`memory.plan_decode` sets it to
-            fit the memory available).
+        decode_plan: how `decode` and `encode` split the autoencoder's work (`memory.plan_decode`
+            sets it to fit the memory available).
     """
 
     config: ModelConfig
@@ -58,6 +58,11 @@ class LoadedModel:
         """The image `(1, 1, *grid.size)` of a latent times `scale_factor` (as the sampler holds
         it), unclipped, decoded as `decode_plan` says."""
         return decode(self.autoencoder, latent / self.config.scale_factor, self.decode_plan)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """The latent mean of an image `(1, 1, *grid.size)` times `scale_factor` (as the sampler
+        holds latents), encoded as `decode_plan` says."""
+        return encode(self.autoencoder, image, self.decode_plan) * self.config.scale_factor
 
     @cached_property
     def weights_sha256(self) -> str:

@@ -178,6 +178,27 @@ def test_same_seed_same_edit(case):
     assert not np.array_equal(first, other)
 
 
+def test_an_edit_encoded_and_decoded_in_slabs_is_the_whole_volume_edit(case, monkeypatch):
+    """Slabs of 3 rows forced for every block: the scan's encode (its downsamplings included) and
+    the decode run in slabs, and the edited scan is the whole-volume one within float rounding."""
+    from monai.networks.nets.autoencoderkl import AEKLDownsample
+    from VCMSynthesisLib import decoding
+
+    model = load_model_folder(case["model"])
+    inputs = edit.read_edit_inputs(case["scan"], case["edited"], original=case["original"])
+    model.decode_plan = decoding.WHOLE
+    whole = sitk.GetArrayFromImage(edit.edit_scan(model, inputs, seed=4).image)
+    slabbed_kinds = []
+    run_slabbed = decoding._run_slabbed
+    monkeypatch.setattr(decoding, "_run_slabbed",
+                        lambda block, *rest: slabbed_kinds.append(type(block)) or run_slabbed(block, *rest))
+    model.decode_plan = decoding.DecodePlan(slab_bytes=1, slab_rows=3)
+    slabbed = sitk.GetArrayFromImage(edit.edit_scan(model, inputs, seed=4).image)
+    assert slabbed_kinds.count(AEKLDownsample) == 2  # the tiny encoder's two downsamplings
+    scan = voxels(case["scan"])
+    assert np.abs(slabbed - whole).max() < 1e-4 * np.abs(scan).max()
+
+
 def test_cancelling_between_steps_raises_and_the_cli_writes_nothing(case, tmp_path):
     model = load_model_folder(case["model"])
     inputs = edit.read_edit_inputs(case["scan"], case["edited"], original=case["original"])
