@@ -173,7 +173,11 @@ def _memory_format(network: nn.Module) -> torch.memory_format:
     channels-last on the CPU): activations kept in it let every convolution run in it."""
     weight = next(conv.weight for conv in network.modules()  # 1x1x1 or 1 input channel: either layout
                   if isinstance(conv, nn.Conv3d) and max(conv.kernel_size) > 1 and conv.in_channels > 1)
-    channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d)
+    return _layout(weight)
+
+
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    channels_last = tensor.is_contiguous(memory_format=torch.channels_last_3d)
     return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
@@ -308,8 +312,7 @@ def _run_slabbed(block: nn.Module, x: Slabs, plan: DecodePlan, store: Store,
         return _res_block(block, x, store)
     if isinstance(block, UpSample):
         scale, postconv = _nearest_upsample(block)
-        return _convolve(postconv.conv, _upsampled_rows(x, scale), x.length * scale, plan.slab_rows,
-                         release=x, scale=scale, store=store)
+        return _upsample_convolve(postconv.conv, x, scale, plan.slab_rows, store)
     if isinstance(block, AEKLDownsample):
         conv, pad = _downsample(block)
         return _convolve(conv, x.rows, x.length, plan.slab_rows, release=x, scale=1, store=store, pad=pad)
@@ -383,13 +386,77 @@ def _conv_rows(conv: nn.Conv3d, rows: Rows, start: int, stop: int, length: int,
     return F.conv3d(x, conv.weight, conv.bias, stride=conv.stride, padding=(0, *conv.padding[1:]))
 
 
-def _upsampled_rows(x: Slabs, scale: int) -> Rows:
-    def rows(start: int, stop: int) -> torch.Tensor:
-        low, high = start // scale, -(-stop // scale)
-        upsampled = F.interpolate(x.rows(low, high), scale_factor=scale, mode="nearest")
-        return upsampled.narrow(SLAB_AXIS, start - low * scale, stop - start)
+@dataclass(frozen=True)
+class _Phases:
+    """`conv` after nearest upsampling by `scale`, as one convolution of the input itself.
 
-    return rows
+    Output voxel `scale * i + p` (per axis, `p` its phase) reads upsampled rows that all come from
+    input rows `i + first[p]` .. `i + first[p] + size - 1`: summing the kernel's taps that land on
+    the same input row gives a `size`-tap kernel per phase (2 instead of 3 for a 3x3x3 kernel at
+    scale 2: 8 instead of 27 taps a voxel). The `scale**3` phase kernels are stacked along the output
+    channels; phase `p` reads the conv's output from row `first[p] - min(first)` on.
+    """
+
+    weight: torch.Tensor  # (scale**3 * out_channels, in_channels, size, size, size)
+    bias: torch.Tensor | None
+    first: tuple[int, ...]  # per phase
+    size: int
+    scale: int
+
+    @classmethod
+    def of(cls, conv: nn.Conv3d, scale: int) -> _Phases:
+        kernel, half = conv.kernel_size[0], conv.kernel_size[0] // 2
+        first = tuple((phase - half) // scale for phase in range(scale))
+        size = max((phase + half) // scale - start + 1 for phase, start in enumerate(first))
+        merge = torch.zeros(scale, size, kernel, dtype=conv.weight.dtype, device=conv.weight.device)
+        for phase, start in enumerate(first):
+            for tap in range(kernel):
+                merge[phase, (phase + tap - half) // scale - start, tap] = 1
+        weight = torch.einsum("dai,hbj,wck,oxijk->dhwoxabc", merge, merge, merge, conv.weight)
+        weight = weight.reshape(-1, *conv.weight.shape[1:2], size, size, size)
+        bias = None if conv.bias is None else conv.bias.repeat(scale**3)
+        return cls(weight.contiguous(memory_format=_layout(conv.weight)), bias, first, size, scale)
+
+    @property
+    def reach(self) -> tuple[int, int]:
+        """Input rows the conv reads before row `i` and after it, for phase outputs at row `i`."""
+        return -min(self.first), max(self.first) + self.size - 1
+
+
+def _upsample_convolve(conv: nn.Conv3d, x: Slabs, scale: int, slab_rows: int, store: Store) -> Slabs:
+    """`conv` over `x` upsampled (nearest, `scale`), `slab_rows` output rows at a time, without
+    upsampling (`_Phases`: 3.4x fewer multiply-adds for a 3x3x3 kernel at scale 2); `x`'s slabs are
+    freed as soon as no later output slab reads them."""
+    phases = _Phases.of(conv, scale)
+    out = []
+    length = x.length * scale
+    for start in range(0, length, slab_rows):
+        stop = min(start + slab_rows, length)
+        out.append(store(_upsampled_conv_rows(phases, x, start, stop)))
+        _release_rows_before(x, stop // scale - phases.reach[0], 1)
+    return Slabs(out)
+
+
+def _upsampled_conv_rows(phases: _Phases, x: Slabs, start: int, stop: int) -> torch.Tensor:
+    """Output rows [start, stop) of the convolution after upsampling, from `x`'s rows."""
+    scale, (before, after) = phases.scale, phases.reach
+    low, high = start // scale, -(-stop // scale)  # input rows whose phases cover [start, stop)
+    first, last = low - before, high + after
+    rows = _computable(x.rows(max(first, 0), min(last, x.length)), phases.weight.dtype)
+    rows = F.pad(rows, (before, after, before, after, max(first, 0) - first, last - min(last, x.length)))
+    stacked = F.conv3d(rows, phases.weight, phases.bias)
+    channels = stacked.shape[1] // scale**3
+    sizes = [high - low, *(size - before - after for size in rows.shape[SLAB_AXIS + 1:])]
+    upsampled = torch.empty((*rows.shape[:1], channels, *(size * scale for size in sizes)),
+                            dtype=stacked.dtype, device=stacked.device, memory_format=_layout(stacked))
+    for index in range(scale**3):
+        phase = (index // scale**2, index // scale % scale, index % scale)
+        read = [slice(phases.first[p] + before, phases.first[p] + before + size)
+                for p, size in zip(phase, sizes, strict=True)]
+        write = [slice(p, None, scale) for p in phase]
+        upsampled[:, :, write[0], write[1], write[2]] = stacked[:, index * channels:(index + 1) * channels,
+                                                                read[0], read[1], read[2]]
+    return upsampled.narrow(SLAB_AXIS, start - low * scale, stop - start)
 
 
 def _group_stats(norm: nn.GroupNorm, x: Slabs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -443,9 +510,7 @@ def _normalized_rows(norm: nn.GroupNorm, stats, x: Slabs, activate: bool) -> Row
             normalized = _normalize(stats, pieces[0])
         else:  # each piece normalised into its place: no concatenated copy first
             shape = (*pieces[0].shape[:SLAB_AXIS], stop - start, *pieces[0].shape[SLAB_AXIS + 1:])
-            channels_last = pieces[0].is_contiguous(memory_format=torch.channels_last_3d)
-            normalized = torch.empty(shape, device=pieces[0].device, memory_format=torch.channels_last_3d
-                                     if channels_last else torch.contiguous_format)
+            normalized = torch.empty(shape, device=pieces[0].device, memory_format=_layout(pieces[0]))
             row = 0
             for piece in pieces:
                 _normalize(stats, piece, out=normalized.narrow(SLAB_AXIS, row, piece.shape[SLAB_AXIS]))
