@@ -224,10 +224,13 @@ def _downsample(block: AEKLDownsample) -> tuple[nn.Conv3d, Pad] | None:
 
 
 def _nearest_upsample(block: UpSample) -> tuple[int, Convolution] | None:
-    """(scale, post-convolution) of an `UpSample` that is nearest interpolation then a plain conv."""
+    """(scale, post-convolution) of an `UpSample` that is nearest interpolation then a plain conv
+    with a cubic kernel (as `_Phases` takes it)."""
     children = dict(block.named_children())
     upsample, postconv = children.get("upsample_non_trainable"), children.get("postconv")
     if set(children) != {"upsample_non_trainable", "postconv"} or not _is_plain_conv(postconv):
+        return None
+    if len(set(postconv.conv.kernel_size)) != 1:
         return None
     if not isinstance(upsample, nn.Upsample) or upsample.mode != "nearest" or upsample.size is not None:
         return None

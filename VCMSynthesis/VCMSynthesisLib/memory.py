@@ -15,9 +15,9 @@ grid, read: while the networks that run at the full grid run (the decoder; VCM's
 encoder, measured at 5.0 of its widest maps at the paper's size; `edit`'s encoder), the OS can
 reclaim them. So the estimate is the larger of the steps (every weight) and the largest
 full-grid network beside the other weights. At the paper's size `bench/bench_sampler.py
---variants slabs,half` measured peaks of 6.4 and 5.0 GB resident, of which 4.6 and 2.8 GB
-anonymous (not reclaimable); the estimates are 4.9 and 3.1 GB, and a run planned at 3.1 GB
-finished inside a 4 GiB memory cgroup (`bench/under_memory_limit.sh`).
+--variants slabs,half` measured peaks of 6.2-6.4 and 4.9 GB resident, of which 4.0-4.2 and
+2.7 GB anonymous (not reclaimable); the estimates are 4.9 and 3.1 GB, and each ran inside a
+memory cgroup of 5 and 4 GiB from a cold page cache (`bench/under_memory_limit.sh`).
 `edit` also encodes the scan at the model grid first. The encoder's first level holds maps of
 `channels[0]` channels at every voxel; `bench/bench_encoding.py` measured a whole-volume encode
 at 2.8 (paper size) to 4.0 (128^3) such maps (`ENCODER_MAPS`). In slabs a residual block still

@@ -76,6 +76,23 @@ def test_slabs_beyond_float16s_range_are_stored_as_computed():
     assert (got - expected).abs().max() < 1e-2 * expected.abs().max()
 
 
+@pytest.mark.parametrize("scale, kernel", [(2, 3), (2, 5), (3, 3), (3, 1)])
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_upsampling_by_phases_equals_upsampling_then_convolving(scale, kernel, rows):
+    """The per-phase kernels (`_Phases`) against nearest upsampling followed by the convolution,
+    on odd sizes, for scales and kernels beyond the autoencoder's (2, 3x3x3)."""
+    from VCMSynthesisLib.decoding import Slabs, _as_computed, _upsample_convolve
+
+    generator = torch.Generator().manual_seed(9)
+    conv = torch.nn.Conv3d(3, 4, kernel, padding=kernel // 2)
+    x = torch.randn(1, 3, 5, 4, 3, generator=generator)
+    with torch.inference_mode():
+        expected = conv(torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest"))
+        got = _upsample_convolve(conv, Slabs.split(x, 2), scale, rows, _as_computed).whole()
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
 def test_blocks_that_cannot_run_in_slabs_run_whole():
     """Attention (here in the decoder's middle and at a level) needs the whole tensor; the
     blocks around it still run in slabs and the result is the same."""
