@@ -182,9 +182,10 @@ def load_model_folder(folder: str | os.PathLike, device: str | torch.device = "c
     """Loads a model folder: checks config.json, builds the networks, loads their weights strictly.
 
     On the CPU the base diffusion model's parameters are its weights file's pages, mapped and not
-    copied (it is frozen in its stored layout). The decoder does not need them, so while it runs
-    the OS can reclaim those 2.2 GB of a paper-size model (BrainLDM's) where memory is short, and
-    read them back for the next sample. Their alignment in the file moves float rounding (1e-6).
+    copied (it is frozen in its stored layout). Only its denoising steps, on the latent grid, read
+    them: while the networks that run at the full grid (the decoder, the encoders) run, the OS can
+    reclaim those 2.2 GB of a paper-size model (BrainLDM's) where memory is short, and read them
+    back for the next step. Their alignment in the file moves float rounding (1e-6).
 
     Args:
         folder: the model folder (holding config.json).
