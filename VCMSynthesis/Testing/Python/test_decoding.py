@@ -289,7 +289,7 @@ def test_paper_size_slabs_decode_what_the_whole_volume_decodes():
     (`test_slab_statistics_are_closer_to_double_precision_than_group_norms`): measured mean 1.1e-3
     and at most 0.0135 here, where random weights amplify it; a slab mistake (a wrong halo, row or
     statistic) moves values by tenths. Stored in float16, the maps add their rounding: measured
-    mean MEAN16 and at most MAX16."""
+    mean 1.5e-3 and at most 0.0133."""
     from VCMSynthesisLib.checkpoints import reference_model_config
 
     autoencoder = frozen(AutoencoderKL(**reference_model_config("paper-sizes").autoencoder.params),
