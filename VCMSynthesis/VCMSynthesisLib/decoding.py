@@ -318,12 +318,12 @@ def _run_slabbed(block: nn.Module, x: Slabs, plan: DecodePlan, store: Store,
         return _upsample_convolve(postconv.conv, x, scale, plan.slab_rows, store)
     if isinstance(block, AEKLDownsample):
         conv, pad = _downsample(block)
-        return _convolve(conv, x.rows, x.length, plan.slab_rows, release=x, scale=1, store=store, pad=pad)
+        return _convolve(conv, x.rows, x.length, plan.slab_rows, release=x, store=store, pad=pad)
     if isinstance(block, nn.GroupNorm):  # a norm no convolution follows: normalise slab by slab
         stats = _group_stats(block, x)
         return Slabs([store(_normalize(stats, slab)) for slab in x.slabs])
     rows = x.rows if norm is None else _normalized_rows(norm, _group_stats(norm, x), x, activate=False)
-    return _convolve(block.conv, rows, x.length, plan.slab_rows, release=x, scale=1, store=store)
+    return _convolve(block.conv, rows, x.length, plan.slab_rows, release=x, store=store)
 
 
 def _res_block(block: AEKLResBlock, x: Slabs, store: Store) -> Slabs:
@@ -352,25 +352,23 @@ def _res_block(block: AEKLResBlock, x: Slabs, store: Store) -> Slabs:
     return Slabs(out)
 
 
-def _convolve(conv: nn.Conv3d, rows: Rows, length: int, slab_rows: int, release: Slabs, scale: int,
-              store: Store, pad: Pad | None = None) -> Slabs:
+def _convolve(conv: nn.Conv3d, rows: Rows, length: int, slab_rows: int, release: Slabs, store: Store,
+              pad: Pad | None = None) -> Slabs:
     """`conv` (zero-padded by `pad`, else by its own padding) over a tensor `length` rows long that
     `rows` reads, computed `slab_rows` output rows at a time and kept as `store` says; the slabs of
-    `release` (the input, `scale` rows of `rows` per row) are freed as soon as no later output
-    slab reads them."""
+    `release` (the input) are freed as soon as no later output slab reads them."""
     out = []
     output_length = _output_length(conv, 0, length, pad)
     for start in range(0, output_length, slab_rows):
         stop = min(start + slab_rows, output_length)
         out.append(store(_conv_rows(conv, rows, start, stop, length, pad)))
-        _release_rows_before(release, _input_span(conv, stop, stop + 1, pad)[0], scale)
+        _release_rows_before(release, _input_span(conv, stop, stop + 1, pad)[0])
     return Slabs(out)
 
 
-def _release_rows_before(slabs: Slabs, row: int, scale: int) -> None:
-    """Frees the slabs of `slabs` that hold only rows before output row `row` (`scale` output rows
-    per input row)."""
-    last = max(index for index, bound in enumerate(slabs.bounds) if bound * scale <= max(row, 0))
+def _release_rows_before(slabs: Slabs, row: int) -> None:
+    """Frees the slabs of `slabs` that hold only rows before `row`."""
+    last = max(index for index, bound in enumerate(slabs.bounds) if bound <= max(row, 0))
     slabs.release_before(last)
 
 
@@ -436,7 +434,7 @@ def _upsample_convolve(conv: nn.Conv3d, x: Slabs, scale: int, slab_rows: int, st
     for start in range(0, length, slab_rows):
         stop = min(start + slab_rows, length)
         out.append(store(_upsampled_conv_rows(phases, x, start, stop)))
-        _release_rows_before(x, stop // scale - phases.reach[0], 1)
+        _release_rows_before(x, stop // scale - phases.reach[0])
     return Slabs(out)
 
 
